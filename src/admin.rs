@@ -1,0 +1,76 @@
+//! The admin listener: `/healthz` and `/readyz` (metrics and status come with the operations work).
+//!
+//! It is a separate listener, loopback by default, so that health probes never compete with client
+//! traffic for routes and never reach a backend.
+
+use std::convert::Infallible;
+use std::future::{ready, Ready};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::proxy::ResponseBody;
+use crate::snapshot::Snapshot;
+
+#[derive(Clone)]
+pub struct AdminService {
+    snapshots: Arc<ArcSwap<Snapshot>>,
+}
+
+impl AdminService {
+    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>) -> AdminService {
+        AdminService { snapshots }
+    }
+
+    fn respond(&self, request: &Request<Incoming>) -> Response<ResponseBody> {
+        match request.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n".to_string()),
+            "/readyz" => match not_ready_reason(&self.snapshots.load()) {
+                None => text(StatusCode::OK, "ready\n".to_string()),
+                Some(reason) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {reason}\n"),
+                ),
+            },
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /healthz or /readyz\n".to_string(),
+            ),
+        }
+    }
+}
+
+/// Why the proxy cannot serve every route, or `None` when it can.
+fn not_ready_reason(snapshot: &Snapshot) -> Option<String> {
+    let empty: Vec<&str> = snapshot
+        .upstreams
+        .iter()
+        .filter(|u| u.members.is_empty())
+        .map(|u| &*u.name)
+        .collect();
+    (!empty.is_empty()).then(|| format!("no usable backend in upstream(s) {}", empty.join(", ")))
+}
+
+fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+impl hyper::service::Service<Request<Incoming>> for AdminService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        ready(Ok(self.respond(&request)))
+    }
+}

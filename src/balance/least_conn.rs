@@ -1,0 +1,120 @@
+//! Weighted least-connections.
+//!
+//! The backend with the fewest in-flight requests relative to its weight wins (compared by cross
+//! multiplication, so no division). Backends that tie share requests by smooth weighted round-robin,
+//! as nginx does: under light load, when every count is zero, traffic still follows the weights, and
+//! equal weights alternate instead of always favouring the first backend. The round-robin scores are
+//! atomics in each backend's live state, so picking takes no lock; concurrent pickers can interleave
+//! their updates, which only perturbs the tie-break, never the load comparison.
+
+use std::sync::atomic::Ordering;
+
+use crate::upstream::Member;
+
+pub(super) fn pick(members: &[Member]) -> Option<usize> {
+    let first = members.first()?;
+    if members.len() == 1 {
+        return Some(0);
+    }
+    // Pass 1: the lowest in-flight/weight ratio.
+    let mut best = 0;
+    let (mut best_load, mut best_weight) =
+        (first.backend.inflight() as u64, u64::from(first.weight));
+    for (i, m) in members.iter().enumerate().skip(1) {
+        let (load, weight) = (m.backend.inflight() as u64, u64::from(m.weight));
+        if load * best_weight < best_load * weight {
+            (best, best_load, best_weight) = (i, load, weight);
+        }
+    }
+    // Pass 2: smooth weighted round-robin among the backends at that ratio.
+    let mut chosen = None;
+    let mut chosen_score = i64::MIN;
+    let mut tied_weight = 0i64;
+    for (i, m) in members.iter().enumerate() {
+        let (load, weight) = (m.backend.inflight() as u64, u64::from(m.weight));
+        if load * best_weight != best_load * weight {
+            continue;
+        }
+        let weight = i64::from(m.weight);
+        tied_weight += weight;
+        let score = m.backend.smooth_weight.fetch_add(weight, Ordering::Relaxed) + weight;
+        if score > chosen_score {
+            (chosen, chosen_score) = (Some(i), score);
+        }
+    }
+    // Counts may have moved between the passes so that nothing tied; the first pass's winner stands.
+    let Some(index) = chosen else {
+        return Some(best);
+    };
+    members[index]
+        .backend
+        .smooth_weight
+        .fetch_sub(tied_weight, Ordering::Relaxed);
+    Some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::Backend;
+    use std::sync::Arc;
+
+    fn members(weights: &[u32]) -> Vec<Member> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| {
+                let addr = format!("127.0.0.1:{}", 9000 + i);
+                Member {
+                    backend: Arc::new(Backend::new(addr.parse().unwrap(), &addr)),
+                    weight,
+                }
+            })
+            .collect()
+    }
+
+    fn counts(members: &[Member], picks: usize) -> Vec<usize> {
+        let mut counts = vec![0; members.len()];
+        for _ in 0..picks {
+            counts[pick(members).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn empty_upstream_has_no_pick() {
+        assert_eq!(pick(&[]), None);
+    }
+
+    #[test]
+    fn idle_backends_follow_weights() {
+        assert_eq!(counts(&members(&[1, 1, 1]), 300), vec![100, 100, 100]);
+        assert_eq!(counts(&members(&[2, 1]), 300), vec![200, 100]);
+        assert_eq!(counts(&members(&[5, 1, 1]), 700), vec![500, 100, 100]);
+    }
+
+    #[test]
+    fn fewest_inflight_relative_to_weight_wins() {
+        let m = members(&[1, 1, 2]);
+        let _busy: Vec<_> = (0..3).map(|_| m[0].backend.start_request()).collect();
+        let _one = m[1].backend.start_request();
+        let _two: Vec<_> = (0..2).map(|_| m[2].backend.start_request()).collect();
+        // Ratios: 3/1, 1/1, 2/2: the last two tie and alternate; the busy one never wins.
+        let c = counts(&m, 100);
+        assert_eq!(c[0], 0);
+        assert_eq!(c[1] + c[2], 100);
+        assert!(
+            c[1].abs_diff(c[2]) <= 34,
+            "tie broken by weight 1:2, got {c:?}"
+        );
+    }
+
+    #[test]
+    fn guard_returns_the_count() {
+        let m = members(&[1]);
+        let guard = m[0].backend.start_request();
+        assert_eq!(m[0].backend.inflight(), 1);
+        drop(guard);
+        assert_eq!(m[0].backend.inflight(), 0);
+    }
+}

@@ -1,0 +1,90 @@
+//! The TOML file schema, exactly as an operator writes it.
+//!
+//! These types only describe shape: unknown fields are refused here, and every value that needs a
+//! semantic check keeps its [`Spanned`] position so that validation (in `mod.rs`) can point at it.
+//! `config.example.toml` documents every field and its default.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub runtime: Option<RuntimeSection>,
+    pub log: Option<LogSection>,
+    pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub listeners: Vec<ListenerSection>,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamSection>,
+    #[serde(default)]
+    pub routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSection {
+    pub workers: Option<Spanned<i64>>,
+    pub shutdown_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub name: Spanned<String>,
+    pub listen: Spanned<String>,
+    pub header_read_timeout: Option<Spanned<String>>,
+    pub idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceKind {
+    LeastConn,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub name: Spanned<String>,
+    pub balance: Option<BalanceKind>,
+    pub backends: Spanned<Vec<BackendEntry>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendEntry {
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: Spanned<String>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub host: Option<Spanned<String>>,
+    pub methods: Option<Vec<Spanned<String>>>,
+    pub upstream: Spanned<String>,
+    pub timeouts: Option<TimeoutsSection>,
+    pub max_body: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSection {
+    pub connect: Option<Spanned<String>>,
+    pub response: Option<Spanned<String>>,
+}

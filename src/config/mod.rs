@@ -1,0 +1,526 @@
+//! Configuration: reading a TOML file into a validated [`Config`].
+//!
+//! Two layers, as in most careful servers: [`file`] is the serde schema (shape only, unknown fields
+//! refused), and this module turns it into a `Config` whose values are already typed (durations,
+//! socket addresses, byte counts, non-zero weights). Validation never stops at the first problem: it
+//! reports every one with file, line and column ([`ConfigErrors`]). Nothing here panics on input,
+//! because a bad hot reload must leave the running proxy untouched.
+
+mod error;
+pub mod file;
+pub mod units;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU32;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Method;
+use toml::Spanned;
+
+use error::ErrorSink;
+pub use error::{ConfigError, ConfigErrors};
+use file::{BalanceKind, FileConfig};
+
+/// Default time allowed for a TCP connect to a backend.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time from sending a request to receiving the backend's response head.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default largest request body a route accepts.
+pub const DEFAULT_MAX_BODY: u64 = 8 << 20;
+/// Default time for a client to send request headers; for HTTP/1.1 it also bounds keep-alive idling.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a client connection may stay open with no request in flight.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time in-flight requests get to finish after SIGTERM/SIGINT.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Durations beyond this are treated as typos ("absurd").
+pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+/// Largest accepted `max_body`.
+pub const MAX_BODY_LIMIT: u64 = 64 << 30;
+/// Largest accepted backend weight.
+pub const MAX_WEIGHT: i64 = 10_000;
+/// Largest accepted worker thread count.
+pub const MAX_WORKERS: i64 = 1024;
+
+/// A validated configuration. Built only by [`Config::load`] or [`Config::parse`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this config came from (used in messages and for reloads).
+    pub path: PathBuf,
+    pub runtime: RuntimeConfig,
+    pub log: LogConfig,
+    pub admin: Option<AdminConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Worker threads; `None` means one per CPU core.
+    pub workers: Option<usize>,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    LeastConn,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub balance: Balance,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// The address as written, used as the backend's name in logs and metrics.
+    pub label: String,
+    pub address: SocketAddr,
+    pub weight: NonZeroU32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteConfig {
+    pub name: String,
+    pub path_prefix: String,
+    /// Lower-case host without port; `None` matches any host.
+    pub host: Option<String>,
+    /// `None` matches any method.
+    pub methods: Option<Vec<Method>>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_body: u64,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read config file: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text`; `path` is only used in messages and kept as [`Config::path`].
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let mut sink = ErrorSink::new(path, text);
+        let file: FileConfig = match toml::from_str(text) {
+            Ok(file) => file,
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                sink.at(span, one_line(e.message()));
+                return Err(sink.finish().expect_err("an error was recorded"));
+            }
+        };
+        let config = Validator { sink: &mut sink }.config(path, file);
+        sink.finish()?;
+        Ok(config)
+    }
+
+    /// One line describing the config, as printed by `writegate check`.
+    pub fn summary(&self) -> String {
+        let backends: usize = self.upstreams.iter().map(|u| u.backends.len()).sum();
+        format!(
+            "{}: ok: {} listener(s), {} route(s), {} upstream(s), {} backend(s)",
+            self.path.display(),
+            self.listeners.len(),
+            self.routes.len(),
+            self.upstreams.len(),
+            backends
+        )
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Walks the file schema, converting values and recording every problem.
+struct Validator<'s, 'a> {
+    sink: &'s mut ErrorSink<'a>,
+}
+
+impl Validator<'_, '_> {
+    fn config(&mut self, path: &Path, file: FileConfig) -> Config {
+        let runtime = file.runtime.map_or(
+            RuntimeConfig {
+                workers: None,
+                shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            },
+            |r| RuntimeConfig {
+                workers: r.workers.and_then(|w| self.workers(w)),
+                shutdown_timeout: self.duration(r.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT),
+            },
+        );
+        let log = LogConfig {
+            access_log: file.log.and_then(|l| l.access_log).unwrap_or(true),
+        };
+        let admin = file.admin.and_then(|a| {
+            self.socket_addr(&a.listen)
+                .map(|listen| AdminConfig { listen })
+        });
+        let listeners = self.listeners(file.listeners);
+        let upstreams = self.upstreams(file.upstreams);
+        let routes = self.routes(file.routes, &upstreams);
+        Config {
+            path: path.to_path_buf(),
+            runtime,
+            log,
+            admin,
+            listeners,
+            upstreams,
+            routes,
+        }
+    }
+
+    fn listeners(&mut self, sections: Vec<file::ListenerSection>) -> Vec<ListenerConfig> {
+        if sections.is_empty() {
+            self.sink
+                .at(0..0, "no [[listeners]]: at least one is needed");
+        }
+        self.unique_names("listener", sections.iter().map(|l| &l.name));
+        let mut seen_addrs = HashSet::new();
+        let mut out = Vec::new();
+        for l in sections {
+            let listen = self.socket_addr(&l.listen);
+            if let Some(addr) = listen {
+                if addr.port() != 0 && !seen_addrs.insert(addr) {
+                    self.sink.at(
+                        l.listen.span(),
+                        format!("address {addr} is used by another listener"),
+                    );
+                }
+            }
+            let header_read_timeout =
+                self.duration(l.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+            let idle_timeout = self.duration(l.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+            if let Some(listen) = listen {
+                out.push(ListenerConfig {
+                    name: l.name.into_inner(),
+                    listen,
+                    header_read_timeout,
+                    idle_timeout,
+                });
+            }
+        }
+        out
+    }
+
+    fn upstreams(&mut self, sections: Vec<file::UpstreamSection>) -> Vec<UpstreamConfig> {
+        self.unique_names("upstream", sections.iter().map(|u| &u.name));
+        sections
+            .into_iter()
+            .map(|u| {
+                let name = u.name.into_inner();
+                let balance = match u.balance.unwrap_or(BalanceKind::LeastConn) {
+                    BalanceKind::LeastConn => Balance::LeastConn,
+                };
+                let backends_span = u.backends.span();
+                let entries = u.backends.into_inner();
+                if entries.is_empty() {
+                    self.sink
+                        .at(backends_span, format!("upstream {name:?} has no backends"));
+                }
+                let mut seen = HashSet::new();
+                let mut backends = Vec::new();
+                for entry in entries {
+                    let weight = self.weight(entry.weight);
+                    let address_span = entry.address.span();
+                    let Some(address) = self.backend_addr(&entry.address) else {
+                        continue;
+                    };
+                    if !seen.insert(address) {
+                        self.sink.at(
+                            address_span,
+                            format!("backend {address} is listed twice in upstream {name:?}"),
+                        );
+                        continue;
+                    }
+                    if let Some(weight) = weight {
+                        backends.push(BackendConfig {
+                            label: entry.address.into_inner(),
+                            address,
+                            weight,
+                        });
+                    }
+                }
+                UpstreamConfig {
+                    name,
+                    balance,
+                    backends,
+                }
+            })
+            .collect()
+    }
+
+    fn routes(
+        &mut self,
+        sections: Vec<file::RouteSection>,
+        upstreams: &[UpstreamConfig],
+    ) -> Vec<RouteConfig> {
+        self.unique_names("route", sections.iter().map(|r| &r.name));
+        let mut out = Vec::new();
+        for r in sections {
+            let upstream = upstreams
+                .iter()
+                .position(|u| u.name == *r.upstream.get_ref());
+            if upstream.is_none() {
+                let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                self.sink.at(
+                    r.upstream.span(),
+                    format!(
+                        "route {:?} names unknown upstream {:?} (known: {})",
+                        r.name.get_ref(),
+                        r.upstream.get_ref(),
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+            let path_prefix = match r.path_prefix {
+                Some(p) if !p.get_ref().starts_with('/') => {
+                    self.sink.at(p.span(), "path_prefix must start with '/'");
+                    None
+                }
+                Some(p) => Some(p.into_inner()),
+                None => Some("/".to_string()),
+            };
+            let host = r.host.and_then(|h| self.host(h));
+            let methods = r.methods.map(|methods| {
+                methods
+                    .into_iter()
+                    .filter_map(|m| self.method(m))
+                    .collect::<Vec<_>>()
+            });
+            let (connect, response) = r.timeouts.map_or((None, None), |t| (t.connect, t.response));
+            let connect_timeout = self.duration(connect, DEFAULT_CONNECT_TIMEOUT);
+            let response_timeout = self.duration(response, DEFAULT_RESPONSE_TIMEOUT);
+            let max_body = self.max_body(r.max_body);
+            if let (Some(upstream), Some(path_prefix)) = (upstream, path_prefix) {
+                out.push(RouteConfig {
+                    name: r.name.into_inner(),
+                    path_prefix,
+                    host,
+                    methods,
+                    upstream,
+                    connect_timeout,
+                    response_timeout,
+                    max_body,
+                });
+            }
+        }
+        out
+    }
+
+    fn unique_names<'n>(&mut self, kind: &str, names: impl Iterator<Item = &'n Spanned<String>>) {
+        let mut seen = HashSet::new();
+        for name in names {
+            if name.get_ref().is_empty() {
+                self.sink.at(name.span(), format!("{kind} name is empty"));
+            } else if !seen.insert(name.get_ref().as_str()) {
+                self.sink.at(
+                    name.span(),
+                    format!("duplicate {kind} name {:?}", name.get_ref()),
+                );
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, text: &Spanned<String>) -> Option<SocketAddr> {
+        match text.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.sink.at(
+                    text.span(),
+                    format!(
+                        "bad address {:?}: expected IP:PORT such as \"127.0.0.1:8080\" or \"[::1]:8080\"",
+                        text.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A backend may also be `host:port`; the name is resolved once, when the config is loaded.
+    fn backend_addr(&mut self, text: &Spanned<String>) -> Option<SocketAddr> {
+        let value = text.get_ref();
+        if let Ok(addr) = value.parse::<SocketAddr>() {
+            return self.nonzero_port(addr, text.span());
+        }
+        let Some((host, port)) = value.rsplit_once(':') else {
+            self.sink.at(
+                text.span(),
+                format!(
+                    "bad backend address {value:?}: expected HOST:PORT such as \"127.0.0.1:9001\""
+                ),
+            );
+            return None;
+        };
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            self.sink.at(
+                text.span(),
+                format!(
+                    "bad backend address {value:?}: expected HOST:PORT with a port from 1 to 65535"
+                ),
+            );
+            return None;
+        }
+        match value.to_socket_addrs().map(|mut addrs| addrs.next()) {
+            Ok(Some(addr)) => self.nonzero_port(addr, text.span()),
+            Ok(None) | Err(_) => {
+                self.sink.at(
+                    text.span(),
+                    format!("cannot resolve backend address {value:?}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn nonzero_port(&mut self, addr: SocketAddr, span: Range<usize>) -> Option<SocketAddr> {
+        if addr.port() == 0 {
+            self.sink
+                .at(span, format!("backend address {addr} has port 0"));
+            return None;
+        }
+        Some(addr)
+    }
+
+    fn weight(&mut self, weight: Option<Spanned<i64>>) -> Option<NonZeroU32> {
+        let Some(weight) = weight else {
+            return NonZeroU32::new(1);
+        };
+        let value = *weight.get_ref();
+        if !(1..=MAX_WEIGHT).contains(&value) {
+            self.sink.at(
+                weight.span(),
+                format!("weight {value} is out of range: use 1 to {MAX_WEIGHT}"),
+            );
+            return None;
+        }
+        u32::try_from(value).ok().and_then(NonZeroU32::new)
+    }
+
+    fn workers(&mut self, workers: Spanned<i64>) -> Option<usize> {
+        let value = *workers.get_ref();
+        if value == 0 {
+            return None;
+        }
+        if !(1..=MAX_WORKERS).contains(&value) {
+            self.sink.at(
+                workers.span(),
+                format!("workers {value} is out of range: use 0 (one per core) to {MAX_WORKERS}"),
+            );
+            return None;
+        }
+        usize::try_from(value).ok()
+    }
+
+    fn duration(&mut self, text: Option<Spanned<String>>, default: Duration) -> Duration {
+        let Some(text) = text else {
+            return default;
+        };
+        match units::parse_duration(text.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.sink
+                    .at(text.span(), "duration must be greater than zero");
+                default
+            }
+            Ok(d) if d > MAX_DURATION => {
+                self.sink.at(
+                    text.span(),
+                    format!("duration {:?} is too long: at most 1h", text.get_ref()),
+                );
+                default
+            }
+            Ok(d) => d,
+            Err(message) => {
+                self.sink.at(text.span(), message);
+                default
+            }
+        }
+    }
+
+    fn max_body(&mut self, text: Option<Spanned<String>>) -> u64 {
+        let Some(text) = text else {
+            return DEFAULT_MAX_BODY;
+        };
+        match units::parse_size(text.get_ref()) {
+            Ok(size) if size > MAX_BODY_LIMIT => {
+                self.sink.at(
+                    text.span(),
+                    format!("max_body {:?} is too large: at most 64GiB", text.get_ref()),
+                );
+                DEFAULT_MAX_BODY
+            }
+            Ok(size) => size,
+            Err(message) => {
+                self.sink.at(text.span(), message);
+                DEFAULT_MAX_BODY
+            }
+        }
+    }
+
+    fn host(&mut self, host: Spanned<String>) -> Option<String> {
+        let value = host.get_ref();
+        let valid = !value.is_empty()
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !valid {
+            self.sink.at(
+                host.span(),
+                format!("bad host {value:?}: expected a DNS name such as \"api.example.com\", without port"),
+            );
+            return None;
+        }
+        Some(value.to_ascii_lowercase())
+    }
+
+    fn method(&mut self, method: Spanned<String>) -> Option<Method> {
+        let value = method.get_ref();
+        let upper = value.to_ascii_uppercase();
+        match Method::from_bytes(upper.as_bytes()) {
+            Ok(m) if !value.is_empty() => Some(m),
+            _ => {
+                self.sink.at(method.span(), format!("bad method {value:?}"));
+                None
+            }
+        }
+    }
+}

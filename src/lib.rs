@@ -1,0 +1,30 @@
+//! writegate: a layer-7 load-balancing write proxy.
+//!
+//! A request flows one way through these modules:
+//!
+//! ```text
+//! server (listener, connection) → proxy (the service)
+//!     → route (which route) → balance (which backend) → upstream (pooled connection) → response
+//! ```
+//!
+//! - [`config`]: the TOML schema and its validation into a typed [`config::Config`].
+//! - [`snapshot`]: the immutable runtime state built from a config, swapped atomically.
+//! - [`route`]: matching requests to routes.
+//! - [`balance`]: choosing a backend (weighted least-connections).
+//! - [`upstream`]: backends' live state, carried across reloads, and their connection pools.
+//! - [`proxy`]: the hyper service that forwards one request, with header rewriting and bodies.
+//! - [`server`]: listeners, connection handling, timeouts and graceful shutdown.
+//! - [`admin`]: health and readiness endpoints on the admin listener.
+//! - [`error`]: the proxy's errors and their mapping to responses.
+//! - [`demo`]: the in-memory key-value backends and tour behind `writegate demo`.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;

@@ -1,0 +1,127 @@
+//! The `writegate` binary: command line, logging and runtime set-up, exit codes. Everything else
+//! lives in the library.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use writegate::config::Config;
+use writegate::server::{shutdown_signal, Proxy};
+
+#[derive(Parser)]
+#[command(name = "writegate", version, about = "A load-balancing write proxy")]
+struct Cli {
+    /// Config file (TOML). Given alone, it runs the proxy with it.
+    #[arg(long, short, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with --config PATH.
+    Run,
+    /// Validate --config PATH like `nginx -t`: exit 0 with a summary, or 1 with every error.
+    Check,
+    /// Start three in-memory key-value writers behind the proxy and print a short tour.
+    Demo {
+        /// Proxy listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Admin listen address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Some(Command::Demo { listen, admin }) => {
+            demo(writegate::demo::DemoOptions { listen, admin })
+        }
+        Some(Command::Check) => with_config(cli.config, check),
+        Some(Command::Run) | None => with_config(cli.config, run),
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn with_config(path: Option<PathBuf>, command: fn(Config) -> ExitCode) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!("writegate: --config PATH is required (or try `writegate demo`; see --help)");
+        return ExitCode::from(2);
+    };
+    match Config::load(&path) {
+        Ok(config) => command(config),
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "writegate: {} error(s) in {}",
+                errors.0.len(),
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(config: Config) -> ExitCode {
+    println!("{}", config.summary());
+    ExitCode::SUCCESS
+}
+
+fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
+}
+
+fn run(config: Config) -> ExitCode {
+    let runtime = match runtime(config.runtime.workers) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("writegate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match Proxy::bind(config).await {
+            Ok(proxy) => {
+                proxy.run(shutdown_signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("writegate: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn demo(options: writegate::demo::DemoOptions) -> ExitCode {
+    let result = runtime(None)
+        .map_err(Into::into)
+        .and_then(|rt| rt.block_on(writegate::demo::run(options, shutdown_signal())));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("writegate demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

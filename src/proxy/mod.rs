@@ -1,0 +1,318 @@
+//! The proxy service: one request's path through writegate.
+//!
+//! route → (admission, coalescing: later issues) → balancer → upstream → response. The service
+//! loads the snapshot once per request and uses it to the end. Every request gets exactly one
+//! response: a backend's, or one built from a [`ProxyError`]. Nothing here retries a request whose
+//! bytes may have reached a backend.
+
+mod body;
+pub mod headers;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::header::{HeaderValue, CONTENT_LENGTH, HOST, VIA};
+use http::request::Parts;
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+pub use body::{RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
+use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+
+use crate::error::{Fault, ProxyError};
+use crate::route::{Route, RouteMatch};
+use crate::snapshot::Snapshot;
+use crate::upstream::{Backend, SendError, Upstream};
+
+/// What the proxy knows about one client connection; shared by its requests.
+#[derive(Debug)]
+pub struct ClientConn {
+    pub peer: SocketAddr,
+    /// The peer's IP, preformatted once per connection for `X-Forwarded-For`.
+    peer_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    scheme: HeaderValue,
+    pub activity: ConnActivity,
+}
+
+impl ClientConn {
+    pub fn new(peer: SocketAddr, tls: bool) -> ClientConn {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ClientConn {
+            peer,
+            peer_ip,
+            scheme: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            activity: ConnActivity::new(),
+        }
+    }
+}
+
+/// Requests in progress on a connection and when the last one ended, for the idle timeout.
+#[derive(Debug)]
+pub struct ConnActivity {
+    active: AtomicU32,
+    idle_since_ms: AtomicU64,
+}
+
+impl ConnActivity {
+    fn new() -> ConnActivity {
+        ConnActivity {
+            active: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(clock_ms()),
+        }
+    }
+
+    fn begin(&self) -> ActiveRequest<'_> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveRequest(self)
+    }
+
+    /// How long the connection has had no request in progress; `None` while one is.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let since = self.idle_since_ms.load(Ordering::Relaxed);
+        Some(Duration::from_millis(clock_ms().saturating_sub(since)))
+    }
+}
+
+struct ActiveRequest<'a>(&'a ConnActivity);
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.idle_since_ms.store(clock_ms(), Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Milliseconds on a monotonic clock local to this process.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The hyper service for one client connection.
+#[derive(Clone)]
+pub struct ProxyService {
+    snapshots: Arc<ArcSwap<Snapshot>>,
+    conn: Arc<ClientConn>,
+}
+
+/// What one request resolved to, for its error response and access log line.
+#[derive(Default)]
+struct Exchange<'s> {
+    route: Option<&'s Route>,
+    upstream: Option<&'s Upstream>,
+    backend: Option<&'s Backend>,
+}
+
+impl ProxyService {
+    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, conn: Arc<ClientConn>) -> ProxyService {
+        ProxyService { snapshots, conn }
+    }
+
+    async fn handle(self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let _active = self.conn.activity.begin();
+        let snapshot = self.snapshots.load_full();
+        let access_log = snapshot.config.log.access_log;
+        let logged = access_log.then(|| (request.method().clone(), request.uri().clone()));
+        let mut exchange = Exchange::default();
+        let response = match self.forward(&snapshot, request, &mut exchange).await {
+            Ok(response) => response,
+            Err(error) => {
+                if error.fault() != Fault::Client {
+                    tracing::warn!(
+                        route = exchange.route.map(|r| &*r.name),
+                        upstream = exchange.upstream.map(|u| &*u.name),
+                        backend = exchange.backend.map(Backend::label),
+                        error = %error,
+                        "request failed"
+                    );
+                }
+                error.to_response(
+                    exchange.route.map(|r| &*r.name),
+                    exchange.upstream.map(|u| &*u.name),
+                )
+            }
+        };
+        if let Some((method, uri)) = logged {
+            tracing::info!(
+                target: "writegate::access",
+                client = %self.conn.peer.ip(),
+                method = %method,
+                path = uri.path(),
+                status = response.status().as_u16(),
+                route = exchange.route.map_or("-", |r| &*r.name),
+                backend = exchange.backend.map_or("-", Backend::label),
+                duration_us = started.elapsed().as_micros() as u64,
+            );
+        }
+        response
+    }
+
+    async fn forward<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        request: Request<Incoming>,
+        exchange: &mut Exchange<'s>,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let (mut parts, body) = request.into_parts();
+        let route =
+            match snapshot
+                .router
+                .find(request_host(&parts), parts.uri.path(), &parts.method)
+            {
+                RouteMatch::Found(route) => route,
+                RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed),
+                RouteMatch::NotFound => return Err(ProxyError::NoRoute),
+            };
+        exchange.route = Some(route);
+        let upstream = &snapshot.upstreams[route.upstream];
+        exchange.upstream = Some(upstream);
+        if declared_length(&parts).is_some_and(|len| len > route.max_body) {
+            return Err(ProxyError::BodyTooLarge {
+                limit: route.max_body,
+            });
+        }
+        let backend = upstream.pick().ok_or(ProxyError::NoBackend)?;
+        exchange.backend = Some(backend);
+        let inflight = backend.start_request();
+        self.rewrite_request(&mut parts)?;
+        let request = Request::from_parts(parts, RequestBody::streaming(body, route.max_body));
+        match backend
+            .send(request, route.connect_timeout, route.response_timeout)
+            .await
+        {
+            Ok((response, conn)) => {
+                let (mut parts, body) = response.into_parts();
+                headers::strip_hop_by_hop(&mut parts.headers);
+                headers::append_to_list(
+                    &mut parts.headers,
+                    &VIA,
+                    &headers::via_value(parts.version),
+                );
+                let body = ResponseBody::upstream(body, UpstreamLease { conn, inflight });
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(error) => Err(classify_send_error(error, route.max_body)),
+        }
+    }
+
+    /// Turns the client's request head into the one the backend receives.
+    fn rewrite_request(&self, parts: &mut Parts) -> Result<(), ProxyError> {
+        let headers = &mut parts.headers;
+        headers::strip_hop_by_hop(headers);
+        if !headers.contains_key(HOST) {
+            // HTTP/2 and absolute-form requests carry the host in the URI.
+            match parts.uri.authority() {
+                Some(authority) => {
+                    let value = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+                        ProxyError::BadRequest("the request authority is not a valid Host")
+                    })?;
+                    headers.insert(HOST, value);
+                }
+                None if parts.version == Version::HTTP_11 => {
+                    return Err(ProxyError::BadRequest(
+                        "an HTTP/1.1 request needs a Host header",
+                    ));
+                }
+                None => {}
+            }
+        }
+        if let Some(host) = headers.get(HOST).cloned() {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        headers::append_to_list(headers, &X_FORWARDED_FOR, &self.conn.peer_ip);
+        headers.insert(X_FORWARDED_PROTO.clone(), self.conn.scheme.clone());
+        headers::append_to_list(headers, &VIA, &headers::via_value(parts.version));
+        if !headers.contains_key(&X_REQUEST_ID) {
+            headers.insert(X_REQUEST_ID.clone(), headers::new_request_id());
+        }
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let path = parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .ok_or(ProxyError::BadRequest("the request has no path"))?;
+            parts.uri = Uri::from(path);
+        }
+        parts.version = Version::HTTP_11;
+        Ok(())
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(request).await) })
+    }
+}
+
+/// The request's host without port: from the URI (HTTP/2, absolute-form) or the Host header.
+fn request_host(parts: &Parts) -> Option<&str> {
+    let raw = match parts.uri.host() {
+        Some(host) => host,
+        None => parts.headers.get(HOST)?.to_str().ok()?,
+    };
+    Some(strip_port(raw))
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+fn declared_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A failed exchange may really be the client's fault: its body was too large or broke off.
+fn classify_send_error(error: SendError, max_body: u64) -> ProxyError {
+    if let SendError::Exchange { error: e, .. } = &error {
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            match cause.downcast_ref::<RequestBodyError>() {
+                Some(RequestBodyError::TooLarge { .. }) => {
+                    return ProxyError::BodyTooLarge { limit: max_body }
+                }
+                Some(RequestBodyError::Client(_)) => return ProxyError::ClientBody,
+                None => source = cause.source(),
+            }
+        }
+    }
+    ProxyError::Upstream(error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

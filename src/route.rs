@@ -1,0 +1,153 @@
+//! Routing: which route a request belongs to.
+//!
+//! Routes are sorted once per snapshot so that matching is a scan that stops at the first hit: routes
+//! with a host before host-less ones, then longer `path_prefix` first. A request whose path matches a
+//! route but whose method none of the matching routes accepts gets 405 rather than 404.
+
+use std::time::Duration;
+
+use http::Method;
+
+use crate::config::RouteConfig;
+
+/// One route as the request path uses it.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Box<str>,
+    path_prefix: Box<str>,
+    host: Option<Box<str>>,
+    methods: Option<Box<[Method]>>,
+    /// Index into the snapshot's upstreams.
+    pub upstream: usize,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub max_body: u64,
+}
+
+impl Route {
+    pub fn new(config: &RouteConfig) -> Route {
+        Route {
+            name: config.name.as_str().into(),
+            path_prefix: config.path_prefix.as_str().into(),
+            host: config.host.as_deref().map(Into::into),
+            methods: config.methods.clone().map(Into::into),
+            upstream: config.upstream,
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+            max_body: config.max_body,
+        }
+    }
+
+    fn accepts(&self, method: &Method) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+}
+
+/// The outcome of matching one request.
+#[derive(Debug)]
+pub enum RouteMatch<'a> {
+    Found(&'a Route),
+    MethodNotAllowed,
+    NotFound,
+}
+
+/// All routes of a snapshot, in match order.
+#[derive(Debug)]
+pub struct Router {
+    routes: Box<[Route]>,
+}
+
+impl Router {
+    pub fn new(mut routes: Vec<Route>) -> Router {
+        routes.sort_by(|a, b| {
+            b.host
+                .is_some()
+                .cmp(&a.host.is_some())
+                .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
+        });
+        Router {
+            routes: routes.into(),
+        }
+    }
+
+    /// `host` is the request's host without port, in any case; `None` when the request had none.
+    pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> RouteMatch<'_> {
+        let mut path_matched = false;
+        for route in self.routes.iter() {
+            let host_ok = match (&route.host, host) {
+                (None, _) => true,
+                (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                (Some(_), None) => false,
+            };
+            if !host_ok || !path.starts_with(&*route.path_prefix) {
+                continue;
+            }
+            if route.accepts(method) {
+                return RouteMatch::Found(route);
+            }
+            path_matched = true;
+        }
+        if path_matched {
+            RouteMatch::MethodNotAllowed
+        } else {
+            RouteMatch::NotFound
+        }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(name: &str, prefix: &str, host: Option<&str>, methods: Option<&[Method]>) -> Route {
+        Route {
+            name: name.into(),
+            path_prefix: prefix.into(),
+            host: host.map(Into::into),
+            methods: methods.map(|m| m.to_vec().into()),
+            upstream: 0,
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            max_body: 1,
+        }
+    }
+
+    fn name(m: RouteMatch<'_>) -> &str {
+        match m {
+            RouteMatch::Found(r) => &r.name,
+            RouteMatch::MethodNotAllowed => "405",
+            RouteMatch::NotFound => "404",
+        }
+    }
+
+    #[test]
+    fn longest_prefix_and_host_win() {
+        let router = Router::new(vec![
+            route("root", "/", None, None),
+            route("kv", "/kv/", None, None),
+            route("api-host", "/", Some("api.example.com"), None),
+        ]);
+        assert_eq!(name(router.find(None, "/kv/a", &Method::GET)), "kv");
+        assert_eq!(name(router.find(None, "/other", &Method::GET)), "root");
+        assert_eq!(
+            name(router.find(Some("API.example.com"), "/kv/a", &Method::GET)),
+            "api-host"
+        );
+        assert_eq!(
+            name(router.find(Some("other.example.com"), "/kv/a", &Method::GET)),
+            "kv"
+        );
+    }
+
+    #[test]
+    fn methods_and_misses() {
+        let router = Router::new(vec![route("writes", "/w/", None, Some(&[Method::PUT]))]);
+        assert_eq!(name(router.find(None, "/w/x", &Method::PUT)), "writes");
+        assert_eq!(name(router.find(None, "/w/x", &Method::GET)), "405");
+        assert_eq!(name(router.find(None, "/r/x", &Method::GET)), "404");
+    }
+}

@@ -1,0 +1,290 @@
+//! Listeners, connections and shutdown.
+//!
+//! [`Proxy::bind`] opens every listener (so tests can bind port 0 and read the real address), then
+//! [`Proxy::run`] serves until the shutdown future completes. Shutdown is an explicit pipeline: stop
+//! accepting, ask every connection to close gracefully (in-flight requests finish, idle keep-alive
+//! connections close at once), wait for them up to `runtime.shutdown_timeout`, log what was left.
+//! Each connection is served by hyper-util's auto builder (HTTP/1.1 and h2c) with a header read
+//! timeout from hyper and an idle timeout of our own, so a silent client cannot hold a connection.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::AdminService;
+use crate::config::{Config, ListenerConfig};
+use crate::proxy::{ClientConn, ConnActivity, ProxyService};
+use crate::snapshot::Snapshot;
+
+/// Pending connections the kernel queues per listener before `accept`.
+const LISTEN_BACKLOG: u32 = 4096;
+/// Longest pause after a failed `accept` (for example, out of file descriptors).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+struct BoundListener {
+    config: ListenerConfig,
+    listener: TcpListener,
+}
+
+/// A proxy whose sockets are bound, ready to [`run`](Proxy::run).
+pub struct Proxy {
+    snapshots: Arc<ArcSwap<Snapshot>>,
+    listeners: Vec<BoundListener>,
+    admin: Option<TcpListener>,
+}
+
+impl Proxy {
+    /// Builds the first snapshot and binds every listener of `config`.
+    pub async fn bind(config: Config) -> Result<Proxy, StartError> {
+        let config = Arc::new(config);
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let listener = bind(l.listen).map_err(|source| StartError::Bind {
+                what: format!("listener {:?}", l.name),
+                addr: l.listen,
+                source,
+            })?;
+            listeners.push(BoundListener {
+                config: l.clone(),
+                listener,
+            });
+        }
+        let admin = match &config.admin {
+            Some(a) => Some(bind(a.listen).map_err(|source| StartError::Bind {
+                what: "admin".to_string(),
+                addr: a.listen,
+                source,
+            })?),
+            None => None,
+        };
+        let snapshot = Snapshot::build(config, None);
+        Ok(Proxy {
+            snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
+            listeners,
+            admin,
+        })
+    }
+
+    /// The bound address of each listener, by name, in config order.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|l| Some((l.config.name.clone(), l.listener.local_addr().ok()?)))
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    /// The current snapshot cell, for reloads and inspection.
+    pub fn snapshots(&self) -> Arc<ArcSwap<Snapshot>> {
+        Arc::clone(&self.snapshots)
+    }
+
+    /// Serves until `shutdown` completes, then drains connections.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // Every task holds a clone of `alive`; `drained` sees `None` once all have ended.
+        let (alive, mut drained) = mpsc::channel::<()>(1);
+        for bound in self.listeners {
+            let snapshots = Arc::clone(&self.snapshots);
+            let builder = Arc::new(connection_builder(&bound.config));
+            let idle_timeout = bound.config.idle_timeout;
+            tracing::info!(listener = %bound.config.name, addr = %bound.config.listen, "listening");
+            tokio::spawn(accept_loop(
+                bound.listener,
+                stop_rx.clone(),
+                alive.clone(),
+                move |stream, peer, stop, alive| {
+                    let conn = Arc::new(ClientConn::new(peer, false));
+                    let service = ProxyService::new(Arc::clone(&snapshots), Arc::clone(&conn));
+                    let builder = Arc::clone(&builder);
+                    async move {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service);
+                        drive(connection, &conn.activity, idle_timeout, stop).await;
+                        drop(alive);
+                    }
+                },
+            ));
+        }
+        if let Some(listener) = self.admin {
+            let snapshots = Arc::clone(&self.snapshots);
+            let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+            tokio::spawn(accept_loop(
+                listener,
+                stop_rx.clone(),
+                alive.clone(),
+                move |stream, peer, stop, alive| {
+                    let conn = Arc::new(ClientConn::new(peer, false));
+                    let service = AdminService::new(Arc::clone(&snapshots));
+                    let builder = Arc::clone(&builder);
+                    async move {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service);
+                        drive(connection, &conn.activity, Duration::from_secs(60), stop).await;
+                        drop(alive);
+                    }
+                },
+            ));
+        }
+        drop(alive);
+        shutdown.await;
+        let deadline = self.snapshots.load().config.runtime.shutdown_timeout;
+        tracing::info!(
+            deadline_s = deadline.as_secs_f64(),
+            "shutting down: no new connections, finishing in-flight requests"
+        );
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(deadline, drained.recv()).await {
+            Ok(_) => tracing::info!("shutdown complete"),
+            Err(_) => {
+                tracing::warn!("shutdown deadline passed; closing connections that are still busy")
+            }
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+fn connection_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Accepts until `stop` flips, handing each connection to `serve` on its own task.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    alive: mpsc::Sender<()>,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>, mpsc::Sender<()>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = Duration::from_millis(5);
+                // Small responses must not wait for Nagle's algorithm.
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(stream, peer, stop.clone(), alive.clone()));
+            }
+            Err(e) => {
+                // Usually EMFILE/ENFILE: back off instead of spinning on the error.
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Drives one connection to its end, closing it gracefully on shutdown or when idle too long.
+async fn drive<C>(
+    connection: C,
+    activity: &ConnActivity,
+    idle_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    let mut connection = pin!(connection);
+    let mut idle = pin!(idle_expired(activity, idle_timeout));
+    let mut closing = *stop.borrow();
+    if closing {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.changed(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut idle, if !closing => {
+                tracing::debug!("closing idle client connection");
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// Completes once the connection has had no request in progress for `timeout`.
+async fn idle_expired(activity: &ConnActivity, timeout: Duration) {
+    loop {
+        let wait = match activity.idle_for() {
+            Some(idle) if idle >= timeout => return,
+            Some(idle) => timeout - idle,
+            None => timeout,
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C will stop the proxy");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

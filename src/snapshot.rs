@@ -1,0 +1,64 @@
+//! The runtime snapshot: everything a request reads, built once per config.
+//!
+//! A request loads the current [`Snapshot`] once, at its start, and uses it to the end, so a reload
+//! never changes the rules under a request in flight. Building a snapshot reuses the live
+//! [`Backend`] state of the previous one for every unchanged address: in-flight counts and pooled
+//! connections survive a reload.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::balance::Balancer;
+use crate::config::Config;
+use crate::route::{Route, Router};
+use crate::upstream::{Backend, Member, Upstream};
+
+/// Immutable runtime state derived from one [`Config`].
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub upstreams: Box<[Upstream]>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot for `config`, taking over live backend state from `previous`.
+    pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+        let mut live: HashMap<SocketAddr, Arc<Backend>> = previous
+            .map(|p| p.backends().map(|b| (b.address(), Arc::clone(b))).collect())
+            .unwrap_or_default();
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| Upstream {
+                name: u.name.as_str().into(),
+                members: u
+                    .backends
+                    .iter()
+                    .map(|b| Member {
+                        backend: Arc::clone(
+                            live.entry(b.address)
+                                .or_insert_with(|| Arc::new(Backend::new(b.address, &b.label))),
+                        ),
+                        weight: b.weight.get(),
+                    })
+                    .collect(),
+                balancer: Balancer::new(u.balance),
+            })
+            .collect();
+        let router = Router::new(config.routes.iter().map(Route::new).collect());
+        Snapshot {
+            config,
+            router,
+            upstreams,
+        }
+    }
+
+    /// Every backend of every upstream (an address listed in two upstreams appears twice).
+    pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.upstreams
+            .iter()
+            .flat_map(|u| u.members.iter().map(|m| &m.backend))
+    }
+}

@@ -1,0 +1,156 @@
+//! Keep-alive connections to one backend, and sending a request over them.
+//!
+//! Why not hyper-util's pooled client: writegate must know, for every failure, whether any byte of
+//! the request may have reached the backend (a write must never be retried otherwise), must apply a
+//! per-route connect timeout, and must keep warm connections in the backend's live state across
+//! config reloads. A small LIFO stack per backend does all three: the most recently used connection
+//! is the one least likely to have been closed by the backend's idle timer.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::Backend;
+use crate::proxy::RequestBody;
+
+/// Idle connections kept per backend; more are closed when returned.
+const MAX_IDLE_PER_BACKEND: usize = 512;
+/// A pooled connection idle longer than this is closed rather than reused, so that we rarely race a
+/// backend closing it (hyper servers default to 30 s, nginx to 75 s).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub type UpstreamConn = http1::SendRequest<RequestBody>;
+
+#[derive(Debug, Default)]
+pub(super) struct Pool {
+    idle: Mutex<Vec<(UpstreamConn, Instant)>>,
+}
+
+impl Pool {
+    fn take(&self) -> Option<UpstreamConn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((conn, since)) = idle.pop() {
+            if !conn.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: UpstreamConn) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_PER_BACKEND {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    pub(super) fn idle_len(&self) -> usize {
+        self.idle.lock().map_or(0, |idle| idle.len())
+    }
+}
+
+/// Why a request to a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("no response within the response timeout")]
+    ResponseTimeout,
+    /// `sent` is false only when hyper handed the request back unsent.
+    #[error("{error}")]
+    Exchange { error: hyper::Error, sent: bool },
+}
+
+impl SendError {
+    /// True when no byte of the request can have reached the backend.
+    pub fn nothing_sent(&self) -> bool {
+        match self {
+            SendError::Connect(_) | SendError::ConnectTimeout => true,
+            SendError::ResponseTimeout => false,
+            SendError::Exchange { sent, .. } => !sent,
+        }
+    }
+}
+
+impl Backend {
+    /// Sends `request` on a pooled or new connection and waits for the response head.
+    ///
+    /// On success the connection comes back with the response; hand it to [`Backend::reuse`] once the
+    /// response body has been read to its end.
+    pub async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<(Response<Incoming>, UpstreamConn), SendError> {
+        loop {
+            let (mut conn, fresh) = match self.pool.take() {
+                Some(conn) => (conn, false),
+                None => (self.connect(connect_timeout).await?, true),
+            };
+            if !fresh && !pooled_conn_ready(&mut conn, connect_timeout).await {
+                continue;
+            }
+            let exchange = conn.try_send_request(request);
+            match tokio::time::timeout(response_timeout, exchange).await {
+                Err(_) => return Err(SendError::ResponseTimeout),
+                Ok(Ok(response)) => return Ok((response, conn)),
+                Ok(Err(mut e)) => match e.take_message() {
+                    // A pooled connection closed under us before the request was written: the
+                    // request is handed back untouched, so another connection may carry it.
+                    Some(unsent) if !fresh => request = unsent,
+                    unsent => {
+                        return Err(SendError::Exchange {
+                            sent: unsent.is_none(),
+                            error: e.into_error(),
+                        })
+                    }
+                },
+            }
+        }
+    }
+
+    /// Returns a connection whose response was read to the end, for the next request.
+    pub fn reuse(&self, conn: UpstreamConn) {
+        self.pool.put(conn);
+    }
+
+    async fn connect(&self, connect_timeout: Duration) -> Result<UpstreamConn, SendError> {
+        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(self.address))
+            .await
+            .map_err(|_| SendError::ConnectTimeout)?
+            .map_err(SendError::Connect)?;
+        // Small writes (headers, then a small body) must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        let (conn, driver) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| SendError::Exchange { error, sent: false })?;
+        let label = self.label.clone();
+        tokio::spawn(async move {
+            if let Err(e) = driver.await {
+                tracing::debug!(backend = %label, error = %e, "backend connection closed with an error");
+            }
+        });
+        Ok(conn)
+    }
+}
+
+/// A connection put back when its last response ended may need a moment before hyper marks it ready
+/// for the next request. Waits for that, bounded; false means the connection is unusable.
+async fn pooled_conn_ready(conn: &mut UpstreamConn, bound: Duration) -> bool {
+    if conn.is_ready() {
+        return true;
+    }
+    matches!(tokio::time::timeout(bound, conn.ready()).await, Ok(Ok(())))
+}
