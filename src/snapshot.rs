@@ -36,6 +36,7 @@ impl Snapshot {
                 members: u
                     .backends
                     .iter()
+                    .filter(|b| !b.down)
                     .map(|b| Member {
                         backend: Arc::clone(
                             live.entry(b.address)

@@ -68,6 +68,7 @@ pub struct UpstreamSection {
 pub struct BackendEntry {
     pub address: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
+    pub down: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

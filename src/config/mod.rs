@@ -101,6 +101,8 @@ pub struct BackendConfig {
     pub label: String,
     pub address: SocketAddr,
     pub weight: NonZeroU32,
+    /// Taken out of rotation by the operator (maintenance); it gets no requests.
+    pub down: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,6 +274,7 @@ impl Validator<'_, '_> {
                             label: entry.address.into_inner(),
                             address,
                             weight,
+                            down: entry.down.unwrap_or(false),
                         });
                     }
                 }

@@ -1,0 +1,283 @@
+//! Config validation: every error kind with its position, the example file, and `writegate check`.
+
+use std::path::Path;
+use std::process::Command;
+
+use writegate::config::{Config, ConfigErrors};
+
+fn errors(text: &str) -> ConfigErrors {
+    match Config::parse(Path::new("w.toml"), text) {
+        Ok(_) => panic!("config should be refused:\n{text}"),
+        Err(e) => e,
+    }
+}
+
+/// Asserts exactly one error, at `line:column`, whose message contains `needle`.
+fn assert_one(text: &str, line: usize, column: usize, needle: &str) {
+    let all = errors(text);
+    assert_eq!(all.0.len(), 1, "expected one error, got:\n{all}");
+    let e = &all.0[0];
+    assert_eq!((e.line, e.column), (line, column), "position of: {e}");
+    assert!(
+        e.message.contains(needle),
+        "{e:?} should mention {needle:?}"
+    );
+    assert_eq!(e.to_string().lines().count(), 1, "one line: {e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("w.toml:{line}:{column}: ")),
+        "{e}"
+    );
+}
+
+const BASE: &str = r#"[[listeners]]
+name = "http"
+listen = "127.0.0.1:8080"
+
+[[upstreams]]
+name = "up"
+backends = [{ address = "127.0.0.1:9001" }]
+
+[[routes]]
+name = "r"
+upstream = "up"
+"#;
+
+fn with(extra: &str) -> String {
+    format!("{BASE}{extra}")
+}
+
+#[test]
+fn base_is_valid() {
+    let config = Config::parse(Path::new("w.toml"), BASE).unwrap();
+    assert_eq!(config.routes[0].path_prefix, "/");
+    assert_eq!(config.upstreams[0].backends[0].weight.get(), 1);
+}
+
+#[test]
+fn syntax_error() {
+    assert_one("[[listeners]\nname = 1", 1, 13, "expected `]`");
+}
+
+#[test]
+fn unknown_field() {
+    assert_one(
+        &with("colour = \"blue\"\n"),
+        12,
+        1,
+        "unknown field `colour`",
+    );
+    let text = BASE.replace("name = \"up\"", "name = \"up\"\nbalanse = \"least_conn\"");
+    assert_one(&text, 7, 1, "unknown field `balanse`");
+}
+
+#[test]
+fn wrong_type_and_unknown_balance() {
+    assert_one(&with("max_body = 5\n"), 12, 12, "invalid type");
+    let text = BASE.replace("name = \"up\"", "name = \"up\"\nbalance = \"random\"");
+    assert_one(&text, 7, 11, "unknown variant `random`");
+}
+
+#[test]
+fn duplicate_names() {
+    let text = format!("{BASE}\n[[routes]]\nname = \"r\"\nupstream = \"up\"\n");
+    assert_one(&text, 14, 8, "duplicate route name \"r\"");
+    let text = format!(
+        "{BASE}\n[[upstreams]]\nname = \"up\"\nbackends = [{{ address = \"127.0.0.1:1\" }}]\n"
+    );
+    assert_one(&text, 14, 8, "duplicate upstream name \"up\"");
+    let text = format!("{BASE}\n[[listeners]]\nname = \"http\"\nlisten = \"127.0.0.1:8081\"\n");
+    assert_one(&text, 14, 8, "duplicate listener name \"http\"");
+}
+
+#[test]
+fn route_names_unknown_upstream() {
+    let text = BASE.replace("upstream = \"up\"", "upstream = \"nope\"");
+    assert_one(&text, 11, 12, "unknown upstream \"nope\" (known: up)");
+}
+
+#[test]
+fn upstream_without_backends() {
+    let text = BASE.replace("[{ address = \"127.0.0.1:9001\" }]", "[]");
+    assert_one(&text, 7, 12, "upstream \"up\" has no backends");
+}
+
+#[test]
+fn bad_addresses() {
+    let text = BASE.replace("\"127.0.0.1:9001\"", "\"127.0.0.1\"");
+    assert_one(&text, 7, 25, "bad backend address");
+    let text = BASE.replace("\"127.0.0.1:9001\"", "\"127.0.0.1:99999\"");
+    assert_one(&text, 7, 25, "bad backend address");
+    let text = BASE.replace("listen = \"127.0.0.1:8080\"", "listen = \"localhost:http\"");
+    assert_one(&text, 3, 10, "bad address \"localhost:http\"");
+    let text = BASE.replace("\"127.0.0.1:9001\"", "\"no-such-host.invalid:80\"");
+    assert_one(&text, 7, 25, "cannot resolve");
+    let text = BASE.replace(
+        "[{ address = \"127.0.0.1:9001\" }]",
+        "[{ address = \"127.0.0.1:9001\" }, { address = \"127.0.0.1:9001\" }]",
+    );
+    assert_one(&text, 7, 57, "listed twice");
+}
+
+#[test]
+fn zero_and_huge_weights() {
+    let text = BASE.replace("\"127.0.0.1:9001\" }", "\"127.0.0.1:9001\", weight = 0 }");
+    assert_one(&text, 7, 52, "weight 0 is out of range");
+    let text = BASE.replace(
+        "\"127.0.0.1:9001\" }",
+        "\"127.0.0.1:9001\", weight = 1000000 }",
+    );
+    assert_one(&text, 7, 52, "out of range");
+}
+
+#[test]
+fn zero_absurd_and_malformed_durations() {
+    assert_one(
+        &with("timeouts = { connect = \"0s\" }\n"),
+        12,
+        24,
+        "greater than zero",
+    );
+    assert_one(
+        &with("timeouts = { response = \"2h\" }\n"),
+        12,
+        25,
+        "too long",
+    );
+    assert_one(
+        &with("timeouts = { response = \"10\" }\n"),
+        12,
+        25,
+        "no unit",
+    );
+    assert_one(
+        &with("timeouts = { response = \"10 parsecs\" }\n"),
+        12,
+        25,
+        "unknown unit",
+    );
+    let text = BASE.replace(
+        "listen = \"127.0.0.1:8080\"",
+        "listen = \"127.0.0.1:8080\"\nidle_timeout = \"0ms\"",
+    );
+    assert_one(&text, 4, 16, "greater than zero");
+}
+
+#[test]
+fn bad_sizes_prefixes_hosts_methods() {
+    assert_one(&with("max_body = \"8 furlongs\"\n"), 12, 12, "unknown unit");
+    assert_one(&with("max_body = \"100GiB\"\n"), 12, 12, "too large");
+    assert_one(
+        &with("path_prefix = \"kv/\"\n"),
+        12,
+        15,
+        "must start with '/'",
+    );
+    assert_one(&with("host = \"api.example.com:80\"\n"), 12, 8, "bad host");
+    assert_one(
+        &with("methods = [\"PUT\", \"G ET\"]\n"),
+        12,
+        19,
+        "bad method",
+    );
+}
+
+#[test]
+fn missing_listeners_and_many_errors_at_once() {
+    let text = "[[upstreams]]\nname = \"up\"\nbackends = []\n\n[[routes]]\nname = \"r\"\nupstream = \"x\"\nmax_body = \"lots\"\n";
+    let all = errors(text);
+    let lines: Vec<String> = all.0.iter().map(ToString::to_string).collect();
+    assert_eq!(all.0.len(), 4, "every error is reported:\n{all}");
+    assert!(lines[0].contains("no [[listeners]]"), "{lines:?}");
+    assert!(
+        lines[1].starts_with("w.toml:3:12: upstream \"up\" has no backends"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[2].starts_with("w.toml:7:12: route \"r\" names unknown upstream"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[3].starts_with("w.toml:8:12: size \"lots\""),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn example_config_is_valid_and_documents_defaults() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let config =
+        Config::load(&path).unwrap_or_else(|e| panic!("config.example.toml is invalid:\n{e}"));
+    let listener = &config.listeners[0];
+    let route = &config.routes[0];
+    // The example writes out every default; it must agree with the code's.
+    use writegate::config::*;
+    assert_eq!(listener.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+    assert_eq!(listener.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+    assert_eq!(route.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    assert_eq!(route.response_timeout, DEFAULT_RESPONSE_TIMEOUT);
+    assert_eq!(route.max_body, DEFAULT_MAX_BODY);
+    assert_eq!(config.runtime.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
+    assert_eq!(config.runtime.workers, None);
+    assert!(config.log.access_log);
+}
+
+fn writegate(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_writegate"))
+        .args(args)
+        .output()
+        .expect("run writegate")
+}
+
+#[test]
+fn check_exits_0_with_a_summary_for_a_good_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let out = writegate(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(
+        stdout.contains("ok: 1 listener(s), 1 route(s), 1 upstream(s), 3 backend(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_exits_1_with_every_error_for_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let text = BASE
+        .replace("upstream = \"up\"", "upstream = \"nope\"")
+        .replace("\"127.0.0.1:9001\" }", "\"127.0.0.1:9001\", weight = 0 }");
+    std::fs::write(&path, text).unwrap();
+    let out = writegate(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let p = path.display();
+    assert!(
+        stderr.contains(&format!("{p}:7:52: weight 0 is out of range")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{p}:11:12: route \"r\" names unknown upstream")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+}
+
+#[test]
+fn check_reports_a_missing_file_and_usage() {
+    let out = writegate(&["check", "--config", "/nonexistent/writegate.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+    let out = writegate(&["check"]);
+    assert_eq!(out.status.code(), Some(2), "no --config is a usage error");
+    let out = writegate(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("writegate "));
+}

@@ -1,0 +1,249 @@
+//! Every error a client can get from the proxy itself, produced for real.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+
+use support::*;
+
+fn assert_names_route_and_upstream(reply: &Reply) {
+    let text = reply.text();
+    assert!(text.contains("route \"r\""), "body names the route: {text}");
+    assert!(
+        text.contains("upstream \"up\""),
+        "body names the upstream: {text}"
+    );
+    assert!(
+        !text.contains("127.0.0.1"),
+        "body leaks no backend address: {text}"
+    );
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+}
+
+#[tokio::test]
+async fn refused_connection_is_502() {
+    let dead = refused_addr().await;
+    let proxy = start_proxy(&simple_config(&[(dead, 1)], "")).await;
+    let reply = send(proxy.addr, req(Method::POST, "/w", b"data")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        reply
+            .text()
+            .starts_with("502 Bad Gateway: could not connect"),
+        "{}",
+        reply.text()
+    );
+    assert_names_route_and_upstream(&reply);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn reset_after_request_is_502_and_not_retried() {
+    let (addr, hits) = resetting_backend().await;
+    let proxy = start_proxy(&simple_config(&[(addr, 1)], "")).await;
+    let reply = send(proxy.addr, req(Method::POST, "/w", b"data")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+    assert!(reply.text().contains("closed or reset"), "{}", reply.text());
+    assert_names_route_and_upstream(&reply);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "a write that reached a backend is never resent"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_backend_is_504() {
+    let slow = named_backend("slow", Duration::from_secs(5)).await;
+    let config = simple_config(&[(slow.addr, 1)], "timeouts = { response = \"200ms\" }");
+    let proxy = start_proxy(&config).await;
+    let started = std::time::Instant::now();
+    let reply = get(proxy.addr, "/").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered at the timeout, not the backend's pace"
+    );
+    assert!(reply
+        .text()
+        .contains("did not answer within the response timeout"));
+    assert_names_route_and_upstream(&reply);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_timeout_is_504() {
+    // A listener that never accepts, with its accept queue already full: the kernel drops new SYNs,
+    // so a connect to it hangs until our connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let config = simple_config(
+        &[(addr, 1)],
+        "timeouts = { connect = \"300ms\", response = \"5s\" }",
+    );
+    let proxy = start_proxy(&config).await;
+    let reply = get(proxy.addr, "/").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    assert!(
+        reply.text().contains("timed out connecting"),
+        "{}",
+        reply.text()
+    );
+    assert_names_route_and_upstream(&reply);
+    proxy.shutdown().await;
+    drop(listener);
+}
+
+#[tokio::test]
+async fn no_usable_backend_is_503_at_once() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let config = simple_config(&[], "").replace(
+        "backends = []",
+        &format!("backends = [{{ address = \"{}\", down = true }}]", b.addr),
+    );
+    let proxy = start_proxy(&config).await;
+    let reply = get(proxy.addr, "/").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(reply.text().contains("no backend is available"));
+    assert_names_route_and_upstream(&reply);
+    assert_eq!(b.count(), 0, "a backend marked down gets nothing");
+    let ready = get(proxy.admin.unwrap(), "/readyz").await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.text().contains("up"), "{}", ready.text());
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn unmatched_path_is_404_and_wrong_method_405() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let config = simple_config(
+        &[(b.addr, 1)],
+        "path_prefix = \"/kv/\"\nmethods = [\"PUT\", \"GET\"]",
+    );
+    let proxy = start_proxy(&config).await;
+    let reply = get(proxy.addr, "/other").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        reply.text(),
+        "404 Not Found: no route matches this host and path\n"
+    );
+    let reply = send(proxy.addr, req(Method::DELETE, "/kv/a", b"")).await;
+    assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(get(proxy.addr, "/kv/a").await.status, 200);
+    assert_eq!(b.count(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn declared_body_over_limit_is_413_without_touching_the_backend() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "max_body = \"1KiB\"")).await;
+    let reply = send(proxy.addr, req(Method::PUT, "/w", &[b'x'; 1025])).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(reply.text().contains("1024 bytes"), "{}", reply.text());
+    assert_names_route_and_upstream(&reply);
+    assert_eq!(
+        send(proxy.addr, req(Method::PUT, "/w", &[b'x'; 1024]))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        b.count(),
+        1,
+        "only the request within the limit was forwarded"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn chunked_body_over_limit_is_413_and_cut_off() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "max_body = \"1KiB\"")).await;
+    // No Content-Length: the proxy only finds out while streaming.
+    let body = Chunks { left: 8, size: 512 };
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .method(Method::PUT)
+        .uri("/w")
+        .header("host", "x")
+        .body(body)
+        .unwrap();
+    let response = bounded("chunked upload", sender.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The backend never saw a complete (and so acceptable) body.
+    assert_eq!(b.count(), 0);
+    proxy.shutdown().await;
+}
+
+/// A body of `left` chunks of `size` bytes with no declared length (sent chunked).
+struct Chunks {
+    left: usize,
+    size: usize,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= 1;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![
+            b'y';
+            self.size
+        ])))))
+    }
+}
+
+#[tokio::test]
+async fn http11_request_without_host_is_400() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = bounded("400 reply", stream.read(&mut buf)).await.unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("needs a Host header"), "{text}");
+    assert_eq!(b.count(), 0);
+    proxy.shutdown().await;
+}

@@ -1,0 +1,204 @@
+//! Connection lifetimes: graceful shutdown, slow and idle clients, clients that vanish.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+#[tokio::test]
+async fn graceful_shutdown_lets_an_in_flight_request_complete() {
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let b = gated_backend(Arc::clone(&entered), Arc::clone(&release)).await;
+    let mut proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let addr = proxy.addr;
+    let in_flight = tokio::spawn(async move { send(addr, req(Method::PUT, "/k", b"v")).await });
+    bounded("request to reach the backend", entered.notified()).await;
+    proxy.begin_shutdown();
+    // New connections are refused once the listener is closed.
+    eventually("listener to close", || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await;
+    assert!(
+        !proxy.is_finished(),
+        "the proxy waits for the in-flight request"
+    );
+    release.notify_one();
+    let reply = bounded("in-flight reply", in_flight).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "released");
+    proxy.wait_finished().await;
+}
+
+#[tokio::test]
+async fn shutdown_deadline_bounds_the_wait() {
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let b = gated_backend(Arc::clone(&entered), release).await;
+    let config = simple_config(&[(b.addr, 1)], "")
+        .replace("[log]", "[runtime]\nshutdown_timeout = \"300ms\"\n\n[log]");
+    let mut proxy = start_proxy(&config).await;
+    let addr = proxy.addr;
+    let _stuck = tokio::spawn(async move { send(addr, req(Method::PUT, "/k", b"v")).await });
+    bounded("request to reach the backend", entered.notified()).await;
+    let started = std::time::Instant::now();
+    proxy.begin_shutdown();
+    proxy.wait_finished().await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "waited for the deadline: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "but not for the stuck request: {waited:?}"
+    );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_closes_at_once_on_shutdown() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = bounded("first reply", stream.read(&mut buf)).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // The connection is now idle: shutdown must not wait for the client to leave.
+    proxy.shutdown().await;
+    let n = bounded("server close", stream.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the proxy closed the idle connection");
+}
+
+#[tokio::test]
+async fn slow_header_sender_is_disconnected() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let config = simple_config(&[(b.addr, 1)], "").replace(
+        "listen = \"127.0.0.1:0\"\n\n[[upstreams]]",
+        "listen = \"127.0.0.1:0\"\nheader_read_timeout = \"300ms\"\n\n[[upstreams]]",
+    );
+    let proxy = start_proxy(&config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 1024];
+    // The proxy closes the connection (possibly after a 408-style reply): read reaches EOF.
+    loop {
+        match bounded(
+            "header timeout to close the connection",
+            stream.read(&mut buf),
+        )
+        .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => continue,
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(b.count(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_h2_connection_is_closed_after_idle_timeout() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let config = simple_config(&[(b.addr, 1)], "").replace(
+        "listen = \"127.0.0.1:0\"\n\n[[upstreams]]",
+        "listen = \"127.0.0.1:0\"\nidle_timeout = \"300ms\"\n\n[[upstreams]]",
+    );
+    let proxy = start_proxy(&config).await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = http::Request::builder()
+        .uri(format!("http://x:{}/", proxy.addr.port()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(sender.send_request(request).await.unwrap().status(), 200);
+    let started = std::time::Instant::now();
+    bounded("idle h2 connection to be closed", conn)
+        .await
+        .unwrap()
+        .ok();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn inflight_count_falls_when_the_client_goes_away() {
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let b = gated_backend(Arc::clone(&entered), release).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let snapshot = proxy.snapshots.load_full();
+    let backend = Arc::clone(&snapshot.upstreams[0].members[0].backend);
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /w HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nv")
+        .await
+        .unwrap();
+    bounded("request to reach the backend", entered.notified()).await;
+    assert_eq!(backend.inflight(), 1);
+    drop(stream);
+    eventually("in-flight count to return to 0", || backend.inflight() == 0).await;
+    proxy.shutdown().await;
+}
+
+#[test]
+fn sigterm_stops_the_binary_with_exit_0() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.toml");
+    // A listener on port 0 keeps the test free of fixed ports; the log tells us when it is up.
+    std::fs::write(
+        &path,
+        "[[listeners]]\nname = \"h\"\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"u\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_writegate"))
+        .args(["--config", path.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = lines
+        .by_ref()
+        .take(20)
+        .flatten()
+        .any(|l| l.contains("listening"));
+    assert!(listening, "the proxy logs that it is listening");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let rest: Vec<String> = lines.take(20).flatten().collect();
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0), "log after SIGTERM: {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("shutdown complete")),
+        "{rest:?}"
+    );
+}
