@@ -1,1 +1,389 @@
-fn main() {}
+//! End-to-end proxy benchmark: requests/s, latency and proxy CPU time per request.
+//!
+//! Compares, on the same fast backend and the same load (keep-alive connections sending small
+//! POSTs), three paths: directly to the backend, through writegate (one worker thread), and through
+//! nginx (one worker process, when `nginx` is installed). Rounds are interleaved so that drift on the
+//! machine hits every path alike; each round prints its ratios and the end prints the medians.
+//!
+//! CPU time per request is the proxy process's user+system time over the round (from /proc)
+//! divided by the requests it served: the figure that decides how many proxy cores a load needs.
+//!
+//! Run: `cargo bench --bench proxy` (env: WG_BENCH_SECONDS=5, WG_BENCH_ROUNDS=3,
+//! WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let seconds = env_or("WG_BENCH_SECONDS", 5);
+    let rounds = env_or("WG_BENCH_ROUNDS", 3);
+    let connections = env_or("WG_BENCH_CONNECTIONS", 64) as usize;
+    let body_len = env_or("WG_BENCH_BODY", 128) as usize;
+    let backend = spawn_backend();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let writegate = Writegate::start(dir.path(), backend);
+    let nginx = Nginx::start(dir.path(), backend);
+    if nginx.is_none() {
+        println!("nginx not found: comparing with the backend directly only (apt-get install nginx-light)");
+    }
+    println!(
+        "proxy benchmark: {connections} keep-alive connections, POST of {body_len} bytes, {seconds}s x {rounds} rounds"
+    );
+    let mut targets: Vec<(&str, SocketAddr, Option<u32>)> = vec![
+        ("direct", backend, None),
+        ("writegate", writegate.addr, Some(writegate.child.id())),
+    ];
+    if let Some(n) = &nginx {
+        targets.push(("nginx", n.addr, Some(n.child.id())));
+    }
+    // Warm up every path (connections, pools, caches) before measuring.
+    for (_, addr, _) in &targets {
+        load(*addr, connections, Duration::from_secs(1), body_len);
+    }
+    let mut results: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
+    for round in 1..=rounds {
+        println!("\nround {round}");
+        for (i, (name, addr, pid)) in targets.iter().enumerate() {
+            let cpu_before = pid.map(process_tree_cpu);
+            let result = load(*addr, connections, Duration::from_secs(seconds), body_len);
+            let cpu = pid.map(process_tree_cpu).zip(cpu_before).map(|(a, b)| a - b);
+            let r = Round::new(result, cpu);
+            println!("  {name:<10} {}", r.describe());
+            results[i].push(r);
+        }
+        print_ratios(&targets, &results, round as usize - 1);
+    }
+    println!("\nmedians over {rounds} rounds");
+    for (i, (name, _, _)) in targets.iter().enumerate() {
+        println!("  {name:<10} {}", Round::median(&results[i]).describe());
+    }
+    let medians: Vec<Vec<Round>> = results.iter().map(|r| vec![Round::median(r)]).collect();
+    print_ratios(&targets, &medians, 0);
+}
+
+fn print_ratios(targets: &[(&str, SocketAddr, Option<u32>)], results: &[Vec<Round>], round: usize) {
+    let wg = &results[1][round];
+    println!("  writegate/direct req/s: {:.2}", wg.rps / results[0][round].rps);
+    if targets.len() > 2 {
+        let nginx = &results[2][round];
+        println!(
+            "  writegate/nginx  req/s: {:.2}   CPU per request: {:.2}",
+            wg.rps / nginx.rps,
+            wg.cpu_us_per_request.unwrap_or(f64::NAN) / nginx.cpu_us_per_request.unwrap_or(f64::NAN)
+        );
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Round {
+    rps: f64,
+    p50_us: u32,
+    p99_us: u32,
+    errors: u64,
+    cpu_us_per_request: Option<f64>,
+    rps_per_core: Option<f64>,
+}
+
+impl Round {
+    fn new(load: LoadResult, cpu: Option<Duration>) -> Round {
+        let mut lat = load.latencies_us;
+        lat.sort_unstable();
+        let pick = |q: f64| lat.get(((lat.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0);
+        let rps = load.requests as f64 / load.elapsed.as_secs_f64();
+        let cpu_us_per_request =
+            cpu.map(|c| c.as_secs_f64() * 1e6 / load.requests.max(1) as f64);
+        Round {
+            rps,
+            p50_us: pick(0.5),
+            p99_us: pick(0.99),
+            errors: load.errors,
+            cpu_us_per_request,
+            rps_per_core: cpu_us_per_request.map(|us| 1e6 / us),
+        }
+    }
+
+    fn median(rounds: &[Round]) -> Round {
+        fn med(mut v: Vec<f64>) -> f64 {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        }
+        let opt = |f: fn(&Round) -> Option<f64>| -> Option<f64> {
+            rounds.iter().map(f).collect::<Option<Vec<_>>>().map(med)
+        };
+        Round {
+            rps: med(rounds.iter().map(|r| r.rps).collect()),
+            p50_us: med(rounds.iter().map(|r| r.p50_us as f64).collect()) as u32,
+            p99_us: med(rounds.iter().map(|r| r.p99_us as f64).collect()) as u32,
+            errors: rounds.iter().map(|r| r.errors).sum(),
+            cpu_us_per_request: opt(|r| r.cpu_us_per_request),
+            rps_per_core: opt(|r| r.rps_per_core),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let cpu = match (self.cpu_us_per_request, self.rps_per_core) {
+            (Some(us), Some(per_core)) => format!("  proxy CPU {us:>5.1} µs/req  ({per_core:>7.0} req/s per core)"),
+            _ => String::new(),
+        };
+        format!(
+            "{:>8.0} req/s  p50 {:>5} µs  p99 {:>6} µs  errors {}{cpu}",
+            self.rps, self.p50_us, self.p99_us, self.errors
+        )
+    }
+}
+
+struct LoadResult {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    latencies_us: Vec<u32>,
+}
+
+/// Closed-loop load: `connections` keep-alive connections, each sending the next POST as soon as
+/// the previous response is read, for `duration`. Runs on one thread of its own.
+fn load(addr: SocketAddr, connections: usize, duration: Duration, body_len: usize) -> LoadResult {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("load runtime");
+    runtime.block_on(async move {
+        let body = Bytes::from(vec![b'w'; body_len]);
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + duration;
+        let tasks: Vec<_> = (0..connections)
+            .map(|i| tokio::spawn(connection_loop(addr, i, body.clone(), deadline)))
+            .collect();
+        let mut total = LoadResult {
+            requests: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latencies_us: Vec::new(),
+        };
+        for t in tasks {
+            let (ok, errors, lat) = t.await.expect("load task");
+            total.requests += ok;
+            total.errors += errors;
+            total.latencies_us.extend(lat);
+        }
+        total.elapsed = started.elapsed();
+        total
+    })
+}
+
+async fn connection_loop(
+    addr: SocketAddr,
+    index: usize,
+    body: Bytes,
+    deadline: tokio::time::Instant,
+) -> (u64, u64, Vec<u32>) {
+    let (mut ok, mut errors, mut latencies) = (0u64, 0u64, Vec::with_capacity(100_000));
+    let path = format!("/kv/key-{index}");
+    'reconnect: while tokio::time::Instant::now() < deadline {
+        let Ok(stream) = TcpStream::connect(addr).await else {
+            errors += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+            errors += 1;
+            continue;
+        };
+        tokio::spawn(conn);
+        while tokio::time::Instant::now() < deadline {
+            // A server may close a keep-alive connection after a full answer: reconnect, no error.
+            if sender.ready().await.is_err() {
+                continue 'reconnect;
+            }
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri(path.as_str())
+                .header("host", "bench")
+                .header("content-type", "application/octet-stream")
+                .body(Full::new(body.clone()))
+                .expect("request");
+            let started = Instant::now();
+            let response = match sender.send_request(request).await {
+                Ok(r) => r,
+                Err(_) => {
+                    errors += 1;
+                    continue 'reconnect;
+                }
+            };
+            let status = response.status();
+            if response.into_body().collect().await.is_err() || !status.is_success() {
+                errors += 1;
+                continue 'reconnect;
+            }
+            latencies.push(started.elapsed().as_micros() as u32);
+            ok += 1;
+        }
+    }
+    (ok, errors, latencies)
+}
+
+/// A fast backend on its own thread: reads the body, answers 200 with a small body.
+fn spawn_backend() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("backend runtime");
+        runtime.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("backend bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send addr");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"stored\n"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    });
+    rx.recv().expect("backend address")
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe bind");
+    l.local_addr().expect("probe addr")
+}
+
+/// Waits until `addr` accepts connections (bounded).
+fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start listening on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Writegate {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Writegate {
+    fn start(dir: &Path, backend: SocketAddr) -> Writegate {
+        let addr = free_port();
+        let config = format!(
+            "[runtime]\nworkers = 1\n\n[log]\naccess_log = false\n\n[[listeners]]\nname = \"bench\"\nlisten = \"{addr}\"\n\n\
+             [[upstreams]]\nname = \"b\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
+             [[routes]]\nname = \"all\"\nupstream = \"b\"\n"
+        );
+        let path = dir.join("writegate.toml");
+        std::fs::write(&path, config).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_writegate"))
+            .args(["run", "--config", path.to_str().expect("utf-8 path")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start writegate");
+        wait_listening(addr, "writegate");
+        Writegate { child, addr }
+    }
+}
+
+impl Drop for Writegate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Nginx {
+    fn start(dir: &Path, backend: SocketAddr) -> Option<Nginx> {
+        let binary = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let addr = free_port();
+        let d = dir.display();
+        let config = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               upstream backend {{ server {backend}; keepalive 128; }}\n\
+               server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://backend;\n\
+                     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).ok()?;
+        let child = Command::new(binary)
+            .args(["-c", path.to_str()?, "-p", dir.to_str()?])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        wait_listening(addr, "nginx");
+        Some(Nginx { child, addr })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the master stop its worker; kill() would orphan it.
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+/// User+system CPU time of `pid` and its direct children (nginx's worker), from /proc.
+fn process_tree_cpu(pid: u32) -> Duration {
+    let ticks_per_second = 100.0; // USER_HZ, fixed at 100 on Linux for /proc/*/stat
+    let mut ticks = cpu_ticks(pid).unwrap_or(0);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if parent_pid(child) == Some(pid) {
+                ticks += cpu_ticks(child).unwrap_or(0);
+            }
+        }
+    }
+    Duration::from_secs_f64(ticks as f64 / ticks_per_second)
+}
+
+/// Fields after the command name in /proc/PID/stat (the name may contain spaces).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = stat.rsplit_once(')')?.1;
+    Some(after_name.split_whitespace().map(str::to_string).collect())
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let f = stat_fields(pid)?;
+    // utime and stime are fields 14 and 15 of stat: 12 and 13 after the name.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
