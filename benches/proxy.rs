@@ -25,7 +25,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -60,7 +63,10 @@ fn main() {
         for (i, (name, addr, pid)) in targets.iter().enumerate() {
             let cpu_before = pid.map(process_tree_cpu);
             let result = load(*addr, connections, Duration::from_secs(seconds), body_len);
-            let cpu = pid.map(process_tree_cpu).zip(cpu_before).map(|(a, b)| a - b);
+            let cpu = pid
+                .map(process_tree_cpu)
+                .zip(cpu_before)
+                .map(|(a, b)| a - b);
             let r = Round::new(result, cpu);
             println!("  {name:<10} {}", r.describe());
             results[i].push(r);
@@ -77,13 +83,17 @@ fn main() {
 
 fn print_ratios(targets: &[(&str, SocketAddr, Option<u32>)], results: &[Vec<Round>], round: usize) {
     let wg = &results[1][round];
-    println!("  writegate/direct req/s: {:.2}", wg.rps / results[0][round].rps);
+    println!(
+        "  writegate/direct req/s: {:.2}",
+        wg.rps / results[0][round].rps
+    );
     if targets.len() > 2 {
         let nginx = &results[2][round];
         println!(
             "  writegate/nginx  req/s: {:.2}   CPU per request: {:.2}",
             wg.rps / nginx.rps,
-            wg.cpu_us_per_request.unwrap_or(f64::NAN) / nginx.cpu_us_per_request.unwrap_or(f64::NAN)
+            wg.cpu_us_per_request.unwrap_or(f64::NAN)
+                / nginx.cpu_us_per_request.unwrap_or(f64::NAN)
         );
     }
 }
@@ -102,10 +112,13 @@ impl Round {
     fn new(load: LoadResult, cpu: Option<Duration>) -> Round {
         let mut lat = load.latencies_us;
         lat.sort_unstable();
-        let pick = |q: f64| lat.get(((lat.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0);
+        let pick = |q: f64| {
+            lat.get(((lat.len() as f64 - 1.0) * q) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         let rps = load.requests as f64 / load.elapsed.as_secs_f64();
-        let cpu_us_per_request =
-            cpu.map(|c| c.as_secs_f64() * 1e6 / load.requests.max(1) as f64);
+        let cpu_us_per_request = cpu.map(|c| c.as_secs_f64() * 1e6 / load.requests.max(1) as f64);
         Round {
             rps,
             p50_us: pick(0.5),
@@ -136,7 +149,9 @@ impl Round {
 
     fn describe(&self) -> String {
         let cpu = match (self.cpu_us_per_request, self.rps_per_core) {
-            (Some(us), Some(per_core)) => format!("  proxy CPU {us:>5.1} µs/req  ({per_core:>7.0} req/s per core)"),
+            (Some(us), Some(per_core)) => {
+                format!("  proxy CPU {us:>5.1} µs/req  ({per_core:>7.0} req/s per core)")
+            }
             _ => String::new(),
         };
         format!(
@@ -199,7 +214,9 @@ async fn connection_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        else {
             errors += 1;
             continue;
         };
@@ -245,15 +262,22 @@ fn spawn_backend() -> SocketAddr {
             .build()
             .expect("backend runtime");
         runtime.block_on(async move {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("backend bind");
-            tx.send(listener.local_addr().expect("addr")).expect("send addr");
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("backend bind");
+            tx.send(listener.local_addr().expect("addr"))
+                .expect("send addr");
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
                     let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
                         let _ = req.into_body().collect().await;
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"stored\n"))))
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                            b"stored\n",
+                        ))))
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -274,7 +298,10 @@ fn free_port() -> SocketAddr {
 fn wait_listening(addr: SocketAddr, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start listening on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -319,9 +346,13 @@ struct Nginx {
 
 impl Nginx {
     fn start(dir: &Path, backend: SocketAddr) -> Option<Nginx> {
-        let binary = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
+        let binary = [
+            "/usr/sbin/nginx",
+            "/usr/local/sbin/nginx",
+            "/usr/local/nginx/sbin/nginx",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
         let addr = free_port();
         let d = dir.display();
         let config = format!(
@@ -349,7 +380,9 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM lets the master stop its worker; kill() would orphan it.
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -360,7 +393,11 @@ fn process_tree_cpu(pid: u32) -> Duration {
     let mut ticks = cpu_ticks(pid).unwrap_or(0);
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for entry in entries.flatten() {
-            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             if parent_pid(child) == Some(pid) {

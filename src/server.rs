@@ -111,7 +111,11 @@ impl Proxy {
             let snapshots = Arc::clone(&self.snapshots);
             let builder = Arc::new(connection_builder(&bound.config));
             let idle_timeout = bound.config.idle_timeout;
-            tracing::info!(listener = %bound.config.name, addr = %bound.config.listen, "listening");
+            let addr = bound
+                .listener
+                .local_addr()
+                .map_or(bound.config.listen, |a| a);
+            tracing::info!(listener = %bound.config.name, %addr, "listening");
             tokio::spawn(accept_loop(
                 bound.listener,
                 stop_rx.clone(),

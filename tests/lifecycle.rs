@@ -202,3 +202,79 @@ fn sigterm_stops_the_binary_with_exit_0() {
         "{rest:?}"
     );
 }
+
+/// Runs the binary with `config`, sends one request once it listens, stops it, returns stderr.
+fn run_binary_with_one_request(config: &str) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_writegate"))
+        .args(["run", "--config", path.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = lines
+        .by_ref()
+        .take(20)
+        .map_while(Result::ok)
+        .find(|l| l.contains("listening"))
+        .expect("the proxy logs that it is listening");
+    let addr = listening
+        .rsplit("addr=")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    stream
+        .write_all(b"PUT /kv/k1?x=1 HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nConnection: close\r\n\r\nv")
+        .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    rest
+}
+
+const ONE_ROUTE: &str = "[[listeners]]\nname = \"h\"\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"u\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n";
+
+#[test]
+fn access_log_has_one_line_per_request_and_can_be_switched_off() {
+    let log = run_binary_with_one_request(ONE_ROUTE);
+    let access: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("writegate::access"))
+        .collect();
+    assert_eq!(access.len(), 1, "{log:?}");
+    for field in [
+        "method=PUT",
+        "path=\"/kv/k1\"",
+        "status=502",
+        "route=\"r\"",
+        "backend=\"127.0.0.1:9\"",
+        "duration_us=",
+    ] {
+        assert!(
+            access[0].contains(field),
+            "{field} missing in {}",
+            access[0]
+        );
+    }
+    let quiet = run_binary_with_one_request(&format!("[log]\naccess_log = false\n\n{ONE_ROUTE}"));
+    assert!(
+        !quiet.iter().any(|l| l.contains("writegate::access")),
+        "{quiet:?}"
+    );
+}
