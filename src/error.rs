@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use crate::key::KeySource;
 use crate::proxy::ResponseBody;
 use crate::upstream::SendError;
 
@@ -34,6 +35,10 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("reading the request body from the client failed")]
     ClientBody,
+    #[error("the request has no key in {0}")]
+    MissingKey(KeySource),
+    #[error("the request key from {key_source} is longer than {limit} bytes")]
+    KeyTooLong { key_source: KeySource, limit: usize },
     #[error("no backend is available")]
     NoBackend,
     #[error("{0}")]
@@ -45,7 +50,10 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::BadRequest(_) | ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::ClientBody
+            | ProxyError::MissingKey(_)
+            | ProxyError::KeyTooLong { .. } => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(SendError::ConnectTimeout | SendError::ResponseTimeout) => {
@@ -61,7 +69,9 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge { .. }
-            | ProxyError::ClientBody => Fault::Client,
+            | ProxyError::ClientBody
+            | ProxyError::MissingKey(_)
+            | ProxyError::KeyTooLong { .. } => Fault::Client,
             ProxyError::NoBackend | ProxyError::Upstream(_) => Fault::Upstream,
         }
     }
@@ -74,6 +84,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody => "client_body",
+            ProxyError::MissingKey(_) => "missing_key",
+            ProxyError::KeyTooLong { .. } => "key_too_long",
             ProxyError::NoBackend => "no_backend",
             ProxyError::Upstream(SendError::Connect(_)) => "connect_failed",
             ProxyError::Upstream(SendError::ConnectTimeout) => "connect_timeout",
@@ -83,12 +95,29 @@ impl ProxyError {
     }
 
     /// What the client reads: one line, no internals.
-    fn client_message(&self) -> &'static str {
-        match self {
+    fn write_client_message(&self, out: &mut String) {
+        let text = match self {
+            ProxyError::MissingKey(source) => {
+                let _ = write!(out, "this route needs a request key in {source}");
+                return;
+            }
+            ProxyError::KeyTooLong { key_source, limit } => {
+                let _ = write!(
+                    out,
+                    "the request key in {key_source} is longer than {limit} bytes"
+                );
+                return;
+            }
+            ProxyError::BodyTooLarge { limit } => {
+                let _ = write!(
+                    out,
+                    "request body is larger than this route allows ({limit} bytes)"
+                );
+                return;
+            }
             ProxyError::NoRoute => "no route matches this host and path",
             ProxyError::MethodNotAllowed => "this route does not accept the request method",
             ProxyError::BadRequest(reason) => reason,
-            ProxyError::BodyTooLarge { .. } => "request body is larger than this route allows",
             ProxyError::ClientBody => "the request body could not be read",
             ProxyError::NoBackend => "no backend is available",
             ProxyError::Upstream(SendError::Connect(_)) => "could not connect to a backend",
@@ -99,7 +128,8 @@ impl ProxyError {
             ProxyError::Upstream(SendError::Exchange { .. }) => {
                 "the backend closed or reset the connection"
             }
-        }
+        };
+        out.push_str(text);
     }
 
     /// The response a client gets for this error. `route` and `upstream` are named when known.
@@ -112,14 +142,11 @@ impl ProxyError {
         let mut body = String::with_capacity(128);
         let _ = write!(
             body,
-            "{} {}: {}",
+            "{} {}: ",
             status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
-            self.client_message()
+            status.canonical_reason().unwrap_or("")
         );
-        if let ProxyError::BodyTooLarge { limit } = self {
-            let _ = write!(body, " ({limit} bytes)");
-        }
+        self.write_client_message(&mut body);
         match (route, upstream) {
             (Some(r), Some(u)) => {
                 let _ = write!(body, " (route \"{r}\", upstream \"{u}\")");

@@ -3,19 +3,22 @@
 //! A request flows one way through these modules:
 //!
 //! ```text
-//! server (listener, connection) → proxy (the service)
-//!     → route (which route) → balance (which backend) → upstream (pooled connection) → response
+//! server (listener, connection) → proxy (the service) → route (which route)
+//!     → key (what the write is about) → balance (which backend)
+//!     → upstream (pooled connection) → response
 //! ```
 //!
 //! - [`config`]: the TOML schema and its validation into a typed [`config::Config`].
 //! - [`snapshot`]: the immutable runtime state built from a config, swapped atomically.
 //! - [`route`]: matching requests to routes.
-//! - [`balance`]: choosing a backend (weighted least-connections).
+//! - [`key`]: extracting the request key a route balances (and later coalesces) on.
+//! - [`balance`]: choosing a backend: weighted least-connections, consistent hashing, bounded loads.
 //! - [`upstream`]: backends' live state, carried across reloads, and their connection pools.
 //! - [`proxy`]: the hyper service that forwards one request, with header rewriting and bodies.
 //! - [`server`]: listeners, connection handling, timeouts and graceful shutdown.
 //! - [`admin`]: health and readiness endpoints on the admin listener.
 //! - [`error`]: the proxy's errors and their mapping to responses.
+//! - [`metrics`]: every metric name, described once.
 //! - [`demo`]: the in-memory key-value backends and tour behind `writegate demo`.
 
 pub mod admin;
@@ -23,6 +26,8 @@ pub mod balance;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod key;
+pub mod metrics;
 pub mod proxy;
 pub mod route;
 pub mod server;

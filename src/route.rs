@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::Method;
 
 use crate::config::RouteConfig;
+use crate::key::KeyRule;
 
 /// One route as the request path uses it.
 #[derive(Debug)]
@@ -22,6 +23,7 @@ pub struct Route {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_body: u64,
+    pub key: Option<KeyRule>,
 }
 
 impl Route {
@@ -35,6 +37,7 @@ impl Route {
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
             max_body: config.max_body,
+            key: config.key.clone(),
         }
     }
 
@@ -113,6 +116,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             max_body: 1,
+            key: None,
         }
     }
 

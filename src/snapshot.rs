@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::balance::Balancer;
@@ -28,24 +29,34 @@ impl Snapshot {
         let mut live: HashMap<SocketAddr, Arc<Backend>> = previous
             .map(|p| p.backends().map(|b| (b.address(), Arc::clone(b))).collect())
             .unwrap_or_default();
+        let upstream_counts: HashMap<&str, &Arc<AtomicUsize>> = previous
+            .map(|p| {
+                p.upstreams
+                    .iter()
+                    .map(|u| (&*u.name, &u.inflight))
+                    .collect()
+            })
+            .unwrap_or_default();
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| Upstream {
-                name: u.name.as_str().into(),
-                members: u
+            .map(|u| {
+                let members: Box<[Member]> = u
                     .backends
                     .iter()
                     .filter(|b| !b.down)
-                    .map(|b| Member {
-                        backend: Arc::clone(
-                            live.entry(b.address)
-                                .or_insert_with(|| Arc::new(Backend::new(b.address, &b.label))),
-                        ),
-                        weight: b.weight.get(),
+                    .map(|b| {
+                        let backend = live
+                            .entry(b.address)
+                            .or_insert_with(|| Arc::new(Backend::new(b.address, &b.label)));
+                        Member::new(Arc::clone(backend), b.weight.get(), &u.name)
                     })
-                    .collect(),
-                balancer: Balancer::new(u.balance),
+                    .collect();
+                let balancer = Balancer::new(u, &members);
+                let inflight = upstream_counts
+                    .get(u.name.as_str())
+                    .map_or_else(Arc::default, |c| Arc::clone(c));
+                Upstream::new(&u.name, members, balancer, inflight)
             })
             .collect();
         let router = Router::new(config.routes.iter().map(Route::new).collect());

@@ -56,7 +56,8 @@ pub(super) fn pick(members: &[Member]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::Backend;
+    use crate::balance::Balancer;
+    use crate::upstream::{Backend, Upstream};
     use std::sync::Arc;
 
     fn members(weights: &[u32]) -> Vec<Member> {
@@ -65,10 +66,11 @@ mod tests {
             .enumerate()
             .map(|(i, &weight)| {
                 let addr = format!("127.0.0.1:{}", 9000 + i);
-                Member {
-                    backend: Arc::new(Backend::new(addr.parse().unwrap(), &addr)),
+                Member::new(
+                    Arc::new(Backend::new(addr.parse().unwrap(), &addr)),
                     weight,
-                }
+                    "u",
+                )
             })
             .collect()
     }
@@ -96,9 +98,15 @@ mod tests {
     #[test]
     fn fewest_inflight_relative_to_weight_wins() {
         let m = members(&[1, 1, 2]);
-        let _busy: Vec<_> = (0..3).map(|_| m[0].backend.start_request()).collect();
-        let _one = m[1].backend.start_request();
-        let _two: Vec<_> = (0..2).map(|_| m[2].backend.start_request()).collect();
+        let upstream = Upstream::new(
+            "u",
+            m.clone().into(),
+            Balancer::LeastConn,
+            Default::default(),
+        );
+        let _busy: Vec<_> = (0..3).map(|_| upstream.start_on(0)).collect();
+        let _one = upstream.start_on(1);
+        let _two: Vec<_> = (0..2).map(|_| upstream.start_on(2)).collect();
         // Ratios: 3/1, 1/1, 2/2: the last two tie and alternate; the busy one never wins.
         let c = counts(&m, 100);
         assert_eq!(c[0], 0);
@@ -110,11 +118,18 @@ mod tests {
     }
 
     #[test]
-    fn guard_returns_the_count() {
-        let m = members(&[1]);
-        let guard = m[0].backend.start_request();
-        assert_eq!(m[0].backend.inflight(), 1);
+    fn guard_returns_the_counts() {
+        let upstream = Upstream::new(
+            "u",
+            members(&[1]).into(),
+            Balancer::LeastConn,
+            Default::default(),
+        );
+        let (member, guard) = upstream.pick(None).unwrap();
+        assert_eq!(member.backend.inflight(), 1);
+        assert_eq!(upstream.inflight.load(Ordering::Relaxed), 1);
         drop(guard);
-        assert_eq!(m[0].backend.inflight(), 0);
+        assert_eq!(upstream.members[0].backend.inflight(), 0);
+        assert_eq!(upstream.inflight.load(Ordering::Relaxed), 0);
     }
 }

@@ -1,30 +1,281 @@
 //! Balancing: choosing a backend of an upstream for one request.
 //!
-//! A [`Balancer`] is built once per config snapshot and read without locks; it only reads the live
-//! in-flight counts of the members. One algorithm per file.
+//! A [`Balancer`] is built once per config snapshot and read without locks; at pick time it only
+//! reads live in-flight counts. The algorithms:
+//! - `least_conn` ([`least_conn`]): fewest in flight relative to weight.
+//! - `consistent_hash`: the request key decides, through a [`rendezvous`] table (default) or an
+//!   nginx-compatible [`ketama`] ring.
+//!
+//! Bounded loads (Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded Loads";
+//! HAProxy's `hash-balance-factor`) wrap the hash: with factor c, a backend of weight w may hold at
+//! most ceil(c × (in-flight of the upstream + 1) × w / total weight) requests, this one included.
+//! A key whose backend is full goes to the next backend of its own fixed order, so a hot key spills
+//! over predictably and returns as soon as its backend has room again. If every backend is full
+//! (possible only with c < 1, which the config refuses) the key's own backend is used.
 
+pub mod ketama;
 mod least_conn;
+pub mod rendezvous;
 
-use crate::config::Balance;
+use crate::config::{HashAlgorithm, UpstreamConfig};
 use crate::upstream::Member;
 
 /// The selection algorithm of one upstream.
 #[derive(Debug)]
 pub enum Balancer {
     LeastConn,
+    ConsistentHash {
+        table: HashTable,
+        /// `hash_balance_factor`; `None` disables bounded loads.
+        balance_factor: Option<f64>,
+    },
+}
+
+/// The key → backend structure of a consistent-hash upstream.
+#[derive(Debug)]
+pub enum HashTable {
+    Rendezvous(rendezvous::Table),
+    Ketama(ketama::Ring),
+}
+
+/// A chosen backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    /// Index into the upstream's members.
+    pub member: usize,
+    /// True when the key's own backend was passed over because it was full.
+    pub spilled: bool,
 }
 
 impl Balancer {
-    pub fn new(kind: Balance) -> Balancer {
-        match kind {
-            Balance::LeastConn => Balancer::LeastConn,
+    /// Builds the balancer for `members` (the usable backends of `config`, in that order).
+    pub fn new(config: &UpstreamConfig, members: &[Member]) -> Balancer {
+        let Some(hash) = &config.consistent_hash else {
+            return Balancer::LeastConn;
+        };
+        let labels: Vec<&str> = members.iter().map(|m| m.backend.label()).collect();
+        let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+        let table = match hash.algorithm {
+            _ if members.is_empty() => HashTable::Ketama(ketama::Ring::build(&[], &[])),
+            HashAlgorithm::Rendezvous => {
+                HashTable::Rendezvous(rendezvous::Table::build(&labels, &weights))
+            }
+            HashAlgorithm::Ketama => HashTable::Ketama(ketama::Ring::build(&labels, &weights)),
+        };
+        Balancer::ConsistentHash {
+            table,
+            balance_factor: hash.balance_factor,
         }
     }
 
-    /// Index into `members` of the chosen backend; `None` when `members` is empty.
-    pub fn pick(&self, members: &[Member]) -> Option<usize> {
-        match self {
-            Balancer::LeastConn => least_conn::pick(members),
+    /// Chooses a member. `key` is the request key on consistent-hash upstreams (`None` falls back to
+    /// least connections); `upstream_inflight` is the upstream's total in flight, for bounded loads.
+    pub fn pick(
+        &self,
+        members: &[Member],
+        key: Option<&[u8]>,
+        upstream_inflight: usize,
+    ) -> Option<Pick> {
+        let (table, factor, key) = match (self, key) {
+            (
+                Balancer::ConsistentHash {
+                    table,
+                    balance_factor,
+                },
+                Some(key),
+            ) if !members.is_empty() => (table, *balance_factor, key),
+            _ => {
+                return least_conn::pick(members).map(|member| Pick {
+                    member,
+                    spilled: false,
+                })
+            }
+        };
+        let bound = factor.map(|f| LoadBound::new(f, members, upstream_inflight));
+        let fits = |m: usize| bound.as_ref().is_none_or(|b| b.fits(&members[m]));
+        match table {
+            HashTable::Rendezvous(t) => {
+                let hash = rendezvous::key_hash(key);
+                let own = t.primary(hash);
+                if fits(own) {
+                    return Some(Pick {
+                        member: own,
+                        spilled: false,
+                    });
+                }
+                Some(spill(own, t.ranking(hash), fits))
+            }
+            HashTable::Ketama(ring) => {
+                let hash = ketama::key_hash(key);
+                let own = ring.primary(hash)?;
+                if fits(own) {
+                    return Some(Pick {
+                        member: own,
+                        spilled: false,
+                    });
+                }
+                Some(spill(own, ring.ranking(hash, members.len()), fits))
+            }
+        }
+    }
+}
+
+/// The first member of `order` that fits, or the key's own backend when none does.
+fn spill(own: usize, order: Vec<usize>, fits: impl Fn(usize) -> bool) -> Pick {
+    match order.into_iter().find(|&m| m != own && fits(m)) {
+        Some(member) => Pick {
+            member,
+            spilled: true,
+        },
+        None => Pick {
+            member: own,
+            spilled: false,
+        },
+    }
+}
+
+/// The bounded-load capacity test for one pick.
+struct LoadBound {
+    /// factor × (upstream in-flight + 1) / total weight: capacity per unit of weight.
+    per_weight: f64,
+}
+
+impl LoadBound {
+    fn new(factor: f64, members: &[Member], upstream_inflight: usize) -> LoadBound {
+        let total_weight: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
+        LoadBound {
+            per_weight: factor * (upstream_inflight as f64 + 1.0) / total_weight.max(1) as f64,
+        }
+    }
+
+    fn fits(&self, member: &Member) -> bool {
+        let capacity = (self.per_weight * f64::from(member.weight)).ceil();
+        (member.backend.inflight() + 1) as f64 <= capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{BackendConfig, HashConfig};
+    use crate::upstream::{Backend, Upstream};
+
+    fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> Upstream {
+        let backends: Vec<BackendConfig> = (0..n)
+            .map(|i| {
+                let label = format!("127.0.0.{}:9000", i + 1);
+                BackendConfig {
+                    address: label.parse().unwrap(),
+                    label,
+                    weight: NonZeroU32::MIN,
+                    down: false,
+                }
+            })
+            .collect();
+        let config = UpstreamConfig {
+            name: "u".into(),
+            consistent_hash: Some(HashConfig {
+                algorithm,
+                balance_factor: factor,
+            }),
+            backends,
+        };
+        let members: Box<[Member]> = config
+            .backends
+            .iter()
+            .map(|b| Member::new(Arc::new(Backend::new(b.address, &b.label)), 1, "u"))
+            .collect();
+        let balancer = Balancer::new(&config, &members);
+        Upstream::new("u", members, balancer, Default::default())
+    }
+
+    #[test]
+    fn a_full_backend_spills_to_the_keys_next_one_and_back() {
+        for algorithm in [HashAlgorithm::Rendezvous, HashAlgorithm::Ketama] {
+            let up = upstream(4, algorithm, Some(1.25));
+            let key = b"hot-key".as_slice();
+            let own = up.balancer.pick(&up.members, Some(key), 0).unwrap();
+            assert!(!own.spilled);
+            // Load the key's backend alone: with 8 in flight on 4 backends, capacity is
+            // ceil(1.25 × 9 / 4) = 3, and the key's backend holds 8.
+            let held: Vec<_> = (0..8).map(|_| up.start_on(own.member)).collect();
+            let total = up.inflight.load(std::sync::atomic::Ordering::Relaxed);
+            let spill = up.balancer.pick(&up.members, Some(key), total).unwrap();
+            assert!(spill.spilled, "{algorithm:?}");
+            assert_ne!(spill.member, own.member);
+            // The spill follows the key's fixed order: always the same second choice.
+            for _ in 0..5 {
+                assert_eq!(
+                    up.balancer.pick(&up.members, Some(key), total).unwrap(),
+                    spill
+                );
+            }
+            drop(held);
+            let back = up.balancer.pick(&up.members, Some(key), 0).unwrap();
+            assert_eq!(back, own, "the key returns when its backend has room");
+        }
+    }
+
+    #[test]
+    fn without_a_factor_the_key_never_moves() {
+        let up = upstream(3, HashAlgorithm::Rendezvous, None);
+        let own = up.balancer.pick(&up.members, Some(b"k"), 0).unwrap();
+        let _held: Vec<_> = (0..50).map(|_| up.start_on(own.member)).collect();
+        assert_eq!(up.balancer.pick(&up.members, Some(b"k"), 50).unwrap(), own);
+    }
+
+    #[test]
+    fn keyless_requests_use_least_conn() {
+        let up = upstream(3, HashAlgorithm::Rendezvous, None);
+        let _a = up.start_on(0);
+        let _b = up.start_on(1);
+        assert_eq!(up.balancer.pick(&up.members, None, 2).unwrap().member, 2);
+    }
+
+    #[test]
+    fn a_backend_marked_down_moves_only_its_keys() {
+        for algorithm in [HashAlgorithm::Rendezvous, HashAlgorithm::Ketama] {
+            let all = upstream(5, algorithm, None);
+            // The same upstream with backend 2 out of rotation (down backends are not members).
+            let config_members: Vec<Member> = all
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 2)
+                .map(|(_, m)| m.clone())
+                .collect();
+            let config = UpstreamConfig {
+                name: "u".into(),
+                consistent_hash: Some(HashConfig {
+                    algorithm,
+                    balance_factor: None,
+                }),
+                backends: Vec::new(),
+            };
+            let balancer = Balancer::new(&config, &config_members);
+            for i in 0..5_000u32 {
+                let key = i.to_le_bytes();
+                let before = all
+                    .balancer
+                    .pick(&all.members, Some(&key), 0)
+                    .unwrap()
+                    .member;
+                let after = balancer
+                    .pick(&config_members, Some(&key), 0)
+                    .unwrap()
+                    .member;
+                let after_label = config_members[after].backend.label();
+                if before != 2 {
+                    assert_eq!(
+                        after_label,
+                        all.members[before].backend.label(),
+                        "{algorithm:?}"
+                    );
+                }
+            }
         }
     }
 }

@@ -53,13 +53,30 @@ pub struct ListenerSection {
 #[serde(rename_all = "snake_case")]
 pub enum BalanceKind {
     LeastConn,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashAlgorithmKind {
+    Rendezvous,
+    Ketama,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnMissingKeyKind {
+    Reject,
+    LeastConn,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSection {
     pub name: Spanned<String>,
-    pub balance: Option<BalanceKind>,
+    pub balance: Option<Spanned<BalanceKind>>,
+    pub hash_algorithm: Option<Spanned<HashAlgorithmKind>>,
+    pub hash_balance_factor: Option<Spanned<f64>>,
     pub backends: Spanned<Vec<BackendEntry>>,
 }
 
@@ -81,6 +98,9 @@ pub struct RouteSection {
     pub upstream: Spanned<String>,
     pub timeouts: Option<TimeoutsSection>,
     pub max_body: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub on_missing_key: Option<Spanned<OnMissingKeyKind>>,
+    pub max_key_length: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,9 +20,10 @@ use std::time::Duration;
 use http::Method;
 use toml::Spanned;
 
+use crate::key::{KeyRule, KeySource, OnMissingKey};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
-use file::{BalanceKind, FileConfig};
+use file::{BalanceKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind};
 
 /// Default time allowed for a TCP connect to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -42,6 +43,12 @@ pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 pub const MAX_BODY_LIMIT: u64 = 64 << 30;
 /// Largest accepted backend weight.
 pub const MAX_WEIGHT: i64 = 10_000;
+/// Default longest request key; longer keys are refused with 400.
+pub const DEFAULT_MAX_KEY_LENGTH: usize = 1024;
+/// Largest accepted `max_key_length`.
+pub const MAX_KEY_LENGTH_LIMIT: u64 = 64 << 10;
+/// Most backends a consistent-hash upstream may list (its tables index members with 16 bits).
+pub const MAX_HASH_BACKENDS: usize = u16::MAX as usize;
 /// Largest accepted worker thread count.
 pub const MAX_WORKERS: i64 = 1024;
 
@@ -84,14 +91,24 @@ pub struct ListenerConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
-    LeastConn,
+pub enum HashAlgorithm {
+    Rendezvous,
+    Ketama,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Settings of a `balance = "consistent_hash"` upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashConfig {
+    pub algorithm: HashAlgorithm,
+    /// `hash_balance_factor`: bounded loads when set.
+    pub balance_factor: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
-    pub balance: Balance,
+    /// `None` is least connections.
+    pub consistent_hash: Option<HashConfig>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -107,6 +124,8 @@ pub struct BackendConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
+    /// The request key, when the route defines one.
+    pub key: Option<KeyRule>,
     pub name: String,
     pub path_prefix: String,
     /// Lower-case host without port; `None` matches any host.
@@ -244,15 +263,15 @@ impl Validator<'_, '_> {
         sections
             .into_iter()
             .map(|u| {
+                let consistent_hash = self.hash_config(&u);
                 let name = u.name.into_inner();
-                let balance = match u.balance.unwrap_or(BalanceKind::LeastConn) {
-                    BalanceKind::LeastConn => Balance::LeastConn,
-                };
                 let backends_span = u.backends.span();
                 let entries = u.backends.into_inner();
                 if entries.is_empty() {
-                    self.sink
-                        .at(backends_span, format!("upstream {name:?} has no backends"));
+                    self.sink.at(
+                        backends_span.clone(),
+                        format!("upstream {name:?} has no backends"),
+                    );
                 }
                 let mut seen = HashSet::new();
                 let mut backends = Vec::new();
@@ -278,9 +297,15 @@ impl Validator<'_, '_> {
                         });
                     }
                 }
+                if consistent_hash.is_some() && backends.len() > MAX_HASH_BACKENDS {
+                    self.sink.at(
+                        backends_span,
+                        format!("upstream {name:?} lists more than {MAX_HASH_BACKENDS} backends"),
+                    );
+                }
                 UpstreamConfig {
                     name,
-                    balance,
+                    consistent_hash,
                     backends,
                 }
             })
@@ -333,8 +358,22 @@ impl Validator<'_, '_> {
             let connect_timeout = self.duration(connect, DEFAULT_CONNECT_TIMEOUT);
             let response_timeout = self.duration(response, DEFAULT_RESPONSE_TIMEOUT);
             let max_body = self.max_body(r.max_body);
+            let key = self.key_rule(r.key, r.on_missing_key, r.max_key_length);
+            if let Some(u) = upstream {
+                if upstreams[u].consistent_hash.is_some() && key.is_none() {
+                    self.sink.at(
+                        r.upstream.span(),
+                        format!(
+                            "route {:?} sends to consistent_hash upstream {:?}, so it needs a key (key = \"header:NAME\", ...)",
+                            r.name.get_ref(),
+                            r.upstream.get_ref()
+                        ),
+                    );
+                }
+            }
             if let (Some(upstream), Some(path_prefix)) = (upstream, path_prefix) {
                 out.push(RouteConfig {
+                    key,
                     name: r.name.into_inner(),
                     path_prefix,
                     host,
@@ -347,6 +386,103 @@ impl Validator<'_, '_> {
             }
         }
         out
+    }
+
+    fn hash_config(&mut self, u: &file::UpstreamSection) -> Option<HashConfig> {
+        let hashed = u
+            .balance
+            .as_ref()
+            .is_some_and(|b| *b.get_ref() == BalanceKind::ConsistentHash);
+        if !hashed {
+            for (present, span, option) in [
+                (
+                    u.hash_algorithm.is_some(),
+                    u.hash_algorithm.as_ref().map(Spanned::span),
+                    "hash_algorithm",
+                ),
+                (
+                    u.hash_balance_factor.is_some(),
+                    u.hash_balance_factor.as_ref().map(Spanned::span),
+                    "hash_balance_factor",
+                ),
+            ] {
+                if present {
+                    self.sink.at(
+                        span.unwrap_or(0..0),
+                        format!("{option} applies only to balance = \"consistent_hash\""),
+                    );
+                }
+            }
+            return None;
+        }
+        let algorithm = match u.hash_algorithm.as_ref().map(|a| *a.get_ref()) {
+            None | Some(HashAlgorithmKind::Rendezvous) => HashAlgorithm::Rendezvous,
+            Some(HashAlgorithmKind::Ketama) => HashAlgorithm::Ketama,
+        };
+        let balance_factor = u.hash_balance_factor.as_ref().and_then(|f| {
+            let value = *f.get_ref();
+            if value.is_finite() && (1.0..=100.0).contains(&value) {
+                Some(value)
+            } else {
+                self.sink.at(
+                    f.span(),
+                    format!(
+                        "hash_balance_factor {value} is out of range: use 1.0 to 100 (e.g. 1.25)"
+                    ),
+                );
+                None
+            }
+        });
+        Some(HashConfig {
+            algorithm,
+            balance_factor,
+        })
+    }
+
+    fn key_rule(
+        &mut self,
+        key: Option<Spanned<String>>,
+        on_missing: Option<Spanned<OnMissingKeyKind>>,
+        max_length: Option<Spanned<String>>,
+    ) -> Option<KeyRule> {
+        let Some(key) = key else {
+            if let Some(o) = on_missing {
+                self.sink
+                    .at(o.span(), "on_missing_key needs a key on the route");
+            }
+            if let Some(m) = max_length {
+                self.sink
+                    .at(m.span(), "max_key_length needs a key on the route");
+            }
+            return None;
+        };
+        let source = KeySource::parse(key.get_ref())
+            .map_err(|e| self.sink.at(key.span(), e))
+            .ok()?;
+        let on_missing = match on_missing.map(Spanned::into_inner) {
+            None | Some(OnMissingKeyKind::Reject) => OnMissingKey::Reject,
+            Some(OnMissingKeyKind::LeastConn) => OnMissingKey::LeastConn,
+        };
+        let max_length = match max_length {
+            None => DEFAULT_MAX_KEY_LENGTH,
+            Some(text) => match units::parse_size(text.get_ref()) {
+                Ok(n) if (1..=MAX_KEY_LENGTH_LIMIT).contains(&n) => n as usize,
+                Ok(_) => {
+                    self.sink
+                        .at(text.span(), "max_key_length must be from 1 byte to 64KiB");
+                    DEFAULT_MAX_KEY_LENGTH
+                }
+                Err(e) => {
+                    self.sink.at(text.span(), e);
+                    DEFAULT_MAX_KEY_LENGTH
+                }
+            },
+        };
+        Some(KeyRule {
+            source,
+            on_missing,
+            max_length,
+        })
     }
 
     fn unique_names<'n>(&mut self, kind: &str, names: impl Iterator<Item = &'n Spanned<String>>) {

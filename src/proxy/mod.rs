@@ -26,6 +26,7 @@ pub use body::{RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 use crate::error::{Fault, ProxyError};
+use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
 use crate::upstream::{Backend, SendError, Upstream};
@@ -183,9 +184,13 @@ impl ProxyService {
                 limit: route.max_body,
             });
         }
-        let backend = upstream.pick().ok_or(ProxyError::NoBackend)?;
+        let key = match &route.key {
+            Some(rule) => request_key(rule, &parts)?,
+            None => None,
+        };
+        let (member, inflight) = upstream.pick(key).ok_or(ProxyError::NoBackend)?;
+        let backend = &*member.backend;
         exchange.backend = Some(backend);
-        let inflight = backend.start_request();
         self.rewrite_request(&mut parts)?;
         let request = Request::from_parts(parts, RequestBody::streaming(body, route.max_body));
         match backend
@@ -275,6 +280,19 @@ fn strip_port(host: &str) -> &str {
         return host.split_inclusive(']').next().unwrap_or(host);
     }
     host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+/// The request's key under `rule`; `None` only when the route balances keyless requests anyway.
+fn request_key<'p>(rule: &KeyRule, parts: &'p Parts) -> Result<Option<&'p [u8]>, ProxyError> {
+    match rule.source.extract(parts) {
+        Some(key) if key.len() > rule.max_length => Err(ProxyError::KeyTooLong {
+            key_source: rule.source.clone(),
+            limit: rule.max_length,
+        }),
+        Some(key) => Ok(Some(key)),
+        None if rule.on_missing == OnMissingKey::LeastConn => Ok(None),
+        None => Err(ProxyError::MissingKey(rule.source.clone())),
+    }
 }
 
 fn declared_length(parts: &Parts) -> Option<u64> {

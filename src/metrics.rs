@@ -1,0 +1,28 @@
+//! Metric names, each a constant documented here and described once at start-up.
+//!
+//! The library only records through the `metrics` macros; `main` installs the Prometheus recorder
+//! (without one, recording is a no-op). Labels are bounded: route, upstream and backend names come
+//! from the config; never a key, a path or a client address. Hot-path counters are registered once
+//! per config snapshot and kept as handles, so recording is one atomic add.
+
+use metrics::{describe_counter, Unit};
+
+/// Counter, labels `upstream`, `backend`: requests the balancer sent to each backend.
+pub const BACKEND_PICKS: &str = "writegate_backend_picks_total";
+/// Counter, label `upstream`: requests that left their key's own backend because it was at its
+/// bounded-load capacity.
+pub const HASH_SPILLS: &str = "writegate_hash_spills_total";
+
+/// Registers help texts with the installed recorder.
+pub fn describe() {
+    describe_counter!(
+        BACKEND_PICKS,
+        Unit::Count,
+        "Requests sent to each backend by the balancer."
+    );
+    describe_counter!(
+        HASH_SPILLS,
+        Unit::Count,
+        "Requests that spilled from their key's backend to the next one because of bounded loads."
+    );
+}
