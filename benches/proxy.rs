@@ -1,8 +1,9 @@
 //! End-to-end proxy benchmark: requests/s, latency and proxy CPU time per request.
 //!
 //! Compares, on the same fast backend and the same load (keep-alive connections sending small
-//! POSTs), three paths: directly to the backend, through writegate (one worker thread), and through
-//! nginx (one worker process, when `nginx` is installed). Rounds are interleaved so that drift on the
+//! POSTs), four paths: directly to the backend; through writegate (one worker thread) on a
+//! least_conn route and on a consistent_hash route keyed by the path; and through nginx (one worker
+//! process, when `nginx` is installed). Rounds are interleaved so that drift on the
 //! machine hits every path alike; each round prints its ratios and the end prints the medians.
 //!
 //! CPU time per request is the proxy process's user+system time over the round (from /proc)
@@ -46,16 +47,38 @@ fn main() {
     println!(
         "proxy benchmark: {connections} keep-alive connections, POST of {body_len} bytes, {seconds}s x {rounds} rounds"
     );
-    let mut targets: Vec<(&str, SocketAddr, Option<u32>)> = vec![
-        ("direct", backend, None),
-        ("writegate", writegate.addr, Some(writegate.child.id())),
+    let wg = Some(writegate.child.id());
+    let mut targets: Vec<Target> = vec![
+        Target {
+            name: "direct",
+            addr: backend,
+            host: "bench",
+            pid: None,
+        },
+        Target {
+            name: "writegate",
+            addr: writegate.addr,
+            host: "bench",
+            pid: wg,
+        },
+        Target {
+            name: "wg-hash",
+            addr: writegate.addr,
+            host: "hash.bench",
+            pid: wg,
+        },
     ];
     if let Some(n) = &nginx {
-        targets.push(("nginx", n.addr, Some(n.child.id())));
+        targets.push(Target {
+            name: "nginx",
+            addr: n.addr,
+            host: "bench",
+            pid: Some(n.child.id()),
+        });
     }
     // Warm up every path (connections, pools, caches) before measuring.
-    for (_, addr, _) in &targets {
-        load(*addr, connections, Duration::from_secs(1), body_len);
+    for t in &targets {
+        load(t, connections, Duration::from_secs(1), body_len);
     }
     let mut results: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
     for round in 1..=rounds {
@@ -74,8 +97,8 @@ fn main() {
         print_ratios(&targets, &results, round as usize - 1);
     }
     println!("\nmedians over {rounds} rounds");
-    for (i, (name, _, _)) in targets.iter().enumerate() {
-        println!("  {name:<10} {}", Round::median(&results[i]).describe());
+    for (i, t) in targets.iter().enumerate() {
+        println!("  {:<10} {}", t.name, Round::median(&results[i]).describe());
     }
     let medians: Vec<Vec<Round>> = results.iter().map(|r| vec![Round::median(r)]).collect();
     print_ratios(&targets, &medians, 0);
@@ -170,7 +193,8 @@ struct LoadResult {
 
 /// Closed-loop load: `connections` keep-alive connections, each sending the next POST as soon as
 /// the previous response is read, for `duration`. Runs on one thread of its own.
-fn load(addr: SocketAddr, connections: usize, duration: Duration, body_len: usize) -> LoadResult {
+fn load(target: &Target, connections: usize, duration: Duration, body_len: usize) -> LoadResult {
+    let (addr, host) = (target.addr, target.host);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -180,7 +204,7 @@ fn load(addr: SocketAddr, connections: usize, duration: Duration, body_len: usiz
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + duration;
         let tasks: Vec<_> = (0..connections)
-            .map(|i| tokio::spawn(connection_loop(addr, i, body.clone(), deadline)))
+            .map(|i| tokio::spawn(connection_loop(addr, host, i, body.clone(), deadline)))
             .collect();
         let mut total = LoadResult {
             requests: 0,
@@ -201,6 +225,7 @@ fn load(addr: SocketAddr, connections: usize, duration: Duration, body_len: usiz
 
 async fn connection_loop(
     addr: SocketAddr,
+    host: &'static str,
     index: usize,
     body: Bytes,
     deadline: tokio::time::Instant,
@@ -229,7 +254,7 @@ async fn connection_loop(
             let request = Request::builder()
                 .method(Method::POST)
                 .uri(path.as_str())
-                .header("host", "bench")
+                .header("host", host)
                 .header("content-type", "application/octet-stream")
                 .body(Full::new(body.clone()))
                 .expect("request");
@@ -317,7 +342,9 @@ impl Writegate {
         let config = format!(
             "[runtime]\nworkers = 1\n\n[log]\naccess_log = false\n\n[[listeners]]\nname = \"bench\"\nlisten = \"{addr}\"\n\n\
              [[upstreams]]\nname = \"b\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
-             [[routes]]\nname = \"all\"\nupstream = \"b\"\n"
+             [[upstreams]]\nname = \"h\"\nbalance = \"consistent_hash\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
+             [[routes]]\nname = \"all\"\nupstream = \"b\"\n\n\
+             [[routes]]\nname = \"hashed\"\nhost = \"hash.bench\"\nupstream = \"h\"\nkey = \"path\"\n"
         );
         let path = dir.join("writegate.toml");
         std::fs::write(&path, config).expect("write config");

@@ -1,4 +1,4 @@
-//! The admin listener: `/healthz` and `/readyz` (metrics and status come with the operations work).
+//! The admin listener: `/healthz`, `/readyz` and `/metrics` (Prometheus text format).
 //!
 //! It is a separate listener, loopback by default, so that health probes never compete with client
 //! traffic for routes and never reach a backend.
@@ -29,6 +29,20 @@ impl AdminService {
     fn respond(&self, request: &Request<Incoming>) -> Response<ResponseBody> {
         match request.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".to_string()),
+            "/metrics" => match crate::metrics::handle() {
+                Some(handle) => {
+                    let mut response = text(StatusCode::OK, handle.render());
+                    response.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    response
+                }
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "metrics are not enabled in this process\n".to_string(),
+                ),
+            },
             "/readyz" => match not_ready_reason(&self.snapshots.load()) {
                 None => text(StatusCode::OK, "ready\n".to_string()),
                 Some(reason) => text(
@@ -38,7 +52,7 @@ impl AdminService {
             },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /healthz or /readyz\n".to_string(),
+                "not found: try /healthz, /readyz or /metrics\n".to_string(),
             ),
         }
     }

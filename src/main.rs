@@ -41,6 +41,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    writegate::metrics::install();
     match cli.command {
         Some(Command::Demo { listen, admin }) => {
             demo(writegate::demo::DemoOptions { listen, admin })

@@ -5,7 +5,10 @@
 //! from the config; never a key, a path or a client address. Hot-path counters are registered once
 //! per config snapshot and kept as handles, so recording is one atomic add.
 
+use std::sync::OnceLock;
+
 use metrics::{describe_counter, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Counter, labels `upstream`, `backend`: requests the balancer sent to each backend.
 pub const BACKEND_PICKS: &str = "writegate_backend_picks_total";
@@ -13,8 +16,30 @@ pub const BACKEND_PICKS: &str = "writegate_backend_picks_total";
 /// bounded-load capacity.
 pub const HASH_SPILLS: &str = "writegate_hash_spills_total";
 
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder for this process (once; later calls return the same handle).
+/// Call it before building a proxy so that its counters record.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_ok() {
+            describe();
+        } else {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        handle
+    })
+}
+
+/// The installed recorder's handle, if [`install`] was called.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE.get()
+}
+
 /// Registers help texts with the installed recorder.
-pub fn describe() {
+fn describe() {
     describe_counter!(
         BACKEND_PICKS,
         Unit::Count,

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use writegate::config::{Config, ConfigErrors};
+use writegate::config::{Config, ConfigErrors, HashAlgorithm, DEFAULT_MAX_KEY_LENGTH};
 
 fn errors(text: &str) -> ConfigErrors {
     match Config::parse(Path::new("w.toml"), text) {
@@ -220,6 +220,18 @@ fn example_config_is_valid_and_documents_defaults() {
     assert_eq!(config.runtime.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
     assert_eq!(config.runtime.workers, None);
     assert!(config.log.access_log);
+    let hash = config.upstreams[1]
+        .consistent_hash
+        .as_ref()
+        .expect("a consistent_hash example");
+    assert_eq!(hash.algorithm, HashAlgorithm::Rendezvous);
+    assert_eq!(hash.balance_factor, None);
+    let key = config.routes[1]
+        .key
+        .as_ref()
+        .expect("a keyed route example");
+    assert_eq!(key.max_length, DEFAULT_MAX_KEY_LENGTH);
+    assert_eq!(key.on_missing, writegate::key::OnMissingKey::Reject);
 }
 
 fn writegate(args: &[&str]) -> std::process::Output {
@@ -242,7 +254,7 @@ fn check_exits_0_with_a_summary_for_a_good_file() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
     assert!(
-        stdout.contains("ok: 1 listener(s), 1 route(s), 1 upstream(s), 3 backend(s)"),
+        stdout.contains("ok: 1 listener(s), 2 route(s), 2 upstream(s), 5 backend(s)"),
         "{stdout}"
     );
 }
@@ -280,4 +292,78 @@ fn check_reports_a_missing_file_and_usage() {
     let out = writegate(&["--version"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("writegate "));
+}
+
+fn hashed(upstream_extra: &str, route_extra: &str) -> String {
+    BASE.replace(
+        "name = \"up\"",
+        &format!("name = \"up\"\nbalance = \"consistent_hash\"\n{upstream_extra}"),
+    )
+    .replace(
+        "upstream = \"up\"",
+        &format!("upstream = \"up\"\n{route_extra}"),
+    )
+}
+
+#[test]
+fn keyed_routing_options_are_validated() {
+    let config = Config::parse(
+        Path::new("w.toml"),
+        &hashed("hash_balance_factor = 1.25", "key = \"header:x-k\""),
+    )
+    .unwrap();
+    let hash = config.upstreams[0].consistent_hash.as_ref().unwrap();
+    assert_eq!(hash.balance_factor, Some(1.25));
+    assert_eq!(hash.algorithm, HashAlgorithm::Rendezvous);
+    let key = config.routes[0].key.as_ref().unwrap();
+    assert_eq!(key.max_length, DEFAULT_MAX_KEY_LENGTH);
+    assert_eq!(key.on_missing, writegate::key::OnMissingKey::Reject);
+
+    // A hashed upstream needs keyed routes.
+    assert_one(&hashed("", ""), 13, 12, "needs a key");
+    assert_one(&hashed("", "key = \"body\""), 14, 7, "bad key \"body\"");
+    assert_one(&hashed("", "key = \"path_segment:0\""), 14, 7, "from 1");
+    assert_one(
+        &hashed("hash_balance_factor = 0.5", "key = \"path\""),
+        8,
+        23,
+        "out of range",
+    );
+    assert_one(
+        &hashed("hash_algorithm = \"maglev\"", "key = \"path\""),
+        8,
+        18,
+        "unknown variant `maglev`",
+    );
+    assert_one(
+        &hashed("", "key = \"path\"\nmax_key_length = \"0\""),
+        15,
+        18,
+        "from 1 byte",
+    );
+    assert_one(
+        &hashed("", "key = \"path\"\non_missing_key = \"guess\""),
+        15,
+        18,
+        "unknown variant `guess`",
+    );
+    // Hash options on a least_conn upstream, key options without a key.
+    let text = BASE.replace(
+        "name = \"up\"",
+        "name = \"up\"\nhash_algorithm = \"ketama\"",
+    );
+    assert_one(
+        &text,
+        7,
+        18,
+        "applies only to balance = \"consistent_hash\"",
+    );
+    assert_one(
+        &with("on_missing_key = \"least_conn\"\n"),
+        12,
+        18,
+        "needs a key on the route",
+    );
+    // A key on a least_conn route is allowed (coalescing uses it).
+    assert!(Config::parse(Path::new("w.toml"), &with("key = \"header:x-k\"\n")).is_ok());
 }

@@ -28,6 +28,8 @@ pub enum Balancer {
         table: HashTable,
         /// `hash_balance_factor`; `None` disables bounded loads.
         balance_factor: Option<f64>,
+        /// Sum of the members' weights, for bounded loads.
+        total_weight: u64,
     },
 }
 
@@ -65,6 +67,7 @@ impl Balancer {
         Balancer::ConsistentHash {
             table,
             balance_factor: hash.balance_factor,
+            total_weight: weights.iter().map(|&w| u64::from(w)).sum(),
         }
     }
 
@@ -76,14 +79,19 @@ impl Balancer {
         key: Option<&[u8]>,
         upstream_inflight: usize,
     ) -> Option<Pick> {
-        let (table, factor, key) = match (self, key) {
+        let (table, bound, key) = match (self, key) {
             (
                 Balancer::ConsistentHash {
                     table,
                     balance_factor,
+                    total_weight,
                 },
                 Some(key),
-            ) if !members.is_empty() => (table, *balance_factor, key),
+            ) if !members.is_empty() => {
+                let bound =
+                    balance_factor.map(|f| LoadBound::new(f, *total_weight, upstream_inflight));
+                (table, bound, key)
+            }
             _ => {
                 return least_conn::pick(members).map(|member| Pick {
                     member,
@@ -91,7 +99,6 @@ impl Balancer {
                 })
             }
         };
-        let bound = factor.map(|f| LoadBound::new(f, members, upstream_inflight));
         let fits = |m: usize| bound.as_ref().is_none_or(|b| b.fits(&members[m]));
         match table {
             HashTable::Rendezvous(t) => {
@@ -141,8 +148,7 @@ struct LoadBound {
 }
 
 impl LoadBound {
-    fn new(factor: f64, members: &[Member], upstream_inflight: usize) -> LoadBound {
-        let total_weight: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
+    fn new(factor: f64, total_weight: u64, upstream_inflight: usize) -> LoadBound {
         LoadBound {
             per_weight: factor * (upstream_inflight as f64 + 1.0) / total_weight.max(1) as f64,
         }

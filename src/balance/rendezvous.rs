@@ -85,6 +85,33 @@ impl Standing {
     }
 }
 
+/// The best member of one weight class for every slot, by raw score (ties: larger id).
+struct ClassWinners {
+    raw: Vec<u64>,
+    member: Vec<u32>,
+}
+
+impl ClassWinners {
+    /// Member-outer loops over contiguous arrays: the score loop vectorizes.
+    fn compute(ids: &[u64], members: &[usize]) -> ClassWinners {
+        let slots = 1usize << SLOT_BITS;
+        let first = members[0];
+        let mut raw: Vec<u64> = (0..slots).map(|s| raw_score(ids[first], s)).collect();
+        let mut member = vec![first as u32; slots];
+        for &m in &members[1..] {
+            let id = ids[m];
+            for (slot, (best, owner)) in raw.iter_mut().zip(member.iter_mut()).enumerate() {
+                let score = raw_score(id, slot);
+                if score > *best || (score == *best && id > ids[*owner as usize]) {
+                    *best = score;
+                    *owner = m as u32;
+                }
+            }
+        }
+        ClassWinners { raw, member }
+    }
+}
+
 impl Table {
     /// Builds the table for members identified by `labels` with `weights` (same length, at most
     /// 65,535, at least one).
@@ -99,33 +126,31 @@ impl Table {
                 None => classes.push((weight, vec![member])),
             }
         }
-        let slots = (0..1usize << SLOT_BITS)
-            .map(|slot| {
-                let mut best: Option<Standing> = None;
-                for (weight, members) in &classes {
-                    let (raw, id, member) = members
-                        .iter()
-                        .map(|&m| (raw_score(ids[m], slot), ids[m], m))
-                        .max()
-                        .unwrap_or((0, 0, 0));
-                    let weighted = if classes.len() == 1 {
-                        0.0
-                    } else {
-                        weighted_score(raw, *weight)
-                    };
-                    let standing = Standing {
-                        weighted,
-                        raw,
-                        id,
-                        member,
-                    };
-                    if best.is_none_or(|b| standing.cmp(&b) == Ordering::Greater) {
-                        best = Some(standing);
-                    }
-                }
-                best.map_or(0, |b| b.member as u16)
-            })
+        let winners: Vec<(u32, ClassWinners)> = classes
+            .iter()
+            .map(|(weight, members)| (*weight, ClassWinners::compute(&ids, members)))
             .collect();
+        let slots = match winners.as_slice() {
+            [(_, only)] => only.member.iter().map(|&m| m as u16).collect(),
+            _ => (0..1usize << SLOT_BITS)
+                .map(|slot| {
+                    let standing = |(weight, w): &(u32, ClassWinners)| {
+                        let (raw, member) = (w.raw[slot], w.member[slot] as usize);
+                        Standing {
+                            weighted: weighted_score(raw, *weight),
+                            raw,
+                            id: ids[member],
+                            member,
+                        }
+                    };
+                    winners
+                        .iter()
+                        .map(standing)
+                        .max_by(Standing::cmp)
+                        .map_or(0, |s| s.member as u16)
+                })
+                .collect(),
+        };
         Table {
             slots,
             ids,

@@ -358,9 +358,10 @@ impl Validator<'_, '_> {
             let connect_timeout = self.duration(connect, DEFAULT_CONNECT_TIMEOUT);
             let response_timeout = self.duration(response, DEFAULT_RESPONSE_TIMEOUT);
             let max_body = self.max_body(r.max_body);
+            let wrote_key = r.key.is_some();
             let key = self.key_rule(r.key, r.on_missing_key, r.max_key_length);
             if let Some(u) = upstream {
-                if upstreams[u].consistent_hash.is_some() && key.is_none() {
+                if upstreams[u].consistent_hash.is_some() && !wrote_key {
                     self.sink.at(
                         r.upstream.span(),
                         format!(

@@ -75,7 +75,18 @@ where
     F: Fn(Received) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    backend_at("127.0.0.1:0".parse().unwrap(), handler).await
+}
+
+/// [`backend`] on a chosen address.
+pub async fn backend_at<F, Fut>(addr: SocketAddr, handler: F) -> TestBackend
+where
+    F: Fn(Received) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("test backend cannot bind {addr}: {e}"));
     let backend = TestBackend {
         addr: listener.local_addr().unwrap(),
         received: Arc::default(),
@@ -173,6 +184,80 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
         }
     })
     .await
+}
+
+/// A backend on `addr` that answers 200 with `name` as the body.
+pub async fn named_backend_at(addr: SocketAddr, name: &'static str) -> TestBackend {
+    backend_at(addr, move |_| async move {
+        Response::new(Full::new(Bytes::from(name)))
+    })
+    .await
+}
+
+/// nginx running in the foreground with a config of ours; stopped on drop.
+pub struct Nginx {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where nginx is installed, if it is.
+pub fn nginx_binary() -> Option<&'static str> {
+    [
+        "/usr/sbin/nginx",
+        "/usr/local/sbin/nginx",
+        "/usr/local/nginx/sbin/nginx",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+}
+
+/// Starts nginx with one worker and `http_body` inside its `http {}` block; `{listen}` in the body is
+/// replaced by a free loopback address. `None` (with a printed reason) when nginx is not installed.
+pub async fn start_nginx(http_body: &str) -> Option<Nginx> {
+    let Some(binary) = nginx_binary() else {
+        println!("skipped: nginx is not installed (apt-get install nginx-light)");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let d = dir.path().display();
+    let config = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n{}\n}}\n",
+        http_body.replace("{listen}", &addr.to_string())
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, config).unwrap();
+    let child = std::process::Command::new(binary)
+        .args(["-p", &d.to_string(), "-c", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    let nginx = Nginx {
+        child,
+        addr,
+        _dir: dir,
+    };
+    eventually("nginx to listen", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+    .await;
+    Some(nginx)
 }
 
 /// A backend that answers every request with `status`.
@@ -347,6 +432,10 @@ impl Client {
         if !request.headers().contains_key(http::header::HOST) {
             let host = self.addr.to_string().parse().unwrap();
             request.headers_mut().insert(http::header::HOST, host);
+        }
+        if self.sender.ready().await.is_err() {
+            // The server closed the keep-alive connection after its last answer: reconnect.
+            *self = Client::connect(self.addr).await;
         }
         bounded("request through the proxy", async {
             self.sender.ready().await.expect("connection ready");
