@@ -83,15 +83,16 @@ fn main() {
     let mut results: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
     for round in 1..=rounds {
         println!("\nround {round}");
-        for (i, (name, addr, pid)) in targets.iter().enumerate() {
-            let cpu_before = pid.map(process_tree_cpu);
-            let result = load(*addr, connections, Duration::from_secs(seconds), body_len);
-            let cpu = pid
+        for (i, t) in targets.iter().enumerate() {
+            let cpu_before = t.pid.map(process_tree_cpu);
+            let result = load(t, connections, Duration::from_secs(seconds), body_len);
+            let cpu = t
+                .pid
                 .map(process_tree_cpu)
                 .zip(cpu_before)
                 .map(|(a, b)| a - b);
             let r = Round::new(result, cpu);
-            println!("  {name:<10} {}", r.describe());
+            println!("  {:<10} {}", t.name, r.describe());
             results[i].push(r);
         }
         print_ratios(&targets, &results, round as usize - 1);
@@ -104,14 +105,28 @@ fn main() {
     print_ratios(&targets, &medians, 0);
 }
 
-fn print_ratios(targets: &[(&str, SocketAddr, Option<u32>)], results: &[Vec<Round>], round: usize) {
+/// One path under test; `host` selects the writegate route.
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    host: &'static str,
+    pid: Option<u32>,
+}
+
+fn print_ratios(targets: &[Target], results: &[Vec<Round>], round: usize) {
     let wg = &results[1][round];
     println!(
         "  writegate/direct req/s: {:.2}",
         wg.rps / results[0][round].rps
     );
-    if targets.len() > 2 {
-        let nginx = &results[2][round];
+    println!(
+        "  consistent_hash/least_conn req/s: {:.2}   CPU per request: {:.2}",
+        results[2][round].rps / wg.rps,
+        results[2][round].cpu_us_per_request.unwrap_or(f64::NAN)
+            / wg.cpu_us_per_request.unwrap_or(f64::NAN)
+    );
+    if targets.len() > 3 {
+        let nginx = &results[3][round];
         println!(
             "  writegate/nginx  req/s: {:.2}   CPU per request: {:.2}",
             wg.rps / nginx.rps,

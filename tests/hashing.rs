@@ -4,14 +4,12 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use support::*;
-use tokio::sync::Notify;
 
 /// A consistent_hash upstream over `backends` and one route keyed by `key` (plus `route_extra`).
 fn hash_config(
@@ -211,11 +209,10 @@ async fn two_proxies_with_backends_in_any_order_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_spills_to_its_next_backend_and_comes_back() {
     // Backends hold every request until released, so in-flight counts stay where the test puts them.
-    let release = Arc::new(Notify::new());
-    let entered = Arc::new(Notify::new());
+    let gate = Gate::default();
     let mut b = Vec::new();
     for _ in 0..3 {
-        b.push(gated_backend(Arc::clone(&entered), Arc::clone(&release)).await);
+        b.push(gated_backend(&gate).await);
     }
     let addrs: Vec<_> = b.iter().map(|b| b.addr).collect();
     let config = hash_config(&addrs, "path_segment:2", "hash_balance_factor = 1.25", "");
@@ -231,7 +228,7 @@ async fn a_hot_key_spills_to_its_next_backend_and_comes_back() {
     for _ in 0..6 {
         let before = counts(&b);
         held.push(tokio::spawn(hot()));
-        bounded("held request to arrive", entered.notified()).await;
+        gate.entered().await;
         let after = counts(&b);
         landed.push((0..3).find(|&i| after[i] > before[i]).unwrap());
     }
@@ -243,22 +240,20 @@ async fn a_hot_key_spills_to_its_next_backend_and_comes_back() {
         "spills follow the key's fixed order"
     );
 
-    for _ in 0..6 {
-        release.notify_one();
-    }
+    gate.release(6);
     for h in held {
         assert_eq!(bounded("held reply", h).await.unwrap().status, 200);
     }
     // The load is gone: the key is back on its own backend.
     let before = counts(&b);
     let reply = tokio::spawn(hot());
-    bounded("request to arrive", entered.notified()).await;
+    gate.entered().await;
     assert_eq!(
         counts(&b)[own],
         before[own] + 1,
         "the key returned to its own backend"
     );
-    release.notify_one();
+    gate.release(1);
     assert_eq!(bounded("reply", reply).await.unwrap().status, 200);
     proxy.shutdown().await;
 }
@@ -274,11 +269,10 @@ fn sample(scrape: &str, name_and_labels: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn picks_and_spills_are_counted_without_keys_in_labels() {
     writegate::metrics::install();
-    let release = Arc::new(Notify::new());
-    let entered = Arc::new(Notify::new());
+    let gate = Gate::default();
     let mut b = Vec::new();
     for _ in 0..3 {
-        b.push(gated_backend(Arc::clone(&entered), Arc::clone(&release)).await);
+        b.push(gated_backend(&gate).await);
     }
     let addrs: Vec<_> = b.iter().map(|b| b.addr).collect();
     let config = hash_config(&addrs, "path_segment:2", "hash_balance_factor = 1.25", "")
@@ -290,11 +284,9 @@ async fn picks_and_spills_are_counted_without_keys_in_labels() {
         held.push(tokio::spawn(async move {
             send(addr, req(Method::PUT, "/kv/secret-key-42", b"v")).await
         }));
-        bounded("held request to arrive", entered.notified()).await;
+        gate.entered().await;
     }
-    for _ in 0..4 {
-        release.notify_one();
-    }
+    gate.release(4);
     for h in held {
         bounded("held reply", h).await.unwrap();
     }

@@ -9,16 +9,15 @@ use http::Method;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_request_complete() {
-    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let b = gated_backend(Arc::clone(&entered), Arc::clone(&release)).await;
+    let gate = Gate::default();
+    let b = gated_backend(&gate).await;
     let mut proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
     let addr = proxy.addr;
     let in_flight = tokio::spawn(async move { send(addr, req(Method::PUT, "/k", b"v")).await });
-    bounded("request to reach the backend", entered.notified()).await;
+    gate.entered().await;
     proxy.begin_shutdown();
     // New connections are refused once the listener is closed.
     eventually("listener to close", || {
@@ -29,7 +28,7 @@ async fn graceful_shutdown_lets_an_in_flight_request_complete() {
         !proxy.is_finished(),
         "the proxy waits for the in-flight request"
     );
-    release.notify_one();
+    gate.release(1);
     let reply = bounded("in-flight reply", in_flight).await.unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(reply.text(), "released");
@@ -38,14 +37,14 @@ async fn graceful_shutdown_lets_an_in_flight_request_complete() {
 
 #[tokio::test]
 async fn shutdown_deadline_bounds_the_wait() {
-    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let b = gated_backend(Arc::clone(&entered), release).await;
+    let gate = Gate::default();
+    let b = gated_backend(&gate).await;
     let config = simple_config(&[(b.addr, 1)], "")
         .replace("[log]", "[runtime]\nshutdown_timeout = \"300ms\"\n\n[log]");
     let mut proxy = start_proxy(&config).await;
     let addr = proxy.addr;
     let _stuck = tokio::spawn(async move { send(addr, req(Method::PUT, "/k", b"v")).await });
-    bounded("request to reach the backend", entered.notified()).await;
+    gate.entered().await;
     let started = std::time::Instant::now();
     proxy.begin_shutdown();
     proxy.wait_finished().await;
@@ -148,8 +147,8 @@ async fn idle_h2_connection_is_closed_after_idle_timeout() {
 
 #[tokio::test]
 async fn inflight_count_falls_when_the_client_goes_away() {
-    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let b = gated_backend(Arc::clone(&entered), release).await;
+    let gate = Gate::default();
+    let b = gated_backend(&gate).await;
     let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
     let snapshot = proxy.snapshots.load_full();
     let backend = Arc::clone(&snapshot.upstreams[0].members[0].backend);
@@ -158,7 +157,7 @@ async fn inflight_count_falls_when_the_client_goes_away() {
         .write_all(b"POST /w HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nv")
         .await
         .unwrap();
-    bounded("request to reach the backend", entered.notified()).await;
+    gate.entered().await;
     assert_eq!(backend.inflight(), 1);
     drop(stream);
     eventually("in-flight count to return to 0", || backend.inflight() == 0).await;

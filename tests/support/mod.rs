@@ -158,17 +158,48 @@ pub async fn named_backend(name: &'static str, delay: Duration) -> TestBackend {
     .await
 }
 
-/// A backend that signals `entered` when a request arrives, then answers only when `release` is
-/// notified (or at once if it already was).
-pub async fn gated_backend(
-    entered: Arc<tokio::sync::Notify>,
-    release: Arc<tokio::sync::Notify>,
-) -> TestBackend {
+/// Counts requests into gated backends and lets them go, one permit per request. Semaphores, not
+/// `Notify`: permits add up, so no arrival or release is ever coalesced with another.
+#[derive(Clone)]
+pub struct Gate {
+    entered: Arc<tokio::sync::Semaphore>,
+    release: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Gate {
+    fn default() -> Gate {
+        Gate {
+            entered: Arc::new(tokio::sync::Semaphore::new(0)),
+            release: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+}
+
+impl Gate {
+    /// Waits until one more request has reached a gated backend.
+    pub async fn entered(&self) {
+        bounded("a request to reach a gated backend", self.entered.acquire())
+            .await
+            .expect("gate open")
+            .forget();
+    }
+
+    /// Lets `n` held (or future) requests answer.
+    pub fn release(&self, n: usize) {
+        self.release.add_permits(n);
+    }
+}
+
+/// A backend that holds every request until `gate` releases it, then answers 200 "released".
+pub async fn gated_backend(gate: &Gate) -> TestBackend {
+    let gate = gate.clone();
     backend(move |_| {
-        let (entered, release) = (Arc::clone(&entered), Arc::clone(&release));
+        let gate = gate.clone();
         async move {
-            entered.notify_one();
-            release.notified().await;
+            gate.entered.add_permits(1);
+            if let Ok(permit) = gate.release.acquire().await {
+                permit.forget();
+            }
             Response::new(Full::new(Bytes::from_static(b"released")))
         }
     })
