@@ -63,6 +63,9 @@ async fn placements(
     out
 }
 
+/// Builds the request that carries a given key.
+type RequestFor = fn(&str) -> Request<Full<Bytes>>;
+
 fn keys(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("user{i}")).collect()
 }
@@ -71,7 +74,7 @@ fn keys(n: usize) -> Vec<String> {
 async fn every_key_source_keeps_a_key_on_one_backend() {
     let b = three_backends().await;
     let addrs: Vec<_> = b.iter().map(|b| b.addr).collect();
-    let sources: [(&str, fn(&str) -> Request<Full<Bytes>>); 5] = [
+    let sources: [(&str, RequestFor); 5] = [
         ("header:x-write-key", |k| {
             with_header("/kv/x", "x-write-key", k.as_bytes())
         }),
