@@ -7,9 +7,12 @@
 use std::fmt::Write as _;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use crate::coalesce::{Refusal, SharedResponse};
 use crate::key::KeySource;
 use crate::proxy::ResponseBody;
 use crate::upstream::SendError;
@@ -41,6 +44,12 @@ pub enum ProxyError {
     KeyTooLong { key_source: KeySource, limit: usize },
     #[error("no backend is available")]
     NoBackend,
+    #[error("too many requests wait on this key")]
+    KeyQueueFull { retry_after: Duration },
+    #[error("the request waited too long in its key's queue")]
+    KeyWaitTimeout { retry_after: Duration },
+    #[error("the backend's response is too large to share with merged writes")]
+    ResponseNotShareable,
     #[error("{0}")]
     Upstream(#[from] SendError),
 }
@@ -55,7 +64,11 @@ impl ProxyError {
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoBackend | ProxyError::KeyWaitTimeout { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::KeyQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::ResponseNotShareable => StatusCode::BAD_GATEWAY,
             ProxyError::Upstream(SendError::ConnectTimeout | SendError::ResponseTimeout) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -72,7 +85,10 @@ impl ProxyError {
             | ProxyError::ClientBody
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => Fault::Client,
-            ProxyError::NoBackend | ProxyError::Upstream(_) => Fault::Upstream,
+            ProxyError::NoBackend | ProxyError::Upstream(_) | ProxyError::ResponseNotShareable => {
+                Fault::Upstream
+            }
+            ProxyError::KeyQueueFull { .. } | ProxyError::KeyWaitTimeout { .. } => Fault::Proxy,
         }
     }
 
@@ -87,6 +103,9 @@ impl ProxyError {
             ProxyError::MissingKey(_) => "missing_key",
             ProxyError::KeyTooLong { .. } => "key_too_long",
             ProxyError::NoBackend => "no_backend",
+            ProxyError::KeyQueueFull { .. } => "key_queue_full",
+            ProxyError::KeyWaitTimeout { .. } => "key_wait_timeout",
+            ProxyError::ResponseNotShareable => "response_not_shareable",
             ProxyError::Upstream(SendError::Connect(_)) => "connect_failed",
             ProxyError::Upstream(SendError::ConnectTimeout) => "connect_timeout",
             ProxyError::Upstream(SendError::ResponseTimeout) => "response_timeout",
@@ -120,6 +139,13 @@ impl ProxyError {
             ProxyError::BadRequest(reason) => reason,
             ProxyError::ClientBody => "the request body could not be read",
             ProxyError::NoBackend => "no backend is available",
+            ProxyError::KeyQueueFull { .. } => "too many requests are waiting on this key",
+            ProxyError::KeyWaitTimeout { .. } => {
+                "the request waited too long behind earlier writes to its key"
+            }
+            ProxyError::ResponseNotShareable => {
+                "the backend's response is too large to share with merged writes"
+            }
             ProxyError::Upstream(SendError::Connect(_)) => "could not connect to a backend",
             ProxyError::Upstream(SendError::ConnectTimeout) => "timed out connecting to a backend",
             ProxyError::Upstream(SendError::ResponseTimeout) => {
@@ -138,6 +164,15 @@ impl ProxyError {
         route: Option<&str>,
         upstream: Option<&str>,
     ) -> Response<ResponseBody> {
+        let shared = self.to_shared(route, upstream);
+        let mut response = Response::new(ResponseBody::full(shared.body));
+        *response.status_mut() = shared.status;
+        *response.headers_mut() = shared.headers;
+        response
+    }
+
+    /// The same response, buffered, for every client of a merged write.
+    pub fn to_shared(&self, route: Option<&str>, upstream: Option<&str>) -> SharedResponse {
         let status = self.status();
         let mut body = String::with_capacity(128);
         let _ = write!(
@@ -157,16 +192,46 @@ impl ProxyError {
             _ => {}
         }
         body.push('\n');
-        let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
-        *response.status_mut() = status;
-        let headers = response.headers_mut();
+        let mut headers = HeaderMap::new();
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(after) = self.retry_after() {
+            // Whole seconds, rounded up: a client must not come back before there is room.
+            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
-        response
+        SharedResponse {
+            status,
+            headers,
+            body: Bytes::from(body),
+            backend: None,
+        }
+    }
+
+    /// When a client may try again, for the errors that say "not now".
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::NoBackend => Some(Duration::from_secs(1)),
+            ProxyError::KeyQueueFull { retry_after }
+            | ProxyError::KeyWaitTimeout { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The error for a request its key's queue refused; counts the refusal.
+    pub fn refused(refusal: Refusal, route: &str) -> ProxyError {
+        let (error, reason) = match refusal {
+            Refusal::QueueFull { retry_after } => {
+                (ProxyError::KeyQueueFull { retry_after }, "queue_full")
+            }
+            Refusal::WaitTimeout { retry_after } => {
+                (ProxyError::KeyWaitTimeout { retry_after }, "wait_timeout")
+            }
+        };
+        metrics::counter!(crate::metrics::COALESCE_REJECTED, "route" => route.to_string(), "reason" => reason)
+            .increment(1);
+        error
     }
 }

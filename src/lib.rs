@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! server (listener, connection) → proxy (the service) → route (which route)
-//!     → key (what the write is about) → balance (which backend)
+//!     → key (what the write is about) → coalesce (the key's queue) → balance (which backend)
 //!     → upstream (pooled connection) → response
 //! ```
 //!
@@ -12,6 +12,7 @@
 //! - [`snapshot`]: the immutable runtime state built from a config, swapped atomically.
 //! - [`route`]: matching requests to routes.
 //! - [`key`]: extracting the request key a route balances (and later coalesces) on.
+//! - [`coalesce`]: per-key write queues: serialize, dedupe, last-write-wins, ordered reads.
 //! - [`balance`]: choosing a backend: weighted least-connections, consistent hashing, bounded loads.
 //! - [`upstream`]: backends' live state, carried across reloads, and their connection pools.
 //! - [`proxy`]: the hyper service that forwards one request, with header rewriting and bodies.
@@ -23,6 +24,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, Unit};
+use metrics::{describe_counter, describe_gauge, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 /// Counter, labels `upstream`, `backend`: requests the balancer sent to each backend.
@@ -38,6 +38,15 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
     HANDLE.get()
 }
 
+/// Counter, labels `route`, `outcome` (`sent`, `deduplicated`, `superseded`, `dropped`): client
+/// writes on coalescing routes by how they were carried out; `dropped` counts writes removed
+/// unsent because every client of them left.
+pub const COALESCE_OUTCOMES: &str = "writegate_coalesce_outcomes_total";
+/// Gauge, label `route`: keys with writes or reads pending or in flight.
+pub const COALESCE_KEYS_ACTIVE: &str = "writegate_coalesce_keys_active";
+/// Counter, labels `route`, `reason` (`queue_full`, `wait_timeout`): requests refused by a key queue.
+pub const COALESCE_REJECTED: &str = "writegate_coalesce_rejected_total";
+
 /// Registers help texts with the installed recorder.
 fn describe() {
     describe_counter!(
@@ -49,5 +58,20 @@ fn describe() {
         HASH_SPILLS,
         Unit::Count,
         "Requests that spilled from their key's backend to the next one because of bounded loads."
+    );
+    describe_counter!(
+        COALESCE_OUTCOMES,
+        Unit::Count,
+        "Client writes on coalescing routes by outcome."
+    );
+    describe_gauge!(
+        COALESCE_KEYS_ACTIVE,
+        Unit::Count,
+        "Keys with writes or reads pending or in flight."
+    );
+    describe_counter!(
+        COALESCE_REJECTED,
+        Unit::Count,
+        "Requests refused by a key queue, by reason."
     );
 }

@@ -4,11 +4,13 @@
 //! with a host before host-less ones, then longer `path_prefix` first. A request whose path matches a
 //! route but whose method none of the matching routes accepts gets 405 rather than 404.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
 
-use crate::config::RouteConfig;
+use crate::coalesce::Coalescer;
+use crate::config::{CoalesceConfig, RouteConfig};
 use crate::key::KeyRule;
 
 /// One route as the request path uses it.
@@ -24,11 +26,20 @@ pub struct Route {
     pub response_timeout: Duration,
     pub max_body: u64,
     pub key: Option<KeyRule>,
+    pub coalesce: CoalesceConfig,
+    /// The route's key queues, when it coalesces.
+    pub coalescer: Option<Arc<Coalescer>>,
+    /// Position in the router's match order (set by [`Router::new`]).
+    pub index: usize,
 }
 
 impl Route {
-    pub fn new(config: &RouteConfig) -> Route {
+    /// `coalescer` is the route's queue set, kept from the previous snapshot when it had one.
+    pub fn new(config: &RouteConfig, coalescer: Option<Arc<Coalescer>>) -> Route {
         Route {
+            coalesce: config.coalesce.clone(),
+            coalescer,
+            index: 0,
             name: config.name.as_str().into(),
             path_prefix: config.path_prefix.as_str().into(),
             host: config.host.as_deref().map(Into::into),
@@ -68,6 +79,9 @@ impl Router {
                 .cmp(&a.host.is_some())
                 .then(b.path_prefix.len().cmp(&a.path_prefix.len()))
         });
+        for (index, route) in routes.iter_mut().enumerate() {
+            route.index = index;
+        }
         Router {
             routes: routes.into(),
         }
@@ -117,6 +131,9 @@ mod tests {
             response_timeout: Duration::from_secs(1),
             max_body: 1,
             key: None,
+            coalesce: CoalesceConfig::default(),
+            coalescer: None,
+            index: 0,
         }
     }
 

@@ -11,7 +11,8 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::balance::Balancer;
-use crate::config::Config;
+use crate::coalesce::Coalescer;
+use crate::config::{CoalesceMode, Config};
 use crate::route::{Route, Router};
 use crate::upstream::{Backend, Member, Upstream};
 
@@ -59,7 +60,29 @@ impl Snapshot {
                 Upstream::new(&u.name, members, balancer, inflight)
             })
             .collect();
-        let router = Router::new(config.routes.iter().map(Route::new).collect());
+        // Queues are kept by route name, so writes waiting on a key keep their order across reloads.
+        let queues: HashMap<&str, &Arc<Coalescer>> = previous
+            .map(|p| {
+                p.router
+                    .routes()
+                    .iter()
+                    .filter_map(|r| Some((&*r.name, r.coalescer.as_ref()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let coalescer = (r.coalesce.mode != CoalesceMode::Off).then(|| {
+                    queues
+                        .get(r.name.as_str())
+                        .map_or_else(|| Coalescer::new(&r.name), |q| Arc::clone(q))
+                });
+                Route::new(r, coalescer)
+            })
+            .collect();
+        let router = Router::new(routes);
         Snapshot {
             config,
             router,

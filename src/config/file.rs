@@ -101,6 +101,26 @@ pub struct RouteSection {
     pub key: Option<Spanned<String>>,
     pub on_missing_key: Option<Spanned<OnMissingKeyKind>>,
     pub max_key_length: Option<Spanned<String>>,
+    pub coalesce: Option<Spanned<CoalesceSection>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoalesceModeKind {
+    Off,
+    Serialize,
+    Dedupe,
+    Latest,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoalesceSection {
+    pub mode: Option<Spanned<CoalesceModeKind>>,
+    pub methods: Option<Vec<Spanned<String>>>,
+    pub order_reads: Option<Spanned<bool>>,
+    pub max_pending_per_key: Option<Spanned<i64>>,
+    pub max_wait: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -23,7 +23,7 @@ use toml::Spanned;
 use crate::key::{KeyRule, KeySource, OnMissingKey};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
-use file::{BalanceKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind};
+use file::{BalanceKind, CoalesceModeKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind};
 
 /// Default time allowed for a TCP connect to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -49,6 +49,15 @@ pub const DEFAULT_MAX_KEY_LENGTH: usize = 1024;
 pub const MAX_KEY_LENGTH_LIMIT: u64 = 64 << 10;
 /// Most backends a consistent-hash upstream may list (its tables index members with 16 bits).
 pub const MAX_HASH_BACKENDS: usize = u16::MAX as usize;
+/// Default most clients that may wait on one key of a coalescing route.
+pub const DEFAULT_MAX_PENDING_PER_KEY: usize = 1024;
+/// Largest accepted `max_pending_per_key`.
+pub const MAX_PENDING_PER_KEY_LIMIT: i64 = 1_000_000;
+/// Default longest time a request waits in its key's queue.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(5);
+/// Methods a coalescing route coalesces unless `methods` says otherwise.
+pub const DEFAULT_COALESCE_METHODS: [Method; 4] =
+    [Method::PUT, Method::POST, Method::PATCH, Method::DELETE];
 /// Largest accepted worker thread count.
 pub const MAX_WORKERS: i64 = 1024;
 
@@ -122,8 +131,41 @@ pub struct BackendConfig {
     pub down: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoalesceMode {
+    Off,
+    Serialize,
+    Dedupe,
+    Latest,
+}
+
+/// A route's `[routes.coalesce]` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoalesceConfig {
+    pub mode: CoalesceMode,
+    /// The write methods that are coalesced; other methods pass through (reads may be ordered).
+    pub methods: Vec<Method>,
+    /// GET and HEAD take a shared lock on their key.
+    pub order_reads: bool,
+    pub max_pending_per_key: usize,
+    pub max_wait: Duration,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> CoalesceConfig {
+        CoalesceConfig {
+            mode: CoalesceMode::Off,
+            methods: DEFAULT_COALESCE_METHODS.to_vec(),
+            order_reads: false,
+            max_pending_per_key: DEFAULT_MAX_PENDING_PER_KEY,
+            max_wait: DEFAULT_MAX_WAIT,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteConfig {
+    pub coalesce: CoalesceConfig,
     /// The request key, when the route defines one.
     pub key: Option<KeyRule>,
     pub name: String,
@@ -360,6 +402,10 @@ impl Validator<'_, '_> {
             let max_body = self.max_body(r.max_body);
             let wrote_key = r.key.is_some();
             let key = self.key_rule(r.key, r.on_missing_key, r.max_key_length);
+            let coalesce = r.coalesce.map_or_else(CoalesceConfig::default, |c| {
+                let span = c.span();
+                self.coalesce(c.into_inner(), span, wrote_key, r.name.get_ref())
+            });
             if let Some(u) = upstream {
                 if upstreams[u].consistent_hash.is_some() && !wrote_key {
                     self.sink.at(
@@ -374,6 +420,7 @@ impl Validator<'_, '_> {
             }
             if let (Some(upstream), Some(path_prefix)) = (upstream, path_prefix) {
                 out.push(RouteConfig {
+                    coalesce,
                     key,
                     name: r.name.into_inner(),
                     path_prefix,
@@ -484,6 +531,66 @@ impl Validator<'_, '_> {
             on_missing,
             max_length,
         })
+    }
+
+    fn coalesce(
+        &mut self,
+        c: file::CoalesceSection,
+        span: Range<usize>,
+        has_key: bool,
+        route: &str,
+    ) -> CoalesceConfig {
+        let mut out = CoalesceConfig::default();
+        if let Some(mode) = c.mode {
+            out.mode = match mode.into_inner() {
+                CoalesceModeKind::Off => CoalesceMode::Off,
+                CoalesceModeKind::Serialize => CoalesceMode::Serialize,
+                CoalesceModeKind::Dedupe => CoalesceMode::Dedupe,
+                CoalesceModeKind::Latest => CoalesceMode::Latest,
+            };
+        }
+        if out.mode != CoalesceMode::Off && !has_key {
+            self.sink.at(
+                span.clone(),
+                format!("route {route:?} coalesces writes per key, so it needs a key (key = \"header:NAME\", ...)"),
+            );
+        }
+        if let Some(methods) = c.methods {
+            out.methods = Vec::new();
+            for m in methods {
+                let span = m.span();
+                if let Some(method) = self.method(m) {
+                    if method == Method::GET || method == Method::HEAD {
+                        self.sink.at(
+                            span,
+                            "coalesce.methods lists writes; reads are ordered with order_reads = true",
+                        );
+                    } else {
+                        out.methods.push(method);
+                    }
+                }
+            }
+        }
+        if let Some(order) = c.order_reads {
+            out.order_reads = *order.get_ref();
+            if out.order_reads && out.mode == CoalesceMode::Off {
+                self.sink.at(
+                    order.span(),
+                    "order_reads needs a coalescing mode (serialize, dedupe or latest)",
+                );
+            }
+        }
+        if let Some(n) = c.max_pending_per_key {
+            match *n.get_ref() {
+                v @ 1..=MAX_PENDING_PER_KEY_LIMIT => out.max_pending_per_key = v as usize,
+                v => self.sink.at(
+                    n.span(),
+                    format!("max_pending_per_key {v} is out of range: use 1 to {MAX_PENDING_PER_KEY_LIMIT}"),
+                ),
+            }
+        }
+        out.max_wait = self.duration(c.max_wait, DEFAULT_MAX_WAIT);
+        out
     }
 
     fn unique_names<'n>(&mut self, kind: &str, names: impl Iterator<Item = &'n Spanned<String>>) {

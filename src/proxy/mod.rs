@@ -6,6 +6,7 @@
 //! bytes may have reached a backend.
 
 mod body;
+mod coalesced;
 pub mod headers;
 
 use std::convert::Infallible;
@@ -17,19 +18,21 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, HOST, VIA};
 use http::request::Parts;
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 pub use body::{RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
+pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 use crate::error::{Fault, ProxyError};
 use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
-use crate::upstream::{Backend, SendError, Upstream};
+use crate::upstream::{SendError, Upstream};
 
 /// What the proxy knows about one client connection; shared by its requests.
 #[derive(Debug)]
@@ -112,7 +115,7 @@ pub struct ProxyService {
 struct Exchange<'s> {
     route: Option<&'s Route>,
     upstream: Option<&'s Upstream>,
-    backend: Option<&'s Backend>,
+    backend: Option<Arc<str>>,
 }
 
 impl ProxyService {
@@ -134,7 +137,7 @@ impl ProxyService {
                     tracing::warn!(
                         route = exchange.route.map(|r| &*r.name),
                         upstream = exchange.upstream.map(|u| &*u.name),
-                        backend = exchange.backend.map(Backend::label),
+                        backend = exchange.backend.as_deref(),
                         error = %error,
                         "request failed"
                     );
@@ -153,7 +156,7 @@ impl ProxyService {
                 path = uri.path(),
                 status = response.status().as_u16(),
                 route = exchange.route.map_or("-", |r| &*r.name),
-                backend = exchange.backend.map_or("-", Backend::label),
+                backend = exchange.backend.as_deref().unwrap_or("-"),
                 duration_us = started.elapsed().as_micros() as u64,
             );
         }
@@ -162,7 +165,7 @@ impl ProxyService {
 
     async fn forward<'s>(
         &self,
-        snapshot: &'s Snapshot,
+        snapshot: &'s Arc<Snapshot>,
         request: Request<Incoming>,
         exchange: &mut Exchange<'s>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
@@ -188,15 +191,32 @@ impl ProxyService {
             Some(rule) => request_key(rule, &parts)?,
             None => None,
         };
+        let mut read_lock = None;
+        if let (Some(coalescer), Some(key)) = (&route.coalescer, key) {
+            let settings = &route.coalesce;
+            if settings.methods.contains(&parts.method) {
+                let key = Bytes::copy_from_slice(key);
+                self.rewrite_request(&mut parts)?;
+                return coalesced::write(snapshot, route, coalescer, key, parts, body, exchange)
+                    .await;
+            }
+            if settings.order_reads && (parts.method == Method::GET || parts.method == Method::HEAD)
+            {
+                let permit = coalescer.read(Bytes::copy_from_slice(key), settings).await;
+                read_lock = Some(permit.map_err(|r| ProxyError::refused(r, &route.name))?);
+            }
+        }
         let (member, inflight) = upstream.pick(key).ok_or(ProxyError::NoBackend)?;
         let backend = &*member.backend;
-        exchange.backend = Some(backend);
+        exchange.backend = Some(backend.shared_label());
         self.rewrite_request(&mut parts)?;
         let request = Request::from_parts(parts, RequestBody::streaming(body, route.max_body));
-        match backend
+        let sent = backend
             .send(request, route.connect_timeout, route.response_timeout)
-            .await
-        {
+            .await;
+        // A read holds its key until its response head is in: later writes go after it.
+        drop(read_lock);
+        match sent {
             Ok((response, conn)) => {
                 let (mut parts, body) = response.into_parts();
                 headers::strip_hop_by_hop(&mut parts.headers);
@@ -306,7 +326,7 @@ fn declared_length(parts: &Parts) -> Option<u64> {
 }
 
 /// A failed exchange may really be the client's fault: its body was too large or broke off.
-fn classify_send_error(error: SendError, max_body: u64) -> ProxyError {
+pub(crate) fn classify_send_error(error: SendError, max_body: u64) -> ProxyError {
     if let SendError::Exchange { error: e, .. } = &error {
         let mut source = std::error::Error::source(e);
         while let Some(cause) = source {

@@ -21,7 +21,7 @@ pub use pool::{SendError, UpstreamConn};
 pub struct Backend {
     address: SocketAddr,
     /// The address as the config wrote it; used in logs.
-    label: Box<str>,
+    label: Arc<str>,
     inflight: AtomicUsize,
     /// Running score for smooth weighted round-robin among equally loaded backends.
     pub(crate) smooth_weight: AtomicI64,
@@ -45,6 +45,11 @@ impl Backend {
 
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// The label as a shared string, for responses that outlive the request.
+    pub fn shared_label(&self) -> Arc<str> {
+        Arc::clone(&self.label)
     }
 
     /// Requests currently sent to this backend whose response has not finished.

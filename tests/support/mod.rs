@@ -188,6 +188,14 @@ impl Gate {
     pub fn release(&self, n: usize) {
         self.release.add_permits(n);
     }
+
+    /// The backend side: announce arrival, then wait to be released.
+    pub async fn hold(&self) {
+        self.entered.add_permits(1);
+        if let Ok(permit) = self.release.acquire().await {
+            permit.forget();
+        }
+    }
 }
 
 /// A backend that holds every request until `gate` releases it, then answers 200 "released".
@@ -196,10 +204,7 @@ pub async fn gated_backend(gate: &Gate) -> TestBackend {
     backend(move |_| {
         let gate = gate.clone();
         async move {
-            gate.entered.add_permits(1);
-            if let Ok(permit) = gate.release.acquire().await {
-                permit.forget();
-            }
+            gate.hold().await;
             Response::new(Full::new(Bytes::from_static(b"released")))
         }
     })

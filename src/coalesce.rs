@@ -1,0 +1,691 @@
+//! Per-key write coalescing: the key lock, deduplication, last-write-wins and ordered reads.
+//!
+//! Each coalescing route owns a [`Coalescer`]: per request key, a FIFO of pending entries and a
+//! busy state (idle, one write in flight, or a group of reads running). State lives in 64 shards,
+//! each a mutex around a map, so unrelated keys never contend on one lock, and a key's entry is
+//! removed as soon as it has nothing pending or in flight.
+//!
+//! Modes (see README for the user-facing contract):
+//! - `serialize`: one write per key in flight; later writes wait in arrival order.
+//! - `dedupe`: as `serialize`, and a write identical (method, path and query, `Content-Type`,
+//!   body bytes) to the newest *pending* write of its key joins it: one upstream request, every
+//!   joined client gets a copy of the response. A write already sent is never joined.
+//! - `latest`: when the key becomes free, of the run of consecutive pending writes at the head of
+//!   its queue only the newest is sent; the older ones are answered with its response, since their
+//!   effect would have been overwritten. A run never crosses a pending read, so reads still see
+//!   exactly the writes that arrived before them.
+//! - `order_reads`: reads take a shared lock: they run together, after earlier writes and before
+//!   later ones. A read holds it until its response head arrives.
+//!
+//! Safety rules, each enforced here: a write that has been handed to its upstream task runs to
+//! completion (or its response timeout) even if every client leaves, and the key's next entry
+//! waits for it; a pending write whose every client has gone (disconnect or `max_wait`) is removed
+//! before it is sent, under the shard lock, so a client told "503" can rely on its write not
+//! having been sent; a failed exchange is what every merged client receives.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue};
+use http::{Method, StatusCode, Uri};
+use metrics::{Counter, Gauge};
+use tokio::sync::oneshot;
+
+use crate::config::{CoalesceConfig, CoalesceMode};
+
+const SHARDS: usize = 64;
+
+/// A response buffered so that every merged client can get a copy.
+#[derive(Debug, Clone)]
+pub struct SharedResponse {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The backend that answered, for access logs.
+    pub backend: Option<Arc<str>>,
+}
+
+/// How a client's write was carried out; sent in `x-writegate-coalesce`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Sent,
+    Deduplicated,
+    Superseded,
+}
+
+impl Disposition {
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Disposition::Sent => "sent",
+            Disposition::Deduplicated => "deduplicated",
+            Disposition::Superseded => "superseded",
+        })
+    }
+}
+
+/// Why a request was refused by its key's queue. Nothing was sent upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_pending_per_key` clients already wait on this key.
+    QueueFull { retry_after: Duration },
+    /// The request waited `max_wait` without reaching the front.
+    WaitTimeout { retry_after: Duration },
+}
+
+/// What identifies "the same write" for `dedupe`.
+#[derive(Debug, Clone)]
+pub struct Fingerprint {
+    pub method: Method,
+    pub uri: Uri,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+impl PartialEq for Fingerprint {
+    fn eq(&self, other: &Fingerprint) -> bool {
+        self.method == other.method
+            && self.uri == other.uri
+            && self.content_type == other.content_type
+            && self.body == other.body
+    }
+}
+
+/// Performs one write upstream; built by the proxy with everything the exchange needs.
+pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = SharedResponse> + Send>> + Send>;
+
+type Reply = (SharedResponse, Disposition);
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Reply>,
+    disposition: Disposition,
+}
+
+enum Entry {
+    Write {
+        fingerprint: Box<Fingerprint>,
+        job: Job,
+        waiters: Vec<Waiter>,
+    },
+    Read {
+        id: u64,
+        go: oneshot::Sender<ReadPermit>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Busy {
+    Idle,
+    Writing,
+    Reading(usize),
+}
+
+struct KeyQueue {
+    busy: Busy,
+    queue: VecDeque<Entry>,
+    /// Clients waiting in `queue` (a deduplicated write counts each of its clients).
+    waiting: usize,
+    next_id: u64,
+    /// How long the key's last write took, for `Retry-After`.
+    last_service: Duration,
+}
+
+impl KeyQueue {
+    fn new() -> KeyQueue {
+        KeyQueue {
+            busy: Busy::Idle,
+            queue: VecDeque::new(),
+            waiting: 0,
+            next_id: 0,
+            last_service: Duration::ZERO,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.busy == Busy::Idle && self.queue.is_empty()
+    }
+
+    /// A client-facing estimate of when the queue will have room: the work ahead of it.
+    fn retry_after(&self) -> Duration {
+        let per_write = self.last_service.max(Duration::from_millis(1));
+        (per_write * (self.waiting as u32 + 1)).max(Duration::from_secs(1))
+    }
+}
+
+/// A write that a dispatch decided to send, carried out after the shard lock is released.
+struct Start {
+    job: Job,
+    waiters: Vec<Waiter>,
+}
+
+/// The per-key queues of one route. Survives reloads (the snapshot carries it over by route name),
+/// so queued writes keep their order.
+pub struct Coalescer {
+    route: Box<str>,
+    shards: Box<[Mutex<HashMap<Bytes, KeyQueue>>]>,
+    active_keys: AtomicUsize,
+    keys_gauge: Gauge,
+    outcomes: [Counter; 3],
+    dropped: Counter,
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer")
+            .field("route", &self.route)
+            .field("active_keys", &self.active_keys())
+            .finish()
+    }
+}
+
+impl Coalescer {
+    pub fn new(route: &str) -> Arc<Coalescer> {
+        let outcome = |label: &'static str| metrics::counter!(crate::metrics::COALESCE_OUTCOMES, "route" => route.to_string(), "outcome" => label);
+        Arc::new(Coalescer {
+            route: route.into(),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            active_keys: AtomicUsize::new(0),
+            keys_gauge: metrics::gauge!(crate::metrics::COALESCE_KEYS_ACTIVE, "route" => route.to_string()),
+            outcomes: [
+                outcome("sent"),
+                outcome("deduplicated"),
+                outcome("superseded"),
+            ],
+            dropped: outcome("dropped"),
+        })
+    }
+
+    /// Keys with anything pending or in flight.
+    pub fn active_keys(&self) -> usize {
+        self.active_keys.load(Ordering::Relaxed)
+    }
+
+    /// Clients waiting on `key` (not counting what is in flight).
+    pub fn waiting(&self, key: &[u8]) -> usize {
+        self.shard(key).get(key).map_or(0, |q| q.waiting)
+    }
+
+    fn shard(&self, key: &[u8]) -> MutexGuard<'_, HashMap<Bytes, KeyQueue>> {
+        let index = (xxhash_rust::xxh3::xxh3_64(key) as usize) % SHARDS;
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn queue<'m>(&self, map: &'m mut HashMap<Bytes, KeyQueue>, key: &Bytes) -> &'m mut KeyQueue {
+        map.entry(key.clone()).or_insert_with(|| {
+            self.active_keys.fetch_add(1, Ordering::Relaxed);
+            self.keys_gauge.increment(1.0);
+            KeyQueue::new()
+        })
+    }
+
+    /// Removes the key's state once it has nothing left.
+    fn forget_if_done(&self, map: &mut HashMap<Bytes, KeyQueue>, key: &Bytes) {
+        if map.get(key).is_some_and(KeyQueue::is_done) {
+            map.remove(key);
+            self.active_keys.fetch_sub(1, Ordering::Relaxed);
+            self.keys_gauge.decrement(1.0);
+        }
+    }
+
+    /// Queues a write and waits for its response (or the response it was merged into).
+    pub async fn write(
+        self: &Arc<Self>,
+        key: Bytes,
+        fingerprint: Fingerprint,
+        job: Job,
+        settings: &CoalesceConfig,
+    ) -> Result<Reply, Refusal> {
+        let mode = settings.mode;
+        let (id, rx, start) = {
+            let mut map = self.shard(&key);
+            let queue = self.queue(&mut map, &key);
+            if queue.waiting >= settings.max_pending_per_key {
+                return Err(Refusal::QueueFull {
+                    retry_after: queue.retry_after(),
+                });
+            }
+            let id = queue.next_id;
+            queue.next_id += 1;
+            queue.waiting += 1;
+            let (tx, rx) = oneshot::channel();
+            let joins_newest = mode == CoalesceMode::Dedupe
+                && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: newest, .. }) if **newest == fingerprint);
+            match queue.queue.back_mut() {
+                Some(Entry::Write { waiters, .. }) if joins_newest => {
+                    waiters.push(Waiter {
+                        id,
+                        tx,
+                        disposition: Disposition::Deduplicated,
+                    });
+                    (id, rx, None)
+                }
+                _ => {
+                    queue.queue.push_back(Entry::Write {
+                        fingerprint: Box::new(fingerprint),
+                        job,
+                        waiters: vec![Waiter {
+                            id,
+                            tx,
+                            disposition: Disposition::Sent,
+                        }],
+                    });
+                    (id, rx, self.dispatch(queue, mode, &key))
+                }
+            }
+        };
+        self.run(key.clone(), start, mode);
+        self.wait(key, id, rx, settings.max_wait).await
+    }
+
+    /// Waits for a queued write's reply; withdraws it on timeout or when the client goes away.
+    async fn wait(
+        self: &Arc<Self>,
+        key: Bytes,
+        id: u64,
+        mut rx: oneshot::Receiver<Reply>,
+        max_wait: Duration,
+    ) -> Result<Reply, Refusal> {
+        let mut withdraw = Withdraw {
+            coalescer: Arc::clone(self),
+            key,
+            id,
+            armed: true,
+        };
+        let reply = match tokio::time::timeout(max_wait, &mut rx).await {
+            Ok(reply) => reply,
+            Err(_) => match self.withdraw(&withdraw.key, id) {
+                Withdrawn::Removed(retry_after) => {
+                    withdraw.armed = false;
+                    return Err(Refusal::WaitTimeout { retry_after });
+                }
+                // Already sent: it is driven to completion, so its answer is the client's.
+                Withdrawn::AlreadyStarted => rx.await,
+            },
+        };
+        withdraw.armed = false;
+        // The upstream task answers every waiter before it lets go; a closed channel would be a bug.
+        Ok(reply.unwrap_or_else(|_| (internal_error(), Disposition::Sent)))
+    }
+
+    /// Takes a read lock on `key` (order_reads), waiting behind earlier writes.
+    pub async fn read(
+        self: &Arc<Self>,
+        key: Bytes,
+        settings: &CoalesceConfig,
+    ) -> Result<ReadPermit, Refusal> {
+        let (id, rx) = {
+            let mut map = self.shard(&key);
+            let queue = self.queue(&mut map, &key);
+            match queue.busy {
+                Busy::Idle if queue.queue.is_empty() => {
+                    queue.busy = Busy::Reading(1);
+                    return Ok(self.permit(key, settings.mode));
+                }
+                Busy::Reading(n) if queue.queue.is_empty() => {
+                    queue.busy = Busy::Reading(n + 1);
+                    return Ok(self.permit(key, settings.mode));
+                }
+                _ => {}
+            }
+            if queue.waiting >= settings.max_pending_per_key {
+                return Err(Refusal::QueueFull {
+                    retry_after: queue.retry_after(),
+                });
+            }
+            let id = queue.next_id;
+            queue.next_id += 1;
+            let (go, rx) = oneshot::channel();
+            queue.waiting += 1;
+            queue.queue.push_back(Entry::Read { id, go });
+            (id, rx)
+        };
+        let mut withdraw = Withdraw {
+            coalescer: Arc::clone(self),
+            key,
+            id,
+            armed: true,
+        };
+        let mut rx = rx;
+        let permit = match tokio::time::timeout(settings.max_wait, &mut rx).await {
+            Ok(permit) => permit,
+            Err(_) => match self.withdraw(&withdraw.key, id) {
+                Withdrawn::Removed(retry_after) => {
+                    withdraw.armed = false;
+                    return Err(Refusal::WaitTimeout { retry_after });
+                }
+                Withdrawn::AlreadyStarted => rx.await,
+            },
+        };
+        withdraw.armed = false;
+        permit.map_err(|_| Refusal::WaitTimeout {
+            retry_after: Duration::from_secs(1),
+        })
+    }
+
+    fn permit(self: &Arc<Self>, key: Bytes, mode: CoalesceMode) -> ReadPermit {
+        ReadPermit {
+            coalescer: Some(Arc::clone(self)),
+            key,
+            mode,
+        }
+    }
+
+    /// Decides what the key does next; called with the shard locked. Reads are started here (their
+    /// clients are signalled); a write is returned for [`Coalescer::run`] to carry out unlocked.
+    fn dispatch(
+        self: &Arc<Self>,
+        queue: &mut KeyQueue,
+        mode: CoalesceMode,
+        key: &Bytes,
+    ) -> Option<Start> {
+        loop {
+            match (queue.busy, queue.queue.front()) {
+                (Busy::Writing, _) | (_, None) => return None,
+                (Busy::Idle | Busy::Reading(_), Some(Entry::Read { .. })) => {
+                    let Some(Entry::Read { go, .. }) = queue.queue.pop_front() else {
+                        return None;
+                    };
+                    queue.waiting -= 1;
+                    let readers = match queue.busy {
+                        Busy::Reading(n) => n,
+                        _ => 0,
+                    };
+                    let started = match go.send(self.permit(key.clone(), mode)) {
+                        Ok(()) => true,
+                        // The reader has gone: disarm its permit (we hold the shard lock that
+                        // releasing would take) and do not count it.
+                        Err(mut unused) => {
+                            unused.coalescer = None;
+                            false
+                        }
+                    };
+                    queue.busy = Busy::Reading(readers + usize::from(started));
+                    if queue.busy == Busy::Reading(0) {
+                        queue.busy = Busy::Idle;
+                    }
+                }
+                (Busy::Reading(_), Some(Entry::Write { .. })) => return None,
+                (Busy::Idle, Some(Entry::Write { .. })) => {
+                    queue.busy = Busy::Writing;
+                    return Some(self.take_writes(queue, mode));
+                }
+            }
+        }
+    }
+
+    /// Pops the write to send (with, in `latest` mode, the run of writes it supersedes).
+    fn take_writes(&self, queue: &mut KeyQueue, mode: CoalesceMode) -> Start {
+        let mut superseded = Vec::new();
+        loop {
+            let Some(Entry::Write {
+                job, mut waiters, ..
+            }) = queue.queue.pop_front()
+            else {
+                unreachable!("take_writes is called with a write at the front");
+            };
+            queue.waiting -= waiters.len();
+            let newer_write_follows = matches!(queue.queue.front(), Some(Entry::Write { .. }));
+            if mode == CoalesceMode::Latest && newer_write_follows {
+                for w in &mut waiters {
+                    w.disposition = Disposition::Superseded;
+                }
+                superseded.append(&mut waiters);
+                continue;
+            }
+            waiters.append(&mut superseded);
+            return Start { job, waiters };
+        }
+    }
+
+    /// Carries out started work on its own task, then dispatches the key's next entry, until the
+    /// key has nothing more to send.
+    fn run(self: &Arc<Self>, key: Bytes, start: Option<Start>, mode: CoalesceMode) {
+        let Some(mut start) = start else { return };
+        let this = Arc::clone(self);
+        // A spawned task, not the client's future: a sent write must finish even if clients leave.
+        tokio::spawn(async move {
+            loop {
+                let Start { job, waiters } = start;
+                let began = Instant::now();
+                let response = job().await;
+                for w in waiters {
+                    this.outcomes[w.disposition as usize].increment(1);
+                    let _ = w.tx.send((response.clone(), w.disposition));
+                }
+                let mut map = this.shard(&key);
+                let Some(queue) = map.get_mut(&key) else {
+                    return;
+                };
+                queue.busy = Busy::Idle;
+                queue.last_service = began.elapsed();
+                let next = this.dispatch(queue, mode, &key);
+                this.forget_if_done(&mut map, &key);
+                drop(map);
+                match next {
+                    Some(next) => start = next,
+                    None => return,
+                }
+            }
+        });
+    }
+
+    /// Removes a waiting client (timed out or gone) if its entry has not started.
+    fn withdraw(&self, key: &Bytes, id: u64) -> Withdrawn {
+        let mut map = self.shard(key);
+        let Some(queue) = map.get_mut(key) else {
+            return Withdrawn::AlreadyStarted;
+        };
+        let mut found = false;
+        let mut emptied = None;
+        for (index, entry) in queue.queue.iter_mut().enumerate() {
+            match entry {
+                Entry::Write { waiters, .. } => {
+                    if let Some(pos) = waiters.iter().position(|w| w.id == id) {
+                        waiters.remove(pos);
+                        found = true;
+                        if waiters.is_empty() {
+                            emptied = Some(index);
+                        }
+                        break;
+                    }
+                }
+                Entry::Read { id: read_id, .. } if *read_id == id => {
+                    found = true;
+                    emptied = Some(index);
+                    break;
+                }
+                Entry::Read { .. } => {}
+            }
+        }
+        if !found {
+            return Withdrawn::AlreadyStarted;
+        }
+        queue.waiting -= 1;
+        if let Some(index) = emptied {
+            if matches!(queue.queue.remove(index), Some(Entry::Write { .. })) {
+                // Every client of this write left before it was sent: it is never sent.
+                self.dropped.increment(1);
+            }
+        }
+        let retry_after = queue.retry_after();
+        self.forget_if_done(&mut map, key);
+        Withdrawn::Removed(retry_after)
+    }
+
+    /// Releases one read lock (a finished or abandoned read).
+    fn release_read(self: &Arc<Self>, key: &Bytes, mode: CoalesceMode) {
+        let start = {
+            let mut map = self.shard(key);
+            let Some(queue) = map.get_mut(key) else {
+                return;
+            };
+            queue.busy = match queue.busy {
+                Busy::Reading(n) if n > 1 => Busy::Reading(n - 1),
+                _ => Busy::Idle,
+            };
+            let start = self.dispatch(queue, mode, key);
+            self.forget_if_done(&mut map, key);
+            start
+        };
+        self.run(key.clone(), start, mode);
+    }
+}
+
+enum Withdrawn {
+    Removed(Duration),
+    AlreadyStarted,
+}
+
+/// Withdraws a waiting client when its request future is dropped (the client went away).
+struct Withdraw {
+    coalescer: Arc<Coalescer>,
+    key: Bytes,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Withdraw {
+    fn drop(&mut self) {
+        if self.armed {
+            self.coalescer.withdraw(&self.key, self.id);
+        }
+    }
+}
+
+/// A held read lock on a key; dropping it lets the key's next writes go.
+pub struct ReadPermit {
+    /// `None` once released (or for a permit that was never handed to a reader).
+    coalescer: Option<Arc<Coalescer>>,
+    key: Bytes,
+    mode: CoalesceMode,
+}
+
+impl Drop for ReadPermit {
+    fn drop(&mut self) {
+        if let Some(c) = self.coalescer.take() {
+            c.release_read(&self.key, self.mode);
+        }
+    }
+}
+
+fn internal_error() -> SharedResponse {
+    SharedResponse {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(b"500 Internal Server Error: the write's outcome was lost\n"),
+        backend: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(mode: CoalesceMode) -> CoalesceConfig {
+        CoalesceConfig {
+            mode,
+            ..CoalesceConfig::default()
+        }
+    }
+
+    fn fingerprint(body: &'static [u8]) -> Fingerprint {
+        Fingerprint {
+            method: Method::PUT,
+            uri: Uri::from_static("/k"),
+            content_type: None,
+            body: Bytes::from_static(body),
+        }
+    }
+
+    fn ok_job() -> Job {
+        Box::new(|| {
+            Box::pin(async {
+                SharedResponse {
+                    status: StatusCode::OK,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                    backend: None,
+                }
+            })
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn distinct_keys_leave_nothing_behind() {
+        let coalescer = Coalescer::new("t");
+        let s = settings(CoalesceMode::Serialize);
+        let mut tasks = Vec::new();
+        for chunk in 0..8u32 {
+            let (coalescer, s) = (Arc::clone(&coalescer), s.clone());
+            tasks.push(tokio::spawn(async move {
+                for i in 0..25_000u32 {
+                    let key = Bytes::from(format!("{chunk}-{i}"));
+                    let (reply, how) = coalescer
+                        .write(key, fingerprint(b"v"), ok_job(), &s)
+                        .await
+                        .unwrap();
+                    assert_eq!((reply.status, how), (StatusCode::OK, Disposition::Sent));
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            coalescer.active_keys(),
+            0,
+            "200,000 keys passed through and left no state"
+        );
+        for shard in coalescer.shards.iter() {
+            assert!(shard.lock().unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_with_retry_after_and_keeps_no_state() {
+        let coalescer = Coalescer::new("t");
+        let s = CoalesceConfig {
+            max_pending_per_key: 1,
+            ..settings(CoalesceMode::Serialize)
+        };
+        let (release, released) = oneshot::channel::<()>();
+        let held: Job = Box::new(move || {
+            Box::pin(async move {
+                let _ = released.await;
+                SharedResponse {
+                    status: StatusCode::OK,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                    backend: None,
+                }
+            })
+        });
+        let key = Bytes::from_static(b"k");
+        let first = tokio::spawn({
+            let (c, s, key) = (Arc::clone(&coalescer), s.clone(), key.clone());
+            async move { c.write(key, fingerprint(b"1"), held, &s).await }
+        });
+        let second = tokio::spawn({
+            let (c, s, key) = (Arc::clone(&coalescer), s.clone(), key.clone());
+            async move { c.write(key, fingerprint(b"2"), ok_job(), &s).await }
+        });
+        while coalescer.waiting(&key) < 1 {
+            tokio::task::yield_now().await;
+        }
+        let third = coalescer
+            .write(key.clone(), fingerprint(b"3"), ok_job(), &s)
+            .await;
+        assert!(
+            matches!(third, Err(Refusal::QueueFull { retry_after }) if retry_after >= Duration::from_secs(1))
+        );
+        release.send(()).unwrap();
+        assert!(first.await.unwrap().is_ok());
+        assert!(second.await.unwrap().is_ok());
+        assert_eq!(coalescer.active_keys(), 0);
+    }
+}

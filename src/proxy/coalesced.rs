@@ -1,0 +1,143 @@
+//! The request path of a write on a coalescing route.
+//!
+//! The body is buffered (up to the route's `max_body`): it is compared for `dedupe` and may be sent
+//! on behalf of other clients. The write then goes through its key's queue in the route's
+//! [`Coalescer`]; the upstream exchange runs as a [`Job`] that owns everything it needs (the
+//! snapshot the request started with included), so it completes even when its clients have left.
+//! Its response is buffered too, so that every merged client can get a copy.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, CONTENT_TYPE, VIA};
+use http::request::Parts;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::body::{RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
+use super::{classify_send_error, headers, Exchange};
+use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
+use crate::error::ProxyError;
+use crate::route::Route;
+use crate::snapshot::Snapshot;
+use crate::upstream::{SendError, Upstream};
+
+/// Largest backend response a coalescing route buffers to share; larger ones answer 502.
+pub const MAX_SHARED_RESPONSE: usize = 16 << 20;
+
+pub static X_WRITEGATE_COALESCE: HeaderName = HeaderName::from_static("x-writegate-coalesce");
+
+/// Queues the write `parts` + `body` on its key and answers with what its key's queue decided.
+pub(super) async fn write(
+    snapshot: &Arc<Snapshot>,
+    route: &Route,
+    coalescer: &Arc<Coalescer>,
+    key: Bytes,
+    parts: Parts,
+    body: Incoming,
+    exchange: &mut Exchange<'_>,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let body = buffer_body(body, route.max_body).await?;
+    let fingerprint = Fingerprint {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+        body: body.clone(),
+    };
+    let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), parts, body);
+    let (shared, disposition) = coalescer
+        .write(key, fingerprint, job, &route.coalesce)
+        .await
+        .map_err(|refusal| ProxyError::refused(refusal, &route.name))?;
+    exchange.backend = shared.backend.clone();
+    Ok(into_response(shared, disposition))
+}
+
+async fn buffer_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+    match RequestBody::streaming(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(RequestBodyError::TooLarge { .. }) => Err(ProxyError::BodyTooLarge { limit }),
+        Err(RequestBodyError::Client(_)) => Err(ProxyError::ClientBody),
+    }
+}
+
+fn into_response(shared: SharedResponse, disposition: Disposition) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(shared.body));
+    *response.status_mut() = shared.status;
+    *response.headers_mut() = shared.headers;
+    response
+        .headers_mut()
+        .insert(X_WRITEGATE_COALESCE.clone(), disposition.header_value());
+    response
+}
+
+/// The upstream exchange of one write, owning what it needs.
+fn upstream_job(
+    snapshot: Arc<Snapshot>,
+    route_index: usize,
+    key: Bytes,
+    parts: Parts,
+    body: Bytes,
+) -> Job {
+    Box::new(move || {
+        Box::pin(async move {
+            let route = &snapshot.router.routes()[route_index];
+            let upstream = &snapshot.upstreams[route.upstream];
+            match exchange(route, upstream, &key, parts, body).await {
+                Ok(shared) => shared,
+                Err((error, backend)) => {
+                    tracing::warn!(
+                        route = &*route.name,
+                        upstream = &*upstream.name,
+                        backend = backend.as_deref(),
+                        error = %error,
+                        "coalesced write failed"
+                    );
+                    let mut shared = error.to_shared(Some(&route.name), Some(&upstream.name));
+                    shared.backend = backend;
+                    shared
+                }
+            }
+        })
+    })
+}
+
+/// Sends a buffered write and buffers its response. Errors carry the backend, when one was chosen.
+async fn exchange(
+    route: &Route,
+    upstream: &Upstream,
+    key: &[u8],
+    parts: Parts,
+    body: Bytes,
+) -> Result<SharedResponse, (ProxyError, Option<Arc<str>>)> {
+    let (member, inflight) = upstream
+        .pick(Some(key))
+        .ok_or((ProxyError::NoBackend, None))?;
+    let backend = member.backend.shared_label();
+    let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
+    let request = Request::from_parts(parts, RequestBody::Full(Some(body)));
+    let (response, conn) = member
+        .backend
+        .send(request, route.connect_timeout, route.response_timeout)
+        .await
+        .map_err(|e| fail(classify_send_error(e, route.max_body)))?;
+    let (mut head, incoming) = response.into_parts();
+    headers::strip_hop_by_hop(&mut head.headers);
+    headers::append_to_list(&mut head.headers, &VIA, &headers::via_value(head.version));
+    let body = ResponseBody::upstream(incoming, UpstreamLease { conn, inflight });
+    // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
+    let collected = tokio::time::timeout(
+        route.response_timeout,
+        Limited::new(body, MAX_SHARED_RESPONSE).collect(),
+    )
+    .await
+    .map_err(|_| fail(ProxyError::Upstream(SendError::ResponseTimeout)))?
+    .map_err(|_| fail(ProxyError::ResponseNotShareable))?;
+    Ok(SharedResponse {
+        status: head.status,
+        headers: head.headers,
+        body: collected.to_bytes(),
+        backend: Some(backend),
+    })
+}
