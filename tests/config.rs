@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use writegate::config::{Config, ConfigErrors, HashAlgorithm, DEFAULT_MAX_KEY_LENGTH};
+use writegate::config::{
+    CoalesceMode, Config, ConfigErrors, HashAlgorithm, DEFAULT_MAX_KEY_LENGTH,
+};
 
 fn errors(text: &str) -> ConfigErrors {
     match Config::parse(Path::new("w.toml"), text) {
@@ -232,6 +234,22 @@ fn example_config_is_valid_and_documents_defaults() {
         .expect("a keyed route example");
     assert_eq!(key.max_length, DEFAULT_MAX_KEY_LENGTH);
     assert_eq!(key.on_missing, writegate::key::OnMissingKey::Reject);
+    let coalesce = &config.routes[1].coalesce;
+    assert_eq!(
+        coalesce.mode,
+        CoalesceMode::Serialize,
+        "the example shows a coalescing route"
+    );
+    let defaults = CoalesceConfig::default();
+    assert_eq!(coalesce.methods, defaults.methods);
+    assert_eq!(coalesce.order_reads, defaults.order_reads);
+    assert_eq!(coalesce.max_pending_per_key, DEFAULT_MAX_PENDING_PER_KEY);
+    assert_eq!(coalesce.max_wait, DEFAULT_MAX_WAIT);
+    assert_eq!(
+        config.routes[0].coalesce.mode,
+        CoalesceMode::Off,
+        "off by default"
+    );
 }
 
 fn writegate(args: &[&str]) -> std::process::Output {
@@ -366,4 +384,55 @@ fn keyed_routing_options_are_validated() {
     );
     // A key on a least_conn route is allowed (coalescing uses it).
     assert!(Config::parse(Path::new("w.toml"), &with("key = \"header:x-k\"\n")).is_ok());
+}
+
+#[test]
+fn coalescing_options_are_validated() {
+    let coalesce = |lines: &str| with(&format!("key = \"path\"\n\n[routes.coalesce]\n{lines}\n"));
+    let config = Config::parse(
+        Path::new("w.toml"),
+        &coalesce("mode = \"latest\"\nmethods = [\"PUT\"]"),
+    )
+    .unwrap();
+    assert_eq!(config.routes[0].coalesce.mode, CoalesceMode::Latest);
+    assert_eq!(config.routes[0].coalesce.methods, [http::Method::PUT]);
+    // Line 15 is the first line inside [routes.coalesce].
+    assert_one(
+        &coalesce("mode = \"merge\""),
+        15,
+        8,
+        "unknown variant `merge`",
+    );
+    assert_one(
+        &coalesce("methods = [\"PUT\", \"GET\"]"),
+        15,
+        19,
+        "reads are ordered with order_reads",
+    );
+    assert_one(
+        &coalesce("order_reads = true"),
+        15,
+        15,
+        "needs a coalescing mode",
+    );
+    assert_one(
+        &coalesce("mode = \"dedupe\"\nmax_pending_per_key = 0"),
+        16,
+        23,
+        "out of range",
+    );
+    assert_one(
+        &coalesce("mode = \"dedupe\"\nmax_wait = \"0s\""),
+        16,
+        12,
+        "greater than zero",
+    );
+    assert_one(
+        &coalesce("mode = \"dedupe\"\nbatch = 3"),
+        16,
+        1,
+        "unknown field `batch`",
+    );
+    let keyless = with("\n[routes.coalesce]\nmode = \"serialize\"\n");
+    assert_one(&keyless, 13, 1, "needs a key");
 }
