@@ -1,9 +1,10 @@
 //! End-to-end proxy benchmark: requests/s, latency and proxy CPU time per request.
 //!
 //! Compares, on the same fast backend and the same load (keep-alive connections sending small
-//! POSTs), four paths: directly to the backend; through writegate (one worker thread) on a
-//! least_conn route and on a consistent_hash route keyed by the path; and through nginx (one worker
-//! process, when `nginx` is installed). Rounds are interleaved so that drift on the
+//! POSTs, each connection to its own key), five paths: directly to the backend; through writegate
+//! (one worker thread) on a least_conn route, on a route that coalesces with `serialize`, and on a
+//! consistent_hash route keyed by the path; and through nginx (one worker process, when `nginx` is
+//! installed). Rounds are interleaved so that drift on the
 //! machine hits every path alike; each round prints its ratios and the end prints the medians.
 //!
 //! CPU time per request is the proxy process's user+system time over the round (from /proc)
@@ -59,6 +60,12 @@ fn main() {
             name: "writegate",
             addr: writegate.addr,
             host: "bench",
+            pid: wg,
+        },
+        Target {
+            name: "wg-serial",
+            addr: writegate.addr,
+            host: "serialize.bench",
             pid: wg,
         },
         Target {
@@ -119,14 +126,18 @@ fn print_ratios(targets: &[Target], results: &[Vec<Round>], round: usize) {
         "  writegate/direct req/s: {:.2}",
         wg.rps / results[0][round].rps
     );
-    println!(
-        "  consistent_hash/least_conn req/s: {:.2}   CPU per request: {:.2}",
-        results[2][round].rps / wg.rps,
-        results[2][round].cpu_us_per_request.unwrap_or(f64::NAN)
-            / wg.cpu_us_per_request.unwrap_or(f64::NAN)
-    );
-    if targets.len() > 3 {
-        let nginx = &results[3][round];
+    let ratio = |i: usize, what: &str| {
+        println!(
+            "  {what}: req/s {:.2}   CPU per request {:.2}",
+            results[i][round].rps / wg.rps,
+            results[i][round].cpu_us_per_request.unwrap_or(f64::NAN)
+                / wg.cpu_us_per_request.unwrap_or(f64::NAN)
+        );
+    };
+    ratio(2, "coalesce serialize/off (unique keys)");
+    ratio(3, "consistent_hash/least_conn");
+    if targets.len() > 4 {
+        let nginx = &results[4][round];
         println!(
             "  writegate/nginx  req/s: {:.2}   CPU per request: {:.2}",
             wg.rps / nginx.rps,
@@ -359,7 +370,9 @@ impl Writegate {
              [[upstreams]]\nname = \"b\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
              [[upstreams]]\nname = \"h\"\nbalance = \"consistent_hash\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
              [[routes]]\nname = \"all\"\nupstream = \"b\"\n\n\
-             [[routes]]\nname = \"hashed\"\nhost = \"hash.bench\"\nupstream = \"h\"\nkey = \"path\"\n"
+             [[routes]]\nname = \"hashed\"\nhost = \"hash.bench\"\nupstream = \"h\"\nkey = \"path\"\n\n\
+             [[routes]]\nname = \"serialized\"\nhost = \"serialize.bench\"\nupstream = \"b\"\nkey = \"path\"\n\n\
+             [routes.coalesce]\nmode = \"serialize\"\n"
         );
         let path = dir.join("writegate.toml");
         std::fs::write(&path, config).expect("write config");

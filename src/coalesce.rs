@@ -452,26 +452,41 @@ impl Coalescer {
             loop {
                 let Start { job, waiters } = start;
                 let began = Instant::now();
+                // Should the job ever panic, the guard frees the key so later writes are not stuck.
+                let mut guard = KeyWriting {
+                    coalescer: &this,
+                    key: &key,
+                    mode,
+                    done: false,
+                };
                 let response = job().await;
+                guard.done = true;
                 for w in waiters {
                     this.outcomes[w.disposition as usize].increment(1);
                     let _ = w.tx.send((response.clone(), w.disposition));
                 }
-                let mut map = this.shard(&key);
-                let Some(queue) = map.get_mut(&key) else {
-                    return;
-                };
-                queue.busy = Busy::Idle;
-                queue.last_service = began.elapsed();
-                let next = this.dispatch(queue, mode, &key);
-                this.forget_if_done(&mut map, &key);
-                drop(map);
-                match next {
+                match this.finish_write(&key, mode, began.elapsed()) {
                     Some(next) => start = next,
                     None => return,
                 }
             }
         });
+    }
+
+    /// Marks the key's write as done and decides what it does next.
+    fn finish_write(
+        self: &Arc<Self>,
+        key: &Bytes,
+        mode: CoalesceMode,
+        took: Duration,
+    ) -> Option<Start> {
+        let mut map = self.shard(key);
+        let queue = map.get_mut(key)?;
+        queue.busy = Busy::Idle;
+        queue.last_service = took;
+        let next = self.dispatch(queue, mode, key);
+        self.forget_if_done(&mut map, key);
+        next
     }
 
     /// Removes a waiting client (timed out or gone) if its entry has not started.
@@ -533,6 +548,25 @@ impl Coalescer {
             start
         };
         self.run(key.clone(), start, mode);
+    }
+}
+
+/// Frees a key whose write task unwound before finishing (its clients get 500 from `wait`).
+struct KeyWriting<'a> {
+    coalescer: &'a Arc<Coalescer>,
+    key: &'a Bytes,
+    mode: CoalesceMode,
+    done: bool,
+}
+
+impl Drop for KeyWriting<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let next = self
+                .coalescer
+                .finish_write(self.key, self.mode, Duration::ZERO);
+            self.coalescer.run(self.key.clone(), next, self.mode);
+        }
     }
 }
 
@@ -686,6 +720,25 @@ mod tests {
         release.send(()).unwrap();
         assert!(first.await.unwrap().is_ok());
         assert!(second.await.unwrap().is_ok());
+        assert_eq!(coalescer.active_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_panics_frees_its_key() {
+        let coalescer = Coalescer::new("t");
+        let s = settings(CoalesceMode::Serialize);
+        let key = Bytes::from_static(b"k");
+        let boom: Job = Box::new(|| Box::pin(async { panic!("injected failure") }));
+        let (reply, _) = coalescer
+            .write(key.clone(), fingerprint(b"1"), boom, &s)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let (reply, _) = coalescer
+            .write(key, fingerprint(b"2"), ok_job(), &s)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "the key was freed");
         assert_eq!(coalescer.active_keys(), 0);
     }
 }
