@@ -241,45 +241,83 @@ impl Coalescer {
         settings: &CoalesceConfig,
     ) -> Result<Reply, Refusal> {
         let mode = settings.mode;
-        let (id, rx, start) = {
+        // Decide under the shard lock; every await happens after it is released.
+        let plan = {
             let mut map = self.shard(&key);
             let queue = self.queue(&mut map, &key);
-            if queue.waiting >= settings.max_pending_per_key {
-                return Err(Refusal::QueueFull {
+            if queue.is_done() {
+                // Nothing waits or runs on this key: send now, from the client's own task.
+                queue.busy = Busy::Writing;
+                WritePlan::Now(job)
+            } else if queue.waiting >= settings.max_pending_per_key {
+                WritePlan::Refused(Refusal::QueueFull {
                     retry_after: queue.retry_after(),
-                });
-            }
-            let id = queue.next_id;
-            queue.next_id += 1;
-            queue.waiting += 1;
-            let (tx, rx) = oneshot::channel();
-            let joins_newest = mode == CoalesceMode::Dedupe
-                && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: newest, .. }) if **newest == fingerprint);
-            match queue.queue.back_mut() {
-                Some(Entry::Write { waiters, .. }) if joins_newest => {
-                    waiters.push(Waiter {
-                        id,
-                        tx,
-                        disposition: Disposition::Deduplicated,
-                    });
-                    (id, rx, None)
-                }
-                _ => {
-                    queue.queue.push_back(Entry::Write {
-                        fingerprint: Box::new(fingerprint),
-                        job,
-                        waiters: vec![Waiter {
+                })
+            } else {
+                let id = queue.next_id;
+                queue.next_id += 1;
+                queue.waiting += 1;
+                let (tx, rx) = oneshot::channel();
+                let joins_newest = mode == CoalesceMode::Dedupe
+                    && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: newest, .. }) if **newest == fingerprint);
+                match queue.queue.back_mut() {
+                    Some(Entry::Write { waiters, .. }) if joins_newest => {
+                        waiters.push(Waiter {
                             id,
                             tx,
-                            disposition: Disposition::Sent,
-                        }],
-                    });
-                    (id, rx, self.dispatch(queue, mode, &key))
+                            disposition: Disposition::Deduplicated,
+                        });
+                        WritePlan::Wait {
+                            id,
+                            rx,
+                            start: None,
+                        }
+                    }
+                    _ => {
+                        queue.queue.push_back(Entry::Write {
+                            fingerprint: Box::new(fingerprint),
+                            job,
+                            waiters: vec![Waiter {
+                                id,
+                                tx,
+                                disposition: Disposition::Sent,
+                            }],
+                        });
+                        let start = self.dispatch(queue, mode, &key);
+                        WritePlan::Wait { id, rx, start }
+                    }
                 }
             }
         };
-        self.run(key.clone(), start, mode);
-        self.wait(key, id, rx, settings.max_wait).await
+        match plan {
+            WritePlan::Now(job) => Ok(self.write_now(key, job, mode).await),
+            WritePlan::Refused(refusal) => Err(refusal),
+            WritePlan::Wait { id, rx, start } => {
+                self.run(key.clone(), start, mode);
+                self.wait(key, id, rx, settings.max_wait).await
+            }
+        }
+    }
+
+    /// Sends a write on a free key from the caller's task (no queue, channel or spawned task). If
+    /// the caller is dropped mid-exchange, [`InlineWrite`] finishes the exchange on a task of its own.
+    async fn write_now(self: &Arc<Self>, key: Bytes, job: Job, mode: CoalesceMode) -> Reply {
+        let mut inline = InlineWrite {
+            coalescer: Arc::clone(self),
+            key,
+            mode,
+            began: Instant::now(),
+            exchange: Some(job()),
+        };
+        let response = match inline.exchange.as_mut() {
+            Some(exchange) => exchange.await,
+            None => internal_error(),
+        };
+        inline.exchange = None;
+        self.outcomes[Disposition::Sent as usize].increment(1);
+        let next = self.finish_write(&inline.key, mode, inline.began.elapsed());
+        self.run(inline.key.clone(), next, mode);
+        (response, Disposition::Sent)
     }
 
     /// Waits for a queued write's reply; withdraws it on timeout or when the client goes away.
@@ -461,16 +499,30 @@ impl Coalescer {
                 };
                 let response = job().await;
                 guard.done = true;
-                for w in waiters {
-                    this.outcomes[w.disposition as usize].increment(1);
-                    let _ = w.tx.send((response.clone(), w.disposition));
-                }
+                this.answer(waiters, response);
                 match this.finish_write(&key, mode, began.elapsed()) {
                     Some(next) => start = next,
                     None => return,
                 }
             }
         });
+    }
+
+    /// Gives every waiter of a write its response (the last one without a copy).
+    fn answer(&self, waiters: Vec<Waiter>, response: SharedResponse) {
+        let last = waiters.len().saturating_sub(1);
+        let mut response = Some(response);
+        for (i, w) in waiters.into_iter().enumerate() {
+            let reply = if i == last {
+                response.take()
+            } else {
+                response.clone()
+            };
+            if let Some(reply) = reply {
+                self.outcomes[w.disposition as usize].increment(1);
+                let _ = w.tx.send((reply, w.disposition));
+            }
+        }
     }
 
     /// Marks the key's write as done and decides what it does next.
@@ -551,6 +603,43 @@ impl Coalescer {
     }
 }
 
+/// A write sent from its client's task. Dropped before the exchange completed (the client went
+/// away), it moves the exchange to a task of its own, which finishes it and frees the key.
+struct InlineWrite {
+    coalescer: Arc<Coalescer>,
+    key: Bytes,
+    mode: CoalesceMode,
+    began: Instant,
+    exchange: Option<Pin<Box<dyn Future<Output = SharedResponse> + Send>>>,
+}
+
+impl Drop for InlineWrite {
+    fn drop(&mut self) {
+        let Some(exchange) = self.exchange.take() else {
+            return;
+        };
+        let (coalescer, key, mode, began) = (
+            Arc::clone(&self.coalescer),
+            self.key.clone(),
+            self.mode,
+            self.began,
+        );
+        tokio::spawn(async move {
+            let mut guard = KeyWriting {
+                coalescer: &coalescer,
+                key: &key,
+                mode,
+                done: false,
+            };
+            exchange.await;
+            guard.done = true;
+            coalescer.outcomes[Disposition::Sent as usize].increment(1);
+            let next = coalescer.finish_write(&key, mode, began.elapsed());
+            coalescer.run(key.clone(), next, mode);
+        });
+    }
+}
+
 /// Frees a key whose write task unwound before finishing (its clients get 500 from `wait`).
 struct KeyWriting<'a> {
     coalescer: &'a Arc<Coalescer>,
@@ -568,6 +657,17 @@ impl Drop for KeyWriting<'_> {
             self.coalescer.run(self.key.clone(), next, self.mode);
         }
     }
+}
+
+/// What [`Coalescer::write`] decided under the shard lock.
+enum WritePlan {
+    Now(Job),
+    Refused(Refusal),
+    Wait {
+        id: u64,
+        rx: oneshot::Receiver<Reply>,
+        start: Option<Start>,
+    },
 }
 
 enum Withdrawn {
@@ -728,17 +828,52 @@ mod tests {
         let coalescer = Coalescer::new("t");
         let s = settings(CoalesceMode::Serialize);
         let key = Bytes::from_static(b"k");
-        let boom: Job = Box::new(|| Box::pin(async { panic!("injected failure") }));
+        let boom = || -> Job { Box::new(|| Box::pin(async { panic!("injected failure") })) };
+        let spawn_write = |body: &'static [u8], job: Job| {
+            let (c, s, key) = (Arc::clone(&coalescer), s.clone(), key.clone());
+            tokio::spawn(async move { c.write(key, fingerprint(body), job, &s).await })
+        };
+        // On a free key the write runs on its client's task: the panic is that task's.
+        assert!(spawn_write(b"1", boom()).await.is_err());
         let (reply, _) = coalescer
-            .write(key.clone(), fingerprint(b"1"), boom, &s)
-            .await
-            .unwrap();
-        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
-        let (reply, _) = coalescer
-            .write(key, fingerprint(b"2"), ok_job(), &s)
+            .write(key.clone(), fingerprint(b"2"), ok_job(), &s)
             .await
             .unwrap();
         assert_eq!(reply.status, StatusCode::OK, "the key was freed");
+        // Behind a held write, a panicking job runs on the queue's task: its client gets 500.
+        let (release, released) = oneshot::channel::<()>();
+        let held: Job = Box::new(move || {
+            Box::pin(async move {
+                let _ = released.await;
+                ok_reply()
+            })
+        });
+        let holder = spawn_write(b"3", held);
+        while coalescer.active_keys() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let queued = spawn_write(b"4", boom());
+        while coalescer.waiting(&key) == 0 {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        assert!(holder.await.unwrap().is_ok());
+        let (reply, _) = queued.await.unwrap().unwrap();
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+        let (reply, _) = coalescer
+            .write(key, fingerprint(b"5"), ok_job(), &s)
+            .await
+            .unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(coalescer.active_keys(), 0);
+    }
+
+    fn ok_reply() -> SharedResponse {
+        SharedResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            backend: None,
+        }
     }
 }
