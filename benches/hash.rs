@@ -31,6 +31,7 @@ fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> (Balance
             label,
             weight: NonZeroU32::MIN,
             down: false,
+            max_inflight: None,
         })
         .collect();
     let members: Vec<Member> = backends
@@ -44,6 +45,9 @@ fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> (Balance
             balance_factor: factor,
         }),
         backends,
+        admission: None,
+        outlier: Default::default(),
+        health_check: None,
     };
     (Balancer::new(&config, &members), members)
 }
@@ -87,7 +91,12 @@ fn lookups(c: &mut Criterion) {
             c.bench_function(&format!("rendezvous/{n} backends/{name}"), |b| {
                 b.iter(|| {
                     i = (i + 1) & 4095;
-                    black_box(balancer.pick(&members, Some(keys[i].as_bytes()), 0))
+                    black_box(balancer.pick(
+                        &members,
+                        balancer.hash_key(keys[i].as_bytes()),
+                        0,
+                        |_| true,
+                    ))
                 })
             });
         }

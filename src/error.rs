@@ -12,6 +12,7 @@ use std::time::Duration;
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use crate::admission::{Shed, ShedReason};
 use crate::coalesce::{Refusal, SharedResponse};
 use crate::key::KeySource;
 use crate::proxy::ResponseBody;
@@ -50,6 +51,8 @@ pub enum ProxyError {
     KeyWaitTimeout { retry_after: Duration },
     #[error("the backend's response is too large to share with merged writes")]
     ResponseNotShareable,
+    #[error("shed by the {scope} admission limit")]
+    Shed { shed: Shed, scope: &'static str },
     #[error("{0}")]
     Upstream(#[from] SendError),
 }
@@ -69,6 +72,7 @@ impl ProxyError {
             }
             ProxyError::KeyQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::ResponseNotShareable => StatusCode::BAD_GATEWAY,
+            ProxyError::Shed { shed, .. } => shed.status,
             ProxyError::Upstream(SendError::ConnectTimeout | SendError::ResponseTimeout) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -88,7 +92,9 @@ impl ProxyError {
             ProxyError::NoBackend | ProxyError::Upstream(_) | ProxyError::ResponseNotShareable => {
                 Fault::Upstream
             }
-            ProxyError::KeyQueueFull { .. } | ProxyError::KeyWaitTimeout { .. } => Fault::Proxy,
+            ProxyError::KeyQueueFull { .. }
+            | ProxyError::KeyWaitTimeout { .. }
+            | ProxyError::Shed { .. } => Fault::Proxy,
         }
     }
 
@@ -106,6 +112,7 @@ impl ProxyError {
             ProxyError::KeyQueueFull { .. } => "key_queue_full",
             ProxyError::KeyWaitTimeout { .. } => "key_wait_timeout",
             ProxyError::ResponseNotShareable => "response_not_shareable",
+            ProxyError::Shed { .. } => "shed",
             ProxyError::Upstream(SendError::Connect(_)) => "connect_failed",
             ProxyError::Upstream(SendError::ConnectTimeout) => "connect_timeout",
             ProxyError::Upstream(SendError::ResponseTimeout) => "response_timeout",
@@ -125,6 +132,21 @@ impl ProxyError {
                     out,
                     "the request key in {key_source} is longer than {limit} bytes"
                 );
+                return;
+            }
+            ProxyError::Shed { shed, scope } => {
+                let _ = match shed.reason {
+                    ShedReason::QueueFull => write!(
+                        out,
+                        "the {scope} is at its limit of {} requests in flight and its queue of {} is full",
+                        shed.limit, shed.max_queue
+                    ),
+                    ShedReason::QueueTimeout => write!(
+                        out,
+                        "the {scope} is at its limit of {} requests in flight and this request waited too long in its queue",
+                        shed.limit
+                    ),
+                };
                 return;
             }
             ProxyError::BodyTooLarge { limit } => {

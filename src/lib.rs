@@ -12,6 +12,7 @@
 //! - [`snapshot`]: the immutable runtime state built from a config, swapped atomically.
 //! - [`route`]: matching requests to routes.
 //! - [`key`]: extracting the request key a route balances (and later coalesces) on.
+//! - [`admission`]: admission limits, queues and shedding, with an adaptive limit.
 //! - [`coalesce`]: per-key write queues: serialize, dedupe, last-write-wins, ordered reads.
 //! - [`balance`]: choosing a backend: weighted least-connections, consistent hashing, bounded loads.
 //! - [`upstream`]: backends' live state, carried across reloads, and their connection pools.
@@ -23,6 +24,7 @@
 //! - [`demo`]: the in-memory key-value backends and tour behind `writegate demo`.
 
 pub mod admin;
+pub mod admission;
 pub mod balance;
 pub mod coalesce;
 pub mod config;

@@ -47,6 +47,18 @@ pub const COALESCE_KEYS_ACTIVE: &str = "writegate_coalesce_keys_active";
 /// Counter, labels `route`, `reason` (`queue_full`, `wait_timeout`): requests refused by a key queue.
 pub const COALESCE_REJECTED: &str = "writegate_coalesce_rejected_total";
 
+/// Counter, labels `upstream`, `backend`: ejections by passive outlier detection.
+pub const BACKEND_EJECTIONS: &str = "writegate_backend_ejections_total";
+
+/// Counter, labels `scope` (`route`, `upstream`), `name`: requests admitted by an admission limit.
+pub const ADMISSION_ADMITTED: &str = "writegate_admission_admitted_total";
+/// Counter, labels `scope`, `name`, `reason` (`queue_full`, `queue_timeout`): requests shed.
+pub const ADMISSION_REJECTED: &str = "writegate_admission_rejected_total";
+/// Gauge, labels `scope`, `name`: requests waiting for an admission slot.
+pub const ADMISSION_QUEUE_DEPTH: &str = "writegate_admission_queue_depth";
+/// Gauge, labels `scope`, `name`: the current limit (moves when adaptive).
+pub const ADMISSION_LIMIT: &str = "writegate_admission_limit";
+
 /// Registers help texts with the installed recorder.
 fn describe() {
     describe_counter!(

@@ -4,11 +4,13 @@
 //! with a host before host-less ones, then longer `path_prefix` first. A request whose path matches a
 //! route but whose method none of the matching routes accepts gets 405 rather than 404.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
 
+use crate::admission::Limiter;
 use crate::coalesce::Coalescer;
 use crate::config::{CoalesceConfig, RouteConfig};
 use crate::key::KeyRule;
@@ -31,12 +33,64 @@ pub struct Route {
     pub coalescer: Option<Arc<Coalescer>>,
     /// Position in the router's match order (set by [`Router::new`]).
     pub index: usize,
+    pub admission: Option<Arc<Limiter>>,
+    pub retries: u32,
+    pub retry_idempotent: bool,
+    pub retry_budget: RetryBudget,
+}
+
+/// Keeps retries under a fraction of requests: each request deposits `ratio` of a retry, each
+/// retry withdraws one. A reserve of a few retries lets a quiet route retry at all.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// Thousandths of a retry deposited per request.
+    per_request: u64,
+    /// Thousandths of a retry available.
+    balance: AtomicU64,
+}
+
+/// Retries a route may bank (in thousandths): enough for a burst, not for an outage.
+const RETRY_RESERVE: u64 = 10_000;
+
+impl RetryBudget {
+    pub fn new(ratio: f64) -> RetryBudget {
+        RetryBudget {
+            per_request: (ratio * 1000.0) as u64,
+            balance: AtomicU64::new(RETRY_RESERVE),
+        }
+    }
+
+    pub fn deposit(&self) {
+        if self.balance.load(Ordering::Relaxed) < RETRY_RESERVE {
+            let _ = self
+                .balance
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                    Some((b + self.per_request).min(RETRY_RESERVE))
+                });
+        }
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn withdraw(&self) -> bool {
+        self.balance
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                b.checked_sub(1000)
+            })
+            .is_ok()
+    }
 }
 
 impl Route {
     /// `coalescer` is the route's queue set, kept from the previous snapshot when it had one.
     pub fn new(config: &RouteConfig, coalescer: Option<Arc<Coalescer>>) -> Route {
         Route {
+            admission: config
+                .admission
+                .as_ref()
+                .map(|a| Limiter::new(a, "route", &config.name)),
+            retries: config.retries,
+            retry_idempotent: config.retry_idempotent,
+            retry_budget: RetryBudget::new(config.retry_budget),
             coalesce: config.coalesce.clone(),
             coalescer,
             index: 0,
@@ -134,6 +188,10 @@ mod tests {
             coalesce: CoalesceConfig::default(),
             coalescer: None,
             index: 0,
+            admission: None,
+            retries: 0,
+            retry_idempotent: false,
+            retry_budget: RetryBudget::new(0.0),
         }
     }
 

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+use crate::admission::Limiter;
 use crate::balance::Balancer;
 use crate::coalesce::Coalescer;
 use crate::config::{CoalesceMode, Config};
@@ -50,14 +51,22 @@ impl Snapshot {
                         let backend = live
                             .entry(b.address)
                             .or_insert_with(|| Arc::new(Backend::new(b.address, &b.label)));
-                        Member::new(Arc::clone(backend), b.weight.get(), &u.name)
+                        let mut member = Member::new(Arc::clone(backend), b.weight.get(), &u.name);
+                        member.max_inflight = b.max_inflight;
+                        member
                     })
                     .collect();
                 let balancer = Balancer::new(u, &members);
                 let inflight = upstream_counts
                     .get(u.name.as_str())
                     .map_or_else(Arc::default, |c| Arc::clone(c));
-                Upstream::new(&u.name, members, balancer, inflight)
+                let mut upstream = Upstream::new(&u.name, members, balancer, inflight);
+                upstream.outlier = u.outlier.clone();
+                upstream.admission = u
+                    .admission
+                    .as_ref()
+                    .map(|a| Limiter::new(a, "upstream", &u.name));
+                upstream
             })
             .collect();
         // Queues are kept by route name, so writes waiting on a key keep their order across reloads.

@@ -52,9 +52,10 @@ fn writegate_config(listen: &str) -> String {
 /// Where writegate's ketama ring puts `key`, computed in-process.
 fn writegate_placement(snapshot: &Snapshot, key: &str) -> String {
     let upstream = &snapshot.upstreams[0];
+    let hash = upstream.balancer.hash_key(key.as_bytes());
     let pick = upstream
         .balancer
-        .pick(&upstream.members, Some(key.as_bytes()), 0)
+        .pick(&upstream.members, hash, 0, |_| true)
         .unwrap();
     upstream.members[pick.member].backend.label().to_string()
 }

@@ -11,16 +11,13 @@ use std::sync::atomic::Ordering;
 
 use crate::upstream::Member;
 
-pub(super) fn pick(members: &[Member]) -> Option<usize> {
-    let first = members.first()?;
-    if members.len() == 1 {
-        return Some(0);
-    }
-    // Pass 1: the lowest in-flight/weight ratio.
-    let mut best = 0;
+pub(super) fn pick(members: &[Member], usable: &impl Fn(usize) -> bool) -> Option<usize> {
+    // Pass 1: the lowest in-flight/weight ratio among usable members.
+    let mut candidates = members.iter().enumerate().filter(|(i, _)| usable(*i));
+    let (mut best, first) = candidates.next()?;
     let (mut best_load, mut best_weight) =
         (first.backend.inflight() as u64, u64::from(first.weight));
-    for (i, m) in members.iter().enumerate().skip(1) {
+    for (i, m) in candidates {
         let (load, weight) = (m.backend.inflight() as u64, u64::from(m.weight));
         if load * best_weight < best_load * weight {
             (best, best_load, best_weight) = (i, load, weight);
@@ -32,7 +29,7 @@ pub(super) fn pick(members: &[Member]) -> Option<usize> {
     let mut tied_weight = 0i64;
     for (i, m) in members.iter().enumerate() {
         let (load, weight) = (m.backend.inflight() as u64, u64::from(m.weight));
-        if load * best_weight != best_load * weight {
+        if load * best_weight != best_load * weight || !usable(i) {
             continue;
         }
         let weight = i64::from(m.weight);
@@ -78,14 +75,20 @@ mod tests {
     fn counts(members: &[Member], picks: usize) -> Vec<usize> {
         let mut counts = vec![0; members.len()];
         for _ in 0..picks {
-            counts[pick(members).unwrap()] += 1;
+            counts[pick(members, &|_| true).unwrap()] += 1;
         }
         counts
     }
 
     #[test]
     fn empty_upstream_has_no_pick() {
-        assert_eq!(pick(&[]), None);
+        assert_eq!(pick(&[], &|_| true), None);
+        assert_eq!(
+            pick(&members(&[1, 1]), &|_| false),
+            None,
+            "no usable member, no pick"
+        );
+        assert_eq!(pick(&members(&[1, 1]), &|i| i == 1), Some(1));
     }
 
     #[test]
@@ -125,7 +128,7 @@ mod tests {
             Balancer::LeastConn,
             Default::default(),
         );
-        let (member, guard) = upstream.pick(None).unwrap();
+        let (_, member, guard) = upstream.pick(None, &[]).unwrap();
         assert_eq!(member.backend.inflight(), 1);
         assert_eq!(upstream.inflight.load(Ordering::Relaxed), 1);
         drop(guard);

@@ -73,13 +73,33 @@ impl Balancer {
 
     /// Chooses a member. `key` is the request key on consistent-hash upstreams (`None` falls back to
     /// least connections); `upstream_inflight` is the upstream's total in flight, for bounded loads.
+    /// The key's hash under this balancer's algorithm (`None` for least_conn), computed once per
+    /// request and reused by retries.
+    pub fn hash_key(&self, key: &[u8]) -> Option<KeyHash> {
+        match self {
+            Balancer::LeastConn => None,
+            Balancer::ConsistentHash {
+                table: HashTable::Rendezvous(_),
+                ..
+            } => Some(KeyHash::Rendezvous(rendezvous::key_hash(key))),
+            Balancer::ConsistentHash {
+                table: HashTable::Ketama(_),
+                ..
+            } => Some(KeyHash::Ketama(ketama::key_hash(key))),
+        }
+    }
+
+    /// Only members for which `usable` holds are chosen; a key whose own backend is unusable moves
+    /// to the next usable one in its order (not counted as a spill). `key` comes from
+    /// [`Balancer::hash_key`]; `None` falls back to least connections.
     pub fn pick(
         &self,
         members: &[Member],
-        key: Option<&[u8]>,
+        key: Option<KeyHash>,
         upstream_inflight: usize,
+        usable: impl Fn(usize) -> bool,
     ) -> Option<Pick> {
-        let (table, bound, key) = match (self, key) {
+        let (table, bound, hash) = match (self, key) {
             (
                 Balancer::ConsistentHash {
                     table,
@@ -93,52 +113,54 @@ impl Balancer {
                 (table, bound, key)
             }
             _ => {
-                return least_conn::pick(members).map(|member| Pick {
+                return least_conn::pick(members, &usable).map(|member| Pick {
                     member,
                     spilled: false,
                 })
             }
         };
         let fits = |m: usize| bound.as_ref().is_none_or(|b| b.fits(&members[m]));
-        match table {
-            HashTable::Rendezvous(t) => {
-                let hash = rendezvous::key_hash(key);
-                let own = t.primary(hash);
-                if fits(own) {
-                    return Some(Pick {
-                        member: own,
-                        spilled: false,
-                    });
-                }
-                Some(spill(own, t.ranking(hash), fits))
-            }
-            HashTable::Ketama(ring) => {
-                let hash = ketama::key_hash(key);
-                let own = ring.primary(hash)?;
-                if fits(own) {
-                    return Some(Pick {
-                        member: own,
-                        spilled: false,
-                    });
-                }
-                Some(spill(own, ring.ranking(hash, members.len()), fits))
-            }
+        let own = match (table, hash) {
+            (HashTable::Rendezvous(t), KeyHash::Rendezvous(h)) => t.primary(h),
+            (HashTable::Ketama(ring), KeyHash::Ketama(h)) => ring.primary(h)?,
+            _ => return None,
+        };
+        if usable(own) && fits(own) {
+            return Some(Pick {
+                member: own,
+                spilled: false,
+            });
         }
+        // The rare path: walk the key's fixed order.
+        let order = match (table, hash) {
+            (HashTable::Rendezvous(t), KeyHash::Rendezvous(h)) => t.ranking(h),
+            (HashTable::Ketama(r), KeyHash::Ketama(h)) => r.ranking(h, members.len()),
+            _ => return None,
+        };
+        let first = |accept: &dyn Fn(usize) -> bool| order.iter().copied().find(|&m| accept(m));
+        if usable(own) {
+            // Full under bounded loads: spill to the next that fits, else stay.
+            let member = first(&|m| m != own && usable(m) && fits(m));
+            return Some(Pick {
+                member: member.unwrap_or(own),
+                spilled: member.is_some(),
+            });
+        }
+        // Unusable (unhealthy, at its limit, or already tried): move along the key's order.
+        first(&|m| usable(m) && fits(m))
+            .or_else(|| first(&|m| usable(m)))
+            .map(|member| Pick {
+                member,
+                spilled: false,
+            })
     }
 }
 
-/// The first member of `order` that fits, or the key's own backend when none does.
-fn spill(own: usize, order: Vec<usize>, fits: impl Fn(usize) -> bool) -> Pick {
-    match order.into_iter().find(|&m| m != own && fits(m)) {
-        Some(member) => Pick {
-            member,
-            spilled: true,
-        },
-        None => Pick {
-            member: own,
-            spilled: false,
-        },
-    }
+/// A key's hash under the table's algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyHash {
+    Rendezvous(u64),
+    Ketama(u32),
 }
 
 /// The bounded-load capacity test for one pick.
@@ -169,6 +191,11 @@ mod tests {
     use crate::config::{BackendConfig, HashConfig};
     use crate::upstream::{Backend, Upstream};
 
+    fn pick(up: &Upstream, key: &[u8], inflight: usize) -> Option<Pick> {
+        up.balancer
+            .pick(&up.members, up.balancer.hash_key(key), inflight, |_| true)
+    }
+
     fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> Upstream {
         let backends: Vec<BackendConfig> = (0..n)
             .map(|i| {
@@ -178,6 +205,7 @@ mod tests {
                     label,
                     weight: NonZeroU32::MIN,
                     down: false,
+                    max_inflight: None,
                 }
             })
             .collect();
@@ -188,6 +216,9 @@ mod tests {
                 balance_factor: factor,
             }),
             backends,
+            admission: None,
+            outlier: Default::default(),
+            health_check: None,
         };
         let members: Box<[Member]> = config
             .backends
@@ -203,24 +234,21 @@ mod tests {
         for algorithm in [HashAlgorithm::Rendezvous, HashAlgorithm::Ketama] {
             let up = upstream(4, algorithm, Some(1.25));
             let key = b"hot-key".as_slice();
-            let own = up.balancer.pick(&up.members, Some(key), 0).unwrap();
+            let own = pick(&up, key, 0).unwrap();
             assert!(!own.spilled);
             // Load the key's backend alone: with 8 in flight on 4 backends, capacity is
             // ceil(1.25 × 9 / 4) = 3, and the key's backend holds 8.
             let held: Vec<_> = (0..8).map(|_| up.start_on(own.member)).collect();
             let total = up.inflight.load(std::sync::atomic::Ordering::Relaxed);
-            let spill = up.balancer.pick(&up.members, Some(key), total).unwrap();
+            let spill = pick(&up, key, total).unwrap();
             assert!(spill.spilled, "{algorithm:?}");
             assert_ne!(spill.member, own.member);
             // The spill follows the key's fixed order: always the same second choice.
             for _ in 0..5 {
-                assert_eq!(
-                    up.balancer.pick(&up.members, Some(key), total).unwrap(),
-                    spill
-                );
+                assert_eq!(pick(&up, key, total).unwrap(), spill);
             }
             drop(held);
-            let back = up.balancer.pick(&up.members, Some(key), 0).unwrap();
+            let back = pick(&up, key, 0).unwrap();
             assert_eq!(back, own, "the key returns when its backend has room");
         }
     }
@@ -228,9 +256,9 @@ mod tests {
     #[test]
     fn without_a_factor_the_key_never_moves() {
         let up = upstream(3, HashAlgorithm::Rendezvous, None);
-        let own = up.balancer.pick(&up.members, Some(b"k"), 0).unwrap();
+        let own = pick(&up, b"k", 0).unwrap();
         let _held: Vec<_> = (0..50).map(|_| up.start_on(own.member)).collect();
-        assert_eq!(up.balancer.pick(&up.members, Some(b"k"), 50).unwrap(), own);
+        assert_eq!(pick(&up, b"k", 50).unwrap(), own);
     }
 
     #[test]
@@ -238,7 +266,13 @@ mod tests {
         let up = upstream(3, HashAlgorithm::Rendezvous, None);
         let _a = up.start_on(0);
         let _b = up.start_on(1);
-        assert_eq!(up.balancer.pick(&up.members, None, 2).unwrap().member, 2);
+        assert_eq!(
+            up.balancer
+                .pick(&up.members, None, 2, |_| true)
+                .unwrap()
+                .member,
+            2
+        );
     }
 
     #[test]
@@ -260,17 +294,17 @@ mod tests {
                     balance_factor: None,
                 }),
                 backends: Vec::new(),
+                admission: None,
+                outlier: Default::default(),
+                health_check: None,
             };
             let balancer = Balancer::new(&config, &config_members);
             for i in 0..5_000u32 {
                 let key = i.to_le_bytes();
-                let before = all
-                    .balancer
-                    .pick(&all.members, Some(&key), 0)
-                    .unwrap()
-                    .member;
+                let before = pick(&all, &key, 0).unwrap().member;
+                let hash = balancer.hash_key(&key);
                 let after = balancer
-                    .pick(&config_members, Some(&key), 0)
+                    .pick(&config_members, hash, 0, |_| true)
                     .unwrap()
                     .member;
                 let after_label = config_members[after].backend.label();

@@ -78,6 +78,41 @@ pub struct UpstreamSection {
     pub hash_algorithm: Option<Spanned<HashAlgorithmKind>>,
     pub hash_balance_factor: Option<Spanned<f64>>,
     pub backends: Spanned<Vec<BackendEntry>>,
+    pub max_inflight_per_backend: Option<Spanned<i64>>,
+    pub admission: Option<Spanned<AdmissionSection>>,
+    pub outlier_detection: Option<OutlierSection>,
+    pub health_check: Option<HealthCheckSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionSection {
+    pub max_inflight: Spanned<i64>,
+    pub max_queue: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<String>>,
+    pub shed_status: Option<Spanned<i64>>,
+    pub adaptive: Option<bool>,
+    pub min_inflight: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierSection {
+    pub consecutive_failures: Option<Spanned<i64>>,
+    pub base_ejection_time: Option<Spanned<String>>,
+    pub max_ejection_time: Option<Spanned<String>>,
+    pub max_ejection_percent: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    pub path: Spanned<String>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub healthy_threshold: Option<Spanned<i64>>,
+    pub unhealthy_threshold: Option<Spanned<i64>>,
+    pub expected_status: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +121,7 @@ pub struct BackendEntry {
     pub address: Spanned<String>,
     pub weight: Option<Spanned<i64>>,
     pub down: Option<bool>,
+    pub max_inflight: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +138,10 @@ pub struct RouteSection {
     pub on_missing_key: Option<Spanned<OnMissingKeyKind>>,
     pub max_key_length: Option<Spanned<String>>,
     pub coalesce: Option<Spanned<CoalesceSection>>,
+    pub admission: Option<Spanned<AdmissionSection>>,
+    pub retries: Option<Spanned<i64>>,
+    pub retry_idempotent: Option<bool>,
+    pub retry_budget: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

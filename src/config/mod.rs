@@ -58,6 +58,30 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(5);
 /// Methods a coalescing route coalesces unless `methods` says otherwise.
 pub const DEFAULT_COALESCE_METHODS: [Method; 4] =
     [Method::PUT, Method::POST, Method::PATCH, Method::DELETE];
+/// Default consecutive failures that eject a backend (0 turns passive detection off).
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// Default first ejection; it doubles on each repeat.
+pub const DEFAULT_BASE_EJECTION_TIME: Duration = Duration::from_secs(10);
+/// Default longest ejection.
+pub const DEFAULT_MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+/// Default most of an upstream that may be ejected at once, in percent.
+pub const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
+/// Default time between active health checks of one backend.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Default time an active health check may take.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default successes in a row that mark a backend healthy again.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+/// Default failures in a row that mark a backend unhealthy.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+/// Default queue behind an admission limit.
+pub const DEFAULT_MAX_QUEUE: usize = 1024;
+/// Default longest wait in an admission queue.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default retries of a request that never reached a backend.
+pub const DEFAULT_RETRIES: u32 = 1;
+/// Default retry budget: retries at most this fraction of requests.
+pub const DEFAULT_RETRY_BUDGET: f64 = 0.2;
 /// Largest accepted worker thread count.
 pub const MAX_WORKERS: i64 = 1024;
 
@@ -105,6 +129,52 @@ pub enum HashAlgorithm {
     Ketama,
 }
 
+/// Passive outlier detection of an upstream's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject a backend; 0 disables ejection.
+    pub consecutive_failures: u32,
+    pub base_ejection_time: Duration,
+    pub max_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            base_ejection_time: DEFAULT_BASE_EJECTION_TIME,
+            max_ejection_time: DEFAULT_MAX_EJECTION_TIME,
+            max_ejection_percent: DEFAULT_MAX_EJECTION_PERCENT,
+        }
+    }
+}
+
+/// Active health checks of an upstream's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    /// Inclusive range of statuses that count as healthy.
+    pub expected_status: (u16, u16),
+}
+
+/// An admission limit (per route, or per upstream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// Requests in flight to backends at once (the ceiling when adaptive).
+    pub max_inflight: usize,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub shed_status: http::StatusCode,
+    pub adaptive: bool,
+    /// The floor of an adaptive limit.
+    pub min_inflight: usize,
+}
+
 /// Settings of a `balance = "consistent_hash"` upstream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HashConfig {
@@ -119,6 +189,9 @@ pub struct UpstreamConfig {
     /// `None` is least connections.
     pub consistent_hash: Option<HashConfig>,
     pub backends: Vec<BackendConfig>,
+    pub admission: Option<AdmissionConfig>,
+    pub outlier: OutlierConfig,
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +202,8 @@ pub struct BackendConfig {
     pub weight: NonZeroU32,
     /// Taken out of rotation by the operator (maintenance); it gets no requests.
     pub down: bool,
+    /// Most requests in flight to this backend; `None` is unlimited.
+    pub max_inflight: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +238,15 @@ impl Default for CoalesceConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
+    pub admission: Option<AdmissionConfig>,
+    /// Retries of a request that never reached a backend, on another backend.
+    pub retries: u32,
+    /// Also retry GET, HEAD, PUT and DELETE whose bytes may have reached a backend.
+    pub retry_idempotent: bool,
+    /// Retries stay under this fraction of requests.
+    pub retry_budget: f64,
     pub coalesce: CoalesceConfig,
     /// The request key, when the route defines one.
     pub key: Option<KeyRule>,
@@ -306,6 +388,12 @@ impl Validator<'_, '_> {
             .into_iter()
             .map(|u| {
                 let consistent_hash = self.hash_config(&u);
+                let default_backend_limit = u
+                    .max_inflight_per_backend
+                    .and_then(|m| self.count("max_inflight_per_backend", m, 1, 1_000_000));
+                let admission = u.admission.map(|a| self.admission(a));
+                let outlier = self.outlier(u.outlier_detection);
+                let health_check = u.health_check.map(|h| self.health_check(h));
                 let name = u.name.into_inner();
                 let backends_span = u.backends.span();
                 let entries = u.backends.into_inner();
@@ -336,6 +424,10 @@ impl Validator<'_, '_> {
                             address,
                             weight,
                             down: entry.down.unwrap_or(false),
+                            max_inflight: entry
+                                .max_inflight
+                                .and_then(|m| self.count("max_inflight", m, 1, 1_000_000))
+                                .or(default_backend_limit),
                         });
                     }
                 }
@@ -349,6 +441,9 @@ impl Validator<'_, '_> {
                     name,
                     consistent_hash,
                     backends,
+                    admission,
+                    outlier,
+                    health_check,
                 }
             })
             .collect()
@@ -400,6 +495,25 @@ impl Validator<'_, '_> {
             let connect_timeout = self.duration(connect, DEFAULT_CONNECT_TIMEOUT);
             let response_timeout = self.duration(response, DEFAULT_RESPONSE_TIMEOUT);
             let max_body = self.max_body(r.max_body);
+            let admission = r.admission.map(|a| self.admission(a));
+            let retries = r
+                .retries
+                .map_or(Some(DEFAULT_RETRIES as usize), |n| {
+                    self.count("retries", n, 0, 10)
+                })
+                .unwrap_or(0) as u32;
+            let retry_budget = r.retry_budget.map_or(DEFAULT_RETRY_BUDGET, |b| {
+                let value = *b.get_ref();
+                if (0.0..=1.0).contains(&value) {
+                    value
+                } else {
+                    self.sink.at(
+                        b.span(),
+                        format!("retry_budget {value} is out of range: use 0.0 to 1.0"),
+                    );
+                    DEFAULT_RETRY_BUDGET
+                }
+            });
             let wrote_key = r.key.is_some();
             let key = self.key_rule(r.key, r.on_missing_key, r.max_key_length);
             let coalesce = r.coalesce.map_or_else(CoalesceConfig::default, |c| {
@@ -420,6 +534,10 @@ impl Validator<'_, '_> {
             }
             if let (Some(upstream), Some(path_prefix)) = (upstream, path_prefix) {
                 out.push(RouteConfig {
+                    admission,
+                    retries,
+                    retry_idempotent: r.retry_idempotent.unwrap_or(false),
+                    retry_budget,
                     coalesce,
                     key,
                     name: r.name.into_inner(),
@@ -434,6 +552,149 @@ impl Validator<'_, '_> {
             }
         }
         out
+    }
+
+    /// A whole number in `min..=max`, or an error at its position.
+    fn count(&mut self, what: &str, n: Spanned<i64>, min: i64, max: i64) -> Option<usize> {
+        let value = *n.get_ref();
+        if (min..=max).contains(&value) {
+            usize::try_from(value).ok()
+        } else {
+            self.sink.at(
+                n.span(),
+                format!("{what} {value} is out of range: use {min} to {max}"),
+            );
+            None
+        }
+    }
+
+    fn admission(&mut self, a: Spanned<file::AdmissionSection>) -> AdmissionConfig {
+        let a = a.into_inner();
+        let max_inflight = self
+            .count("max_inflight", a.max_inflight, 1, 1_000_000)
+            .unwrap_or(1);
+        let min_inflight = a
+            .min_inflight
+            .and_then(|m| {
+                let span = m.span();
+                let value = self.count("min_inflight", m, 1, 1_000_000)?;
+                if value > max_inflight {
+                    self.sink.at(
+                        span,
+                        format!("min_inflight {value} is above max_inflight {max_inflight}"),
+                    );
+                    return None;
+                }
+                Some(value)
+            })
+            .unwrap_or(1);
+        let shed_status = match a.shed_status {
+            None => http::StatusCode::SERVICE_UNAVAILABLE,
+            Some(s) => match *s.get_ref() {
+                429 => http::StatusCode::TOO_MANY_REQUESTS,
+                503 => http::StatusCode::SERVICE_UNAVAILABLE,
+                other => {
+                    self.sink.at(
+                        s.span(),
+                        format!("shed_status {other} is not allowed: use 503 or 429"),
+                    );
+                    http::StatusCode::SERVICE_UNAVAILABLE
+                }
+            },
+        };
+        AdmissionConfig {
+            max_inflight,
+            max_queue: a
+                .max_queue
+                .and_then(|q| self.count("max_queue", q, 0, 1_000_000))
+                .unwrap_or(DEFAULT_MAX_QUEUE),
+            queue_timeout: self.duration(a.queue_timeout, DEFAULT_QUEUE_TIMEOUT),
+            shed_status,
+            adaptive: a.adaptive.unwrap_or(false),
+            min_inflight,
+        }
+    }
+
+    fn outlier(&mut self, o: Option<file::OutlierSection>) -> OutlierConfig {
+        let Some(o) = o else {
+            return OutlierConfig::default();
+        };
+        let base_ejection_time = self.duration(o.base_ejection_time, DEFAULT_BASE_EJECTION_TIME);
+        let max_span = o.max_ejection_time.as_ref().map(Spanned::span);
+        let max_ejection_time = self.duration(o.max_ejection_time, DEFAULT_MAX_EJECTION_TIME);
+        if max_ejection_time < base_ejection_time {
+            self.sink.at(
+                max_span.unwrap_or(0..0),
+                "max_ejection_time is shorter than base_ejection_time",
+            );
+        }
+        OutlierConfig {
+            consecutive_failures: o
+                .consecutive_failures
+                .map_or(Some(DEFAULT_CONSECUTIVE_FAILURES as usize), |n| {
+                    self.count("consecutive_failures", n, 0, 1000)
+                })
+                .unwrap_or(0) as u32,
+            base_ejection_time,
+            max_ejection_time,
+            max_ejection_percent: o
+                .max_ejection_percent
+                .map_or(Some(DEFAULT_MAX_EJECTION_PERCENT as usize), |n| {
+                    self.count("max_ejection_percent", n, 0, 100)
+                })
+                .unwrap_or(0) as u32,
+        }
+    }
+
+    fn health_check(&mut self, h: file::HealthCheckSection) -> HealthCheckConfig {
+        if !h.path.get_ref().starts_with('/') {
+            self.sink
+                .at(h.path.span(), "health_check.path must start with '/'");
+        }
+        let expected_status = match h.expected_status {
+            None => (200, 399),
+            Some(text) => {
+                let parsed = text.get_ref().split_once('-').map_or_else(
+                    || text.get_ref().parse::<u16>().ok().map(|s| (s, s)),
+                    |(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)),
+                );
+                match parsed {
+                    Some((a, b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => (a, b),
+                    _ => {
+                        self.sink.at(
+                            text.span(),
+                            format!(
+                                "expected_status {:?}: use a status or a range such as \"200-399\"",
+                                text.get_ref()
+                            ),
+                        );
+                        (200, 399)
+                    }
+                }
+            }
+        };
+        let threshold = |this: &mut Self, what: &str, n: Option<Spanned<i64>>, default: u32| {
+            n.map_or(Some(default as usize), |n| this.count(what, n, 1, 100))
+                .unwrap_or(default as usize) as u32
+        };
+        HealthCheckConfig {
+            path: h.path.into_inner(),
+            interval: self.duration(h.interval, DEFAULT_HEALTH_INTERVAL),
+            timeout: self.duration(h.timeout, DEFAULT_HEALTH_TIMEOUT),
+            healthy_threshold: threshold(
+                self,
+                "healthy_threshold",
+                h.healthy_threshold,
+                DEFAULT_HEALTHY_THRESHOLD,
+            ),
+            unhealthy_threshold: threshold(
+                self,
+                "unhealthy_threshold",
+                h.unhealthy_threshold,
+                DEFAULT_UNHEALTHY_THRESHOLD,
+            ),
+            expected_status,
+        }
     }
 
     fn hash_config(&mut self, u: &file::UpstreamSection) -> Option<HashConfig> {

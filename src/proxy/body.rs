@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::admission::AdmissionPermit;
 use crate::upstream::{InflightGuard, UpstreamConn};
 
 /// Why a request body stopped short.
@@ -119,6 +120,7 @@ enum ResponseKind {
 pub struct UpstreamLease {
     pub conn: UpstreamConn,
     pub inflight: InflightGuard,
+    pub admission: [Option<AdmissionPermit>; 2],
 }
 
 impl UpstreamLease {

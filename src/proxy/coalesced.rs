@@ -15,8 +15,9 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::body::{RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
-use super::{classify_send_error, headers, Exchange};
+use super::body::{RequestBody, RequestBodyError, ResponseBody};
+use super::dispatch::dispatch;
+use super::{headers, Exchange};
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
 use crate::error::ProxyError;
 use crate::route::Route;
@@ -111,21 +112,16 @@ async fn exchange(
     parts: Parts,
     body: Bytes,
 ) -> Result<SharedResponse, (ProxyError, Option<Arc<str>>)> {
-    let (member, inflight) = upstream
-        .pick(Some(key))
-        .ok_or((ProxyError::NoBackend, None))?;
-    let backend = member.backend.shared_label();
-    let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
     let request = Request::from_parts(parts, RequestBody::Full(Some(body)));
-    let (response, conn) = member
-        .backend
-        .send(request, route.connect_timeout, route.response_timeout)
+    let sent = dispatch(route, upstream, upstream.balancer.hash_key(key), request)
         .await
-        .map_err(|e| fail(classify_send_error(e, route.max_body)))?;
-    let (mut head, incoming) = response.into_parts();
+        .map_err(|failed| (failed.error, failed.backend))?;
+    let backend = sent.backend;
+    let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
+    let (mut head, incoming) = sent.response.into_parts();
     headers::strip_hop_by_hop(&mut head.headers);
     headers::append_to_list(&mut head.headers, &VIA, &headers::via_value(head.version));
-    let body = ResponseBody::upstream(incoming, UpstreamLease { conn, inflight });
+    let body = ResponseBody::upstream(incoming, sent.lease);
     // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
     let collected = tokio::time::timeout(
         route.response_timeout,

@@ -7,6 +7,7 @@
 
 mod body;
 mod coalesced;
+mod dispatch;
 pub mod headers;
 
 use std::convert::Infallible;
@@ -206,30 +207,24 @@ impl ProxyService {
                 read_lock = Some(permit.map_err(|r| ProxyError::refused(r, &route.name))?);
             }
         }
-        let (member, inflight) = upstream.pick(key).ok_or(ProxyError::NoBackend)?;
-        let backend = &*member.backend;
-        exchange.backend = Some(backend.shared_label());
+        let key = key.and_then(|k| upstream.balancer.hash_key(k));
         self.rewrite_request(&mut parts)?;
         let request = Request::from_parts(parts, RequestBody::streaming(body, route.max_body));
-        let sent = backend
-            .send(request, route.connect_timeout, route.response_timeout)
-            .await;
+        let sent = dispatch::dispatch(route, upstream, key, request).await;
         // A read holds its key until its response head is in: later writes go after it.
         drop(read_lock);
-        match sent {
-            Ok((response, conn)) => {
-                let (mut parts, body) = response.into_parts();
-                headers::strip_hop_by_hop(&mut parts.headers);
-                headers::append_to_list(
-                    &mut parts.headers,
-                    &VIA,
-                    &headers::via_value(parts.version),
-                );
-                let body = ResponseBody::upstream(body, UpstreamLease { conn, inflight });
-                Ok(Response::from_parts(parts, body))
-            }
-            Err(error) => Err(classify_send_error(error, route.max_body)),
-        }
+        let sent = sent.map_err(|failed| {
+            exchange.backend = failed.backend;
+            failed.error
+        })?;
+        exchange.backend = Some(sent.backend);
+        let (mut parts, body) = sent.response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        headers::append_to_list(&mut parts.headers, &VIA, &headers::via_value(parts.version));
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::upstream(body, sent.lease),
+        ))
     }
 
     /// Turns the client's request head into the one the backend receives.

@@ -5,6 +5,7 @@
 //! one when the address is unchanged, so a reload keeps counts and warm connections. An [`Upstream`]
 //! is per snapshot: a named set of backends with their configured weights and a balancer.
 
+pub mod health;
 mod pool;
 
 use std::net::SocketAddr;
@@ -13,8 +14,11 @@ use std::sync::Arc;
 
 use metrics::Counter;
 
-use crate::balance::Balancer;
-pub use pool::{SendError, UpstreamConn};
+use crate::admission::Limiter;
+use crate::balance::{Balancer, KeyHash};
+use crate::config::OutlierConfig;
+pub use health::{clock_ms, Health, Outcome};
+pub use pool::{SendError, SendFailure, UpstreamConn};
 
 /// Live state of one backend address, shared by every snapshot that lists it.
 #[derive(Debug)]
@@ -26,6 +30,7 @@ pub struct Backend {
     /// Running score for smooth weighted round-robin among equally loaded backends.
     pub(crate) smooth_weight: AtomicI64,
     pool: pool::Pool,
+    pub health: Health,
 }
 
 impl Backend {
@@ -36,6 +41,7 @@ impl Backend {
             inflight: AtomicUsize::new(0),
             smooth_weight: AtomicI64::new(0),
             pool: pool::Pool::default(),
+            health: Health::default(),
         }
     }
 
@@ -84,26 +90,38 @@ impl Drop for InflightGuard {
     }
 }
 
-/// A backend as one snapshot sees it: live state plus this config's weight and counters.
+/// A backend as one snapshot sees it: live state plus this config's weight, limit and counters.
 #[derive(Debug, Clone)]
 pub struct Member {
     pub backend: Arc<Backend>,
     pub weight: u32,
+    /// Most requests in flight to this backend (`max_inflight`); `None` is unlimited.
+    pub max_inflight: Option<usize>,
     picks: Counter,
+    ejections: Counter,
 }
 
 impl Member {
     pub fn new(backend: Arc<Backend>, weight: u32, upstream: &str) -> Member {
-        let picks = metrics::counter!(
-            crate::metrics::BACKEND_PICKS,
-            "upstream" => upstream.to_string(),
-            "backend" => backend.label().to_string()
-        );
+        let labels = [
+            ("upstream", upstream.to_string()),
+            ("backend", backend.label().to_string()),
+        ];
         Member {
+            picks: metrics::counter!(crate::metrics::BACKEND_PICKS, &labels),
+            ejections: metrics::counter!(crate::metrics::BACKEND_EJECTIONS, &labels),
             backend,
             weight,
-            picks,
+            max_inflight: None,
         }
+    }
+
+    /// Takes new requests now: healthy, not ejected, below its own limit.
+    pub fn usable(&self, now_ms: u64) -> bool {
+        self.backend.health.usable(now_ms)
+            && self
+                .max_inflight
+                .is_none_or(|max| self.backend.inflight() < max)
     }
 }
 
@@ -115,6 +133,8 @@ pub struct Upstream {
     pub balancer: Balancer,
     /// Requests of this upstream in flight; carried across reloads like backend state.
     pub inflight: Arc<AtomicUsize>,
+    pub outlier: OutlierConfig,
+    pub admission: Option<Arc<Limiter>>,
     spills: Counter,
 }
 
@@ -131,22 +151,76 @@ impl Upstream {
             members,
             balancer,
             inflight,
+            outlier: OutlierConfig::default(),
+            admission: None,
             spills,
         }
     }
 
-    /// Chooses the backend for the next request (by `key` on a consistent-hash upstream) and counts
-    /// it as in flight; `None` when no backend is usable.
-    pub fn pick(&self, key: Option<&[u8]>) -> Option<(&Member, InflightGuard)> {
-        let pick = self
-            .balancer
-            .pick(&self.members, key, self.inflight.load(Ordering::Relaxed))?;
+    /// Chooses a usable backend for the next request (by `key` on a consistent-hash upstream),
+    /// avoiding the members in `tried`, and counts it as in flight; `None` when no backend is
+    /// usable. Returns the member's index.
+    pub fn pick(
+        &self,
+        key: Option<KeyHash>,
+        tried: &[usize],
+    ) -> Option<(usize, &Member, InflightGuard)> {
+        let now = clock_ms();
+        let usable = |m: usize| !tried.contains(&m) && self.members[m].usable(now);
+        let pick = self.balancer.pick(
+            &self.members,
+            key,
+            self.inflight.load(Ordering::Relaxed),
+            usable,
+        )?;
         let member = &self.members[pick.member];
         member.picks.increment(1);
         if pick.spilled {
             self.spills.increment(1);
         }
-        Some((member, self.start_on(pick.member)))
+        Some((pick.member, member, self.start_on(pick.member)))
+    }
+
+    /// Records how an exchange with member `index` went, ejecting it when outlier detection says
+    /// so and `max_ejection_percent` allows.
+    pub fn record(&self, index: usize, outcome: Outcome) {
+        if self.outlier.consecutive_failures == 0 {
+            return;
+        }
+        let now = clock_ms();
+        let member = &self.members[index];
+        let Some(duration) = member.backend.health.record(outcome, &self.outlier, now) else {
+            return;
+        };
+        let ejected = self
+            .members
+            .iter()
+            .filter(|m| m.backend.health.is_ejected(now))
+            .count();
+        let allowed =
+            (self.members.len() * self.outlier.max_ejection_percent as usize / 100).max(1);
+        if ejected >= allowed {
+            tracing::warn!(
+                upstream = &*self.name,
+                backend = member.backend.label(),
+                "backend keeps failing but max_ejection_percent is reached; not ejecting"
+            );
+            return;
+        }
+        member.backend.health.eject(duration, &self.outlier, now);
+        member.ejections.increment(1);
+        tracing::warn!(
+            upstream = &*self.name,
+            backend = member.backend.label(),
+            seconds = duration.as_secs_f64(),
+            "backend ejected after consecutive failures"
+        );
+    }
+
+    /// True when at least one backend takes requests now.
+    pub fn has_usable_backend(&self) -> bool {
+        let now = clock_ms();
+        self.members.iter().any(|m| m.backend.health.usable(now))
     }
 
     /// Counts a request on member `index` as in flight until the guard drops.

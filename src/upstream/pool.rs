@@ -82,6 +82,13 @@ impl SendError {
     }
 }
 
+/// A failed send; `unsent` gives the request back when no byte of it reached the backend.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub error: SendError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
 impl Backend {
     /// Sends `request` on a pooled or new connection and waits for the response head.
     ///
@@ -92,27 +99,43 @@ impl Backend {
         mut request: Request<RequestBody>,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<(Response<Incoming>, UpstreamConn), SendError> {
+    ) -> Result<(Response<Incoming>, UpstreamConn), SendFailure> {
         loop {
             let (mut conn, fresh) = match self.pool.take() {
                 Some(conn) => (conn, false),
-                None => (self.connect(connect_timeout).await?, true),
+                None => match self.connect(connect_timeout).await {
+                    Ok(conn) => (conn, true),
+                    Err(error) => {
+                        return Err(SendFailure {
+                            error,
+                            unsent: Some(request),
+                        })
+                    }
+                },
             };
             if !fresh && !pooled_conn_ready(&mut conn, connect_timeout).await {
                 continue;
             }
             let exchange = conn.try_send_request(request);
             match tokio::time::timeout(response_timeout, exchange).await {
-                Err(_) => return Err(SendError::ResponseTimeout),
+                Err(_) => {
+                    return Err(SendFailure {
+                        error: SendError::ResponseTimeout,
+                        unsent: None,
+                    })
+                }
                 Ok(Ok(response)) => return Ok((response, conn)),
                 Ok(Err(mut e)) => match e.take_message() {
                     // A pooled connection closed under us before the request was written: the
                     // request is handed back untouched, so another connection may carry it.
                     Some(unsent) if !fresh => request = unsent,
                     unsent => {
-                        return Err(SendError::Exchange {
-                            sent: unsent.is_none(),
-                            error: e.into_error(),
+                        return Err(SendFailure {
+                            error: SendError::Exchange {
+                                sent: unsent.is_none(),
+                                error: e.into_error(),
+                            },
+                            unsent,
                         })
                     }
                 },

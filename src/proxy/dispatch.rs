@@ -1,0 +1,196 @@
+//! Sending a request upstream: admission, choice of backend, retries, outcome recording.
+//!
+//! Both the streaming path and the coalescer's jobs go through [`dispatch`], so every request
+//! obeys the same rules. A request is retried on another backend (the key's next one, with
+//! consistent hashing) only when no byte of it reached the first backend (hyper handed it back
+//! unsent, or the connection was never made), or, on a route with `retry_idempotent = true`, when
+//! it is a GET, HEAD, PUT or DELETE whose body can be replayed (empty or buffered). Retries count
+//! against `retries` and the route's retry budget, so they cannot multiply an outage.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use super::body::{RequestBody, UpstreamLease};
+use super::classify_send_error;
+use crate::admission::AdmissionPermit;
+use crate::balance::KeyHash;
+use crate::error::ProxyError;
+use crate::route::Route;
+use crate::upstream::{Outcome, Upstream};
+
+/// A response head from a backend, with what must be held until its body is read.
+pub(super) struct Dispatched {
+    pub response: Response<Incoming>,
+    pub lease: UpstreamLease,
+    pub backend: Arc<str>,
+}
+
+/// A request that got no backend response; `backend` is the last one tried, if any.
+pub(super) struct NotDispatched {
+    pub error: ProxyError,
+    pub backend: Option<Arc<str>>,
+}
+
+impl From<ProxyError> for NotDispatched {
+    fn from(error: ProxyError) -> NotDispatched {
+        NotDispatched {
+            error,
+            backend: None,
+        }
+    }
+}
+
+pub(super) async fn dispatch(
+    route: &Route,
+    upstream: &Upstream,
+    key: Option<KeyHash>,
+    mut request: Request<RequestBody>,
+) -> Result<Dispatched, NotDispatched> {
+    let admission = admit(route, upstream).await?;
+    route.retry_budget.deposit();
+    let replay = Replay::capture(route, &request);
+    let mut tried = Vec::new();
+    let mut last_failure: Option<NotDispatched> = None;
+    loop {
+        let Some((index, member, inflight)) = upstream.pick(key, &tried) else {
+            // With nowhere left to retry, the client hears of the failure that really happened.
+            return Err(last_failure.unwrap_or(NotDispatched {
+                error: ProxyError::NoBackend,
+                backend: None,
+            }));
+        };
+        let backend = member.backend.shared_label();
+        match member
+            .backend
+            .send(request, route.connect_timeout, route.response_timeout)
+            .await
+        {
+            Ok((response, conn)) => {
+                let outcome = if response.status().is_server_error() {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                upstream.record(index, outcome);
+                for permit in admission.iter().flatten() {
+                    permit.responded();
+                }
+                let lease = UpstreamLease {
+                    conn,
+                    inflight,
+                    admission,
+                };
+                return Ok(Dispatched {
+                    response,
+                    lease,
+                    backend,
+                });
+            }
+            Err(failure) => {
+                let error = classify_send_error(failure.error, route.max_body);
+                if !matches!(error, ProxyError::Upstream(_)) {
+                    // The client's body was too large or broke off: not the backend's fault.
+                    return Err(NotDispatched {
+                        error,
+                        backend: Some(backend),
+                    });
+                }
+                upstream.record(index, Outcome::Failure);
+                let again = failure
+                    .unsent
+                    .or_else(|| replay.as_ref().map(Replay::request));
+                let allowed = tried.len() < route.retries as usize;
+                match again {
+                    Some(next) if allowed && route.retry_budget.withdraw() => {
+                        tracing::debug!(
+                            route = &*route.name,
+                            backend = &*backend,
+                            error = %error,
+                            "retrying on another backend"
+                        );
+                        tried.push(index);
+                        request = next;
+                        last_failure = Some(NotDispatched {
+                            error,
+                            backend: Some(backend),
+                        });
+                    }
+                    _ => {
+                        return Err(NotDispatched {
+                            error,
+                            backend: Some(backend),
+                        })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes the route's and the upstream's admission permits, in that order.
+async fn admit(
+    route: &Route,
+    upstream: &Upstream,
+) -> Result<[Option<AdmissionPermit>; 2], ProxyError> {
+    let route_permit = match &route.admission {
+        Some(limiter) => Some(limiter.acquire().await.map_err(|shed| ProxyError::Shed {
+            shed,
+            scope: "route",
+        })?),
+        None => None,
+    };
+    let upstream_permit = match &upstream.admission {
+        Some(limiter) => Some(limiter.acquire().await.map_err(|shed| ProxyError::Shed {
+            shed,
+            scope: "upstream",
+        })?),
+        None => None,
+    };
+    Ok([route_permit, upstream_permit])
+}
+
+/// A copy of an idempotent request, kept to send again after its bytes may have reached a backend.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Replay {
+    fn capture(route: &Route, request: &Request<RequestBody>) -> Option<Replay> {
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE
+        );
+        if !route.retry_idempotent || !idempotent || route.retries == 0 {
+            return None;
+        }
+        let body = match request.body() {
+            RequestBody::Full(data) => data.clone(),
+            RequestBody::Streaming { inner, .. } if http_body::Body::is_end_stream(inner) => None,
+            // A streamed body cannot be sent twice.
+            RequestBody::Streaming { .. } => return None,
+        };
+        Some(Replay {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: request.headers().clone(),
+            body,
+        })
+    }
+
+    fn request(&self) -> Request<RequestBody> {
+        let mut request = Request::new(RequestBody::Full(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
