@@ -60,13 +60,14 @@ impl AdminService {
 
 /// Why the proxy cannot serve every route, or `None` when it can.
 fn not_ready_reason(snapshot: &Snapshot) -> Option<String> {
-    let empty: Vec<&str> = snapshot
+    let unusable: Vec<&str> = snapshot
         .upstreams
         .iter()
-        .filter(|u| u.members.is_empty())
+        .filter(|u| !u.has_usable_backend())
         .map(|u| &*u.name)
         .collect();
-    (!empty.is_empty()).then(|| format!("no usable backend in upstream(s) {}", empty.join(", ")))
+    (!unusable.is_empty())
+        .then(|| format!("no usable backend in upstream(s) {}", unusable.join(", ")))
 }
 
 fn text(status: StatusCode, body: String) -> Response<ResponseBody> {

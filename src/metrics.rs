@@ -59,6 +59,9 @@ pub const ADMISSION_QUEUE_DEPTH: &str = "writegate_admission_queue_depth";
 /// Gauge, labels `scope`, `name`: the current limit (moves when adaptive).
 pub const ADMISSION_LIMIT: &str = "writegate_admission_limit";
 
+/// Gauge, labels `upstream`, `backend`: 1 while active health checks pass, 0 while they fail.
+pub const BACKEND_HEALTHY: &str = "writegate_backend_healthy";
+
 /// Registers help texts with the installed recorder.
 fn describe() {
     describe_counter!(

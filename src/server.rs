@@ -105,6 +105,7 @@ impl Proxy {
     /// Serves until `shutdown` completes, then drains connections.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        crate::upstream::checks::spawn(&self.snapshots.load(), &stop_rx);
         // Every task holds a clone of `alive`; `drained` sees `None` once all have ended.
         let (alive, mut drained) = mpsc::channel::<()>(1);
         for bound in self.listeners {

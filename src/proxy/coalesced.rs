@@ -55,7 +55,7 @@ pub(super) async fn write(
     Ok(into_response(shared, disposition))
 }
 
-async fn buffer_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+pub(super) async fn buffer_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
     match RequestBody::streaming(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(RequestBodyError::TooLarge { .. }) => Err(ProxyError::BodyTooLarge { limit }),

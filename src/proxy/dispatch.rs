@@ -161,13 +161,20 @@ struct Replay {
     body: Option<Bytes>,
 }
 
+/// Whether a request of `method` on `route` may be sent again after its bytes reached a backend
+/// (its body is then buffered, so that it can be).
+pub(super) fn replayable(route: &Route, method: &Method) -> bool {
+    route.retry_idempotent
+        && route.retries > 0
+        && matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE
+        )
+}
+
 impl Replay {
     fn capture(route: &Route, request: &Request<RequestBody>) -> Option<Replay> {
-        let idempotent = matches!(
-            *request.method(),
-            Method::GET | Method::HEAD | Method::PUT | Method::DELETE
-        );
-        if !route.retry_idempotent || !idempotent || route.retries == 0 {
+        if !replayable(route, request.method()) {
             return None;
         }
         let body = match request.body() {

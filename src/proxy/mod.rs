@@ -209,7 +209,15 @@ impl ProxyService {
         }
         let key = key.and_then(|k| upstream.balancer.hash_key(k));
         self.rewrite_request(&mut parts)?;
-        let request = Request::from_parts(parts, RequestBody::streaming(body, route.max_body));
+        let body = if dispatch::replayable(route, &parts.method)
+            && !http_body::Body::is_end_stream(&body)
+        {
+            // A retry after the bytes reached a backend must send the body again: keep a copy.
+            RequestBody::Full(Some(coalesced::buffer_body(body, route.max_body).await?))
+        } else {
+            RequestBody::streaming(body, route.max_body)
+        };
+        let request = Request::from_parts(parts, body);
         let sent = dispatch::dispatch(route, upstream, key, request).await;
         // A read holds its key until its response head is in: later writes go after it.
         drop(read_lock);

@@ -5,6 +5,7 @@
 //! one when the address is unchanged, so a reload keeps counts and warm connections. An [`Upstream`]
 //! is per snapshot: a named set of backends with their configured weights and a balancer.
 
+pub mod checks;
 pub mod health;
 mod pool;
 

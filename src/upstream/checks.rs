@@ -1,0 +1,128 @@
+//! Active health checks: a task per backend that asks `GET {path}` every `interval`.
+//!
+//! A check passes when the backend answers within `timeout` with a status in `expected_status`.
+//! `unhealthy_threshold` failures in a row take the backend out of rotation; `healthy_threshold`
+//! passes in a row bring it back. Each check uses a fresh connection, so a check also proves that
+//! the backend accepts connections. Backends start healthy: a new backend serves at once and is
+//! taken out only by evidence.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::Backend;
+use crate::config::HealthCheckConfig;
+use crate::snapshot::Snapshot;
+
+/// Starts the checks of every upstream of `snapshot` that has them; they end when `stop` flips.
+pub fn spawn(snapshot: &Snapshot, stop: &watch::Receiver<bool>) {
+    for (config, upstream) in snapshot
+        .config
+        .upstreams
+        .iter()
+        .zip(snapshot.upstreams.iter())
+    {
+        let Some(check) = &config.health_check else {
+            continue;
+        };
+        for member in upstream.members.iter() {
+            let healthy = metrics::gauge!(
+                crate::metrics::BACKEND_HEALTHY,
+                "upstream" => upstream.name.to_string(),
+                "backend" => member.backend.label().to_string()
+            );
+            healthy.set(1.0);
+            tokio::spawn(check_loop(
+                Arc::clone(&member.backend),
+                check.clone(),
+                upstream.name.clone(),
+                healthy,
+                stop.clone(),
+            ));
+        }
+    }
+}
+
+async fn check_loop(
+    backend: Arc<Backend>,
+    config: HealthCheckConfig,
+    upstream: Box<str>,
+    healthy_gauge: metrics::Gauge,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (mut passes, mut failures) = (0u32, 0u32);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(config.interval) => {}
+        }
+        let result = check(&backend, &config).await;
+        let down = backend.health.actively_down();
+        match result {
+            Ok(()) => {
+                (passes, failures) = (passes + 1, 0);
+                if down && passes >= config.healthy_threshold {
+                    backend.health.set_actively_down(false);
+                    healthy_gauge.set(1.0);
+                    tracing::info!(
+                        upstream = &*upstream,
+                        backend = backend.label(),
+                        "backend is healthy again"
+                    );
+                }
+            }
+            Err(reason) => {
+                (passes, failures) = (0, failures + 1);
+                if !down && failures >= config.unhealthy_threshold {
+                    backend.health.set_actively_down(true);
+                    healthy_gauge.set(0.0);
+                    tracing::warn!(
+                        upstream = &*upstream,
+                        backend = backend.label(),
+                        reason = %reason,
+                        "backend failed its health checks; out of rotation"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One check: connect, `GET path`, compare the status.
+async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), String> {
+    let exchange = async {
+        let stream = TcpStream::connect(backend.address())
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let request = Request::get(config.path.as_str())
+            .header(http::header::HOST, backend.label())
+            .header(http::header::USER_AGENT, "writegate-health-check")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("exchange: {e}"))?;
+        let status = response.status();
+        let _ = response.into_body().collect().await;
+        Ok::<StatusCode, String>(status)
+    };
+    let status = tokio::time::timeout(config.timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer within {:?}", config.timeout))??;
+    let (low, high) = config.expected_status;
+    if (low..=high).contains(&status.as_u16()) {
+        Ok(())
+    } else {
+        Err(format!("status {status}"))
+    }
+}
