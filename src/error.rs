@@ -238,6 +238,7 @@ impl ProxyError {
             ProxyError::NoBackend => Some(Duration::from_secs(1)),
             ProxyError::KeyQueueFull { retry_after }
             | ProxyError::KeyWaitTimeout { retry_after } => Some(*retry_after),
+            ProxyError::Shed { shed, .. } => Some(shed.retry_after),
             _ => None,
         }
     }
