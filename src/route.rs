@@ -230,3 +230,35 @@ mod tests {
         assert_eq!(name(router.find(None, "/r/x", &Method::GET)), "404");
     }
 }
+
+#[cfg(test)]
+mod budget_tests {
+    use super::RetryBudget;
+
+    #[test]
+    fn retries_stay_under_the_ratio_once_the_reserve_is_spent() {
+        let budget = RetryBudget::new(0.2);
+        // A quiet route can retry a few times at once...
+        let reserve = (0..100).take_while(|_| budget.withdraw()).count();
+        assert_eq!(reserve, 10);
+        // ...and then one retry per five requests: an outage is not multiplied.
+        let mut retries = 0;
+        for _ in 0..1000 {
+            budget.deposit();
+            if budget.withdraw() {
+                retries += 1;
+            }
+        }
+        assert_eq!(retries, 200);
+    }
+
+    #[test]
+    fn a_zero_budget_allows_only_the_reserve() {
+        let budget = RetryBudget::new(0.0);
+        for _ in 0..10 {
+            assert!(budget.withdraw());
+        }
+        budget.deposit();
+        assert!(!budget.withdraw());
+    }
+}

@@ -222,6 +222,30 @@ fn example_config_is_valid_and_documents_defaults() {
     assert_eq!(config.runtime.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT);
     assert_eq!(config.runtime.workers, None);
     assert!(config.log.access_log);
+    assert_eq!(route.retries, DEFAULT_RETRIES);
+    assert_eq!(route.retry_budget, DEFAULT_RETRY_BUDGET);
+    assert!(!route.retry_idempotent);
+    let admission = route
+        .admission
+        .as_ref()
+        .expect("the example shows admission");
+    assert_eq!(admission.max_queue, DEFAULT_MAX_QUEUE);
+    assert_eq!(admission.queue_timeout, DEFAULT_QUEUE_TIMEOUT);
+    assert_eq!(admission.shed_status, 503);
+    assert!(!admission.adaptive);
+    assert_eq!(admission.min_inflight, 1);
+    let writers = &config.upstreams[0];
+    assert_eq!(writers.outlier, OutlierConfig::default());
+    let check = writers
+        .health_check
+        .as_ref()
+        .expect("the example shows health checks");
+    assert_eq!(check.interval, DEFAULT_HEALTH_INTERVAL);
+    assert_eq!(check.timeout, DEFAULT_HEALTH_TIMEOUT);
+    assert_eq!(check.healthy_threshold, DEFAULT_HEALTHY_THRESHOLD);
+    assert_eq!(check.unhealthy_threshold, DEFAULT_UNHEALTHY_THRESHOLD);
+    assert_eq!(check.expected_status, (200, 399));
+    assert_eq!(writers.backends[1].max_inflight, Some(512));
     let hash = config.upstreams[1]
         .consistent_hash
         .as_ref()
@@ -435,4 +459,66 @@ fn coalescing_options_are_validated() {
     );
     let keyless = with("\n[routes.coalesce]\nmode = \"serialize\"\n");
     assert_one(&keyless, 13, 1, "needs a key");
+}
+
+#[test]
+fn admission_health_and_retry_options_are_validated() {
+    let route = |lines: &str| with(&format!("{lines}\n"));
+    assert_one(&route("retries = 11"), 12, 11, "retries 11 is out of range");
+    assert_one(
+        &route("retry_budget = 1.5"),
+        12,
+        16,
+        "retry_budget 1.5 is out of range",
+    );
+    let admission = |lines: &str| with(&format!("\n[routes.admission]\n{lines}\n"));
+    assert_one(
+        &admission("max_inflight = 0"),
+        14,
+        16,
+        "max_inflight 0 is out of range",
+    );
+    assert_one(
+        &admission("max_inflight = 4\nshed_status = 500"),
+        15,
+        15,
+        "use 503 or 429",
+    );
+    assert_one(
+        &admission("max_inflight = 4\nmin_inflight = 8"),
+        15,
+        16,
+        "above max_inflight",
+    );
+    assert_one(
+        &admission("max_queue = 3"),
+        13,
+        1,
+        "missing field `max_inflight`",
+    );
+    let upstream = |lines: &str| BASE.replace("\n[[routes]]", &format!("{lines}\n\n[[routes]]"));
+    assert_one(
+        &upstream("\n[upstreams.health_check]\npath = \"health\""),
+        10,
+        8,
+        "must start with '/'",
+    );
+    assert_one(
+        &upstream("\n[upstreams.health_check]\npath = \"/h\"\nexpected_status = \"2xx\""),
+        11,
+        19,
+        "use a status or a range",
+    );
+    assert_one(
+        &upstream("\n[upstreams.outlier_detection]\nbase_ejection_time = \"1m\"\nmax_ejection_time = \"10s\""),
+        11,
+        21,
+        "shorter than base_ejection_time",
+    );
+    assert_one(
+        &upstream("\n[upstreams.outlier_detection]\nmax_ejection_percent = 101"),
+        10,
+        24,
+        "out of range",
+    );
 }
