@@ -245,3 +245,55 @@ async fn a_backend_at_its_limit_is_skipped_like_a_full_one() {
     }
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_consistent_hashing_a_retry_goes_to_the_keys_next_backend() {
+    let dead = refused_addr().await;
+    let b1 = named_backend("b1", Duration::ZERO).await;
+    let b2 = named_backend("b2", Duration::ZERO).await;
+    let list = format!(
+        "{{ address = \"{dead}\" }}, {{ address = \"{}\" }}, {{ address = \"{}\" }}",
+        b1.addr, b2.addr
+    );
+    let config = simple_config(&[], "key = \"path\"").replace(
+        "backends = []",
+        &format!("balance = \"consistent_hash\"\nbackends = [{list}]"),
+    );
+    let proxy = start_proxy(&config).await;
+    let snapshot = proxy.snapshots.load_full();
+    let upstream = &snapshot.upstreams[0];
+    // Keys whose own backend is the dead one (member 0), and where each should go next.
+    let mut expected = Vec::new();
+    for i in 0..200 {
+        let path = format!("/kv/{i}");
+        let hash = upstream.balancer.hash_key(path.as_bytes());
+        let own = upstream
+            .balancer
+            .pick(&upstream.members, hash, 0, |_| true)
+            .unwrap()
+            .member;
+        if own == 0 {
+            let next = upstream
+                .balancer
+                .pick(&upstream.members, hash, 0, |m| m != 0)
+                .unwrap()
+                .member;
+            expected.push((path, if next == 1 { "b1" } else { "b2" }));
+        }
+    }
+    assert!(
+        expected.len() > 20,
+        "about a third of the keys belong to the dead backend"
+    );
+    let mut client = Client::connect(proxy.addr).await;
+    for (path, next) in expected.iter().take(8) {
+        let reply = client.send(req(Method::PUT, path, b"v")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(
+            reply.text(),
+            *next,
+            "{path} retried on its own next backend"
+        );
+    }
+    proxy.shutdown().await;
+}
