@@ -13,22 +13,28 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
+
 use crate::proxy::ResponseBody;
+use crate::reload::{ReloadState, ReloadStatus};
 use crate::snapshot::Snapshot;
 
 #[derive(Clone)]
 pub struct AdminService {
     snapshots: Arc<ArcSwap<Snapshot>>,
+    reloads: Arc<ReloadState>,
 }
 
 impl AdminService {
-    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>) -> AdminService {
-        AdminService { snapshots }
+    pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, reloads: Arc<ReloadState>) -> AdminService {
+        AdminService { snapshots, reloads }
     }
 
     fn respond(&self, request: &Request<Incoming>) -> Response<ResponseBody> {
         match request.uri().path() {
             "/healthz" => text(StatusCode::OK, "ok\n".to_string()),
+            "/status" => json(status(&self.snapshots.load(), &self.reloads.status())),
             "/metrics" => match crate::metrics::handle() {
                 Some(handle) => {
                     let mut response = text(StatusCode::OK, handle.render());
@@ -52,7 +58,7 @@ impl AdminService {
             },
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz or /metrics\n".to_string(),
+                "not found: try /healthz, /readyz, /status or /metrics\n".to_string(),
             ),
         }
     }
@@ -68,6 +74,44 @@ fn not_ready_reason(snapshot: &Snapshot) -> Option<String> {
         .collect();
     (!unusable.is_empty())
         .then(|| format!("no usable backend in upstream(s) {}", unusable.join(", ")))
+}
+
+/// The `/status` document: the running config and what reloads did.
+fn status(snapshot: &Snapshot, reloads: &ReloadStatus) -> serde_json::Value {
+    let time = |t: Option<SystemTime>| {
+        t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs_f64())
+    };
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": started().elapsed().as_secs_f64(),
+        "config_file": snapshot.config.path.display().to_string(),
+        "reload": {
+            "ok": reloads.error.is_none(),
+            "error": reloads.error,
+            "last_attempt": time(reloads.last_attempt),
+            "last_success": time(reloads.last_success),
+            "last_changes": reloads.last_changes,
+            "succeeded": reloads.succeeded,
+            "failed": reloads.failed,
+        },
+    })
+}
+
+/// When this process started serving (first use), for uptime.
+fn started() -> Instant {
+    static STARTED: OnceLock<Instant> = OnceLock::new();
+    *STARTED.get_or_init(Instant::now)
+}
+
+fn json(value: serde_json::Value) -> Response<ResponseBody> {
+    let mut body = serde_json::to_string_pretty(&value).unwrap_or_else(|_| "{}".to_string());
+    body.push('\n');
+    let mut response = text(StatusCode::OK, body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<ResponseBody> {

@@ -107,6 +107,25 @@ impl Limiter {
         limiter
     }
 
+    /// The settings this limiter was built with.
+    pub fn config(&self) -> &AdmissionConfig {
+        &self.config
+    }
+
+    /// This limiter if it was built with `config`, otherwise a new one: a reload that leaves the
+    /// settings alone keeps the in-flight count and the learned limit.
+    pub fn reuse_or_new(
+        previous: Option<&Arc<Limiter>>,
+        config: &AdmissionConfig,
+        scope: &'static str,
+        name: &str,
+    ) -> Arc<Limiter> {
+        match previous {
+            Some(limiter) if limiter.config == *config => Arc::clone(limiter),
+            _ => Limiter::new(config, scope, name),
+        }
+    }
+
     /// The current limit.
     pub fn limit(&self) -> usize {
         self.limit.load(Ordering::Relaxed)

@@ -17,6 +17,7 @@
 //! - [`balance`]: choosing a backend: weighted least-connections, consistent hashing, bounded loads.
 //! - [`upstream`]: backends' live state, carried across reloads, and their connection pools.
 //! - [`proxy`]: the hyper service that forwards one request, with header rewriting and bodies.
+//! - [`reload`]: watching the config file and swapping in the next snapshot.
 //! - [`server`]: listeners, connection handling, timeouts and graceful shutdown.
 //! - [`admin`]: health and readiness endpoints on the admin listener.
 //! - [`error`]: the proxy's errors and their mapping to responses.
@@ -33,6 +34,7 @@ pub mod error;
 pub mod key;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod snapshot;

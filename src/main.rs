@@ -102,7 +102,8 @@ fn run(config: Config) -> ExitCode {
     };
     runtime.block_on(async {
         match Proxy::bind(config).await {
-            Ok(proxy) => {
+            Ok(mut proxy) => {
+                proxy.enable_reload();
                 proxy.run(shutdown_signal()).await;
                 ExitCode::SUCCESS
             }

@@ -62,6 +62,12 @@ pub const ADMISSION_LIMIT: &str = "writegate_admission_limit";
 /// Gauge, labels `upstream`, `backend`: 1 while active health checks pass, 0 while they fail.
 pub const BACKEND_HEALTHY: &str = "writegate_backend_healthy";
 
+/// Counter, label `result` (`success`, `failure`): config reload attempts.
+pub const CONFIG_RELOADS: &str = "writegate_config_reloads_total";
+/// Gauge: Unix time of the last successful config reload.
+pub const CONFIG_LAST_RELOAD_SUCCESS: &str =
+    "writegate_config_last_reload_success_timestamp_seconds";
+
 /// Registers help texts with the installed recorder.
 fn describe() {
     describe_counter!(

@@ -81,13 +81,14 @@ impl RetryBudget {
 }
 
 impl Route {
-    /// `coalescer` is the route's queue set, kept from the previous snapshot when it had one.
-    pub fn new(config: &RouteConfig, coalescer: Option<Arc<Coalescer>>) -> Route {
+    /// `coalescer` and `admission` are kept from the previous snapshot when it had them.
+    pub fn new(
+        config: &RouteConfig,
+        coalescer: Option<Arc<Coalescer>>,
+        admission: Option<Arc<Limiter>>,
+    ) -> Route {
         Route {
-            admission: config
-                .admission
-                .as_ref()
-                .map(|a| Limiter::new(a, "route", &config.name)),
+            admission,
             retries: config.retries,
             retry_idempotent: config.retry_idempotent,
             retry_budget: RetryBudget::new(config.retry_budget),

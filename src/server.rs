@@ -23,7 +23,9 @@ use tokio::sync::{mpsc, watch};
 use crate::admin::AdminService;
 use crate::config::{Config, ListenerConfig};
 use crate::proxy::{ClientConn, ConnActivity, ProxyService};
+use crate::reload::{ReloadState, Reloader, Triggers};
 use crate::snapshot::Snapshot;
+use crate::upstream::checks::HealthChecks;
 
 /// Pending connections the kernel queues per listener before `accept`.
 const LISTEN_BACKLOG: u32 = 4096;
@@ -51,6 +53,8 @@ pub struct Proxy {
     snapshots: Arc<ArcSwap<Snapshot>>,
     listeners: Vec<BoundListener>,
     admin: Option<TcpListener>,
+    reload: Option<Triggers>,
+    reload_state: Arc<ReloadState>,
 }
 
 impl Proxy {
@@ -82,7 +86,21 @@ impl Proxy {
             snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
             listeners,
             admin,
+            reload: None,
+            reload_state: Arc::default(),
         })
+    }
+
+    /// Reloads the config file on change and on SIGHUP while running. Changes made from this call
+    /// on are seen. Call it inside the tokio runtime.
+    pub fn enable_reload(&mut self) {
+        let path = self.snapshots.load().config.path.clone();
+        self.reload = Some(Triggers::open(&path));
+    }
+
+    /// What reloads have done, as `/status` shows it.
+    pub fn reload_state(&self) -> Arc<ReloadState> {
+        Arc::clone(&self.reload_state)
     }
 
     /// The bound address of each listener, by name, in config order.
@@ -105,7 +123,21 @@ impl Proxy {
     /// Serves until `shutdown` completes, then drains connections.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
-        crate::upstream::checks::spawn(&self.snapshots.load(), &stop_rx);
+        let checks = HealthChecks::start(&self.snapshots.load());
+        // Without reloads the first set of health checks runs until shutdown.
+        let _checks = if let Some(triggers) = self.reload {
+            let reloader = Reloader {
+                path: self.snapshots.load().config.path.clone(),
+                snapshots: Arc::clone(&self.snapshots),
+                state: Arc::clone(&self.reload_state),
+                checks,
+                triggers,
+            };
+            tokio::spawn(reloader.run(stop_rx.clone()));
+            None
+        } else {
+            Some(checks)
+        };
         // Every task holds a clone of `alive`; `drained` sees `None` once all have ended.
         let (alive, mut drained) = mpsc::channel::<()>(1);
         for bound in self.listeners {
@@ -135,6 +167,7 @@ impl Proxy {
         }
         if let Some(listener) = self.admin {
             let snapshots = Arc::clone(&self.snapshots);
+            let reload_state = Arc::clone(&self.reload_state);
             let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
             tokio::spawn(accept_loop(
                 listener,
@@ -142,7 +175,8 @@ impl Proxy {
                 alive.clone(),
                 move |stream, peer, stop, alive| {
                     let conn = Arc::new(ClientConn::new(peer, false));
-                    let service = AdminService::new(Arc::clone(&snapshots));
+                    let service =
+                        AdminService::new(Arc::clone(&snapshots), Arc::clone(&reload_state));
                     let builder = Arc::clone(&builder);
                     async move {
                         let connection = builder.serve_connection(TokioIo::new(stream), service);

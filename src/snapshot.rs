@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::admission::Limiter;
@@ -31,13 +30,8 @@ impl Snapshot {
         let mut live: HashMap<SocketAddr, Arc<Backend>> = previous
             .map(|p| p.backends().map(|b| (b.address(), Arc::clone(b))).collect())
             .unwrap_or_default();
-        let upstream_counts: HashMap<&str, &Arc<AtomicUsize>> = previous
-            .map(|p| {
-                p.upstreams
-                    .iter()
-                    .map(|u| (&*u.name, &u.inflight))
-                    .collect()
-            })
+        let previous_upstreams: HashMap<&str, &Upstream> = previous
+            .map(|p| p.upstreams.iter().map(|u| (&*u.name, u)).collect())
             .unwrap_or_default();
         let upstreams = config
             .upstreams
@@ -57,9 +51,8 @@ impl Snapshot {
                     })
                     .collect();
                 let balancer = Balancer::new(u, &members);
-                let inflight = upstream_counts
-                    .get(u.name.as_str())
-                    .map_or_else(Arc::default, |c| Arc::clone(c));
+                let before = previous_upstreams.get(u.name.as_str());
+                let inflight = before.map_or_else(Arc::default, |b| Arc::clone(&b.inflight));
                 let mut upstream = Upstream::new(&u.name, members, balancer, inflight);
                 upstream.outlier = u.outlier.clone();
                 upstream.admission = u
@@ -70,25 +63,28 @@ impl Snapshot {
             })
             .collect();
         // Queues are kept by route name, so writes waiting on a key keep their order across reloads.
-        let queues: HashMap<&str, &Arc<Coalescer>> = previous
-            .map(|p| {
-                p.router
-                    .routes()
-                    .iter()
-                    .filter_map(|r| Some((&*r.name, r.coalescer.as_ref()?)))
-                    .collect()
-            })
+        let previous_routes: HashMap<&str, &Route> = previous
+            .map(|p| p.router.routes().iter().map(|r| (&*r.name, r)).collect())
             .unwrap_or_default();
         let routes = config
             .routes
             .iter()
             .map(|r| {
+                let before = previous_routes.get(r.name.as_str());
                 let coalescer = (r.coalesce.mode != CoalesceMode::Off).then(|| {
-                    queues
-                        .get(r.name.as_str())
-                        .map_or_else(|| Coalescer::new(&r.name), |q| Arc::clone(q))
+                    before
+                        .and_then(|b| b.coalescer.clone())
+                        .unwrap_or_else(|| Coalescer::new(&r.name))
                 });
-                Route::new(r, coalescer)
+                let admission = r.admission.as_ref().map(|a| {
+                    Limiter::reuse_or_new(
+                        before.and_then(|b| b.admission.as_ref()),
+                        a,
+                        "route",
+                        &r.name,
+                    )
+                });
+                Route::new(r, coalescer, admission)
             })
             .collect();
         let router = Router::new(routes);

@@ -19,8 +19,22 @@ use super::Backend;
 use crate::config::HealthCheckConfig;
 use crate::snapshot::Snapshot;
 
-/// Starts the checks of every upstream of `snapshot` that has them; they end when `stop` flips.
-pub fn spawn(snapshot: &Snapshot, stop: &watch::Receiver<bool>) {
+/// The running checks of one snapshot; dropping it stops them (a reload starts the next set).
+pub struct HealthChecks {
+    _stop: watch::Sender<bool>,
+}
+
+impl HealthChecks {
+    pub fn start(snapshot: &Snapshot) -> HealthChecks {
+        let (stop, stopped) = watch::channel(false);
+        spawn(snapshot, &stopped);
+        HealthChecks { _stop: stop }
+    }
+}
+
+/// Starts the checks of every upstream of `snapshot` that has them; they end when `stop` flips or
+/// its sender is dropped.
+fn spawn(snapshot: &Snapshot, stop: &watch::Receiver<bool>) {
     for (config, upstream) in snapshot
         .config
         .upstreams

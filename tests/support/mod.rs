@@ -376,13 +376,27 @@ impl TestProxy {
     }
 }
 
+/// Starts a proxy from the config file at `path`, reloading it on change and on SIGHUP.
+pub async fn start_reloading_proxy(
+    path: &Path,
+) -> (TestProxy, Arc<writegate::reload::ReloadState>) {
+    let config = Config::load(path).unwrap_or_else(|e| panic!("test config is invalid:\n{e}"));
+    let mut proxy = Proxy::bind(config).await.expect("proxy binds");
+    proxy.enable_reload();
+    let state = proxy.reload_state();
+    (launch(proxy), state)
+}
+
 /// Validates `toml` (failing the test on any error) and starts a proxy with it.
 pub async fn start_proxy(toml: &str) -> TestProxy {
     let config = match Config::parse(Path::new("test.toml"), toml) {
         Ok(config) => config,
         Err(errors) => panic!("test config is invalid:\n{errors}\n---\n{toml}"),
     };
-    let proxy = Proxy::bind(config).await.expect("proxy binds");
+    launch(Proxy::bind(config).await.expect("proxy binds"))
+}
+
+fn launch(proxy: Proxy) -> TestProxy {
     let addr = proxy.listener_addrs()[0].1;
     let admin = proxy.admin_addr();
     let snapshots = proxy.snapshots();

@@ -1,0 +1,380 @@
+//! Hot reload: watch the config file, and on a change (or SIGHUP) load it, validate it, build the
+//! next snapshot and swap it in, all off the request path.
+//!
+//! The watch is on the file's directory, not the file: editors that write a new file and rename
+//! it over the old one, and Kubernetes ConfigMaps that swap a symlink, both replace the file, and
+//! a watch on the old file would go quiet. Events are debounced (a burst settles for 150 ms) and a
+//! reload only happens when the file's content really changed; SIGHUP always reloads.
+//!
+//! Parsing, validation and the snapshot build (a consistent-hash table for 1,000 backends takes
+//! about 0.4 s) run on a blocking thread. Requests in flight keep the snapshot they started with;
+//! new ones see the new one the moment it is stored. Backend state, coalescing queues and
+//! admission limiters with unchanged settings carry over (see [`Snapshot::build`]).
+//!
+//! A config that does not load keeps the old one serving: the error is logged with its position,
+//! counted in `writegate_config_reloads_total{result="failure"}`, and shown by `/status` until a
+//! good config loads. Listener, admin and worker changes need a restart and are refused whole,
+//! with a message saying so.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::snapshot::Snapshot;
+use crate::upstream::checks::HealthChecks;
+
+/// Quiet time that ends a burst of file events.
+const DEBOUNCE: Duration = Duration::from_millis(150);
+/// Longest a burst may delay a reload.
+const DEBOUNCE_MAX: Duration = Duration::from_secs(1);
+
+/// What the last reload did, for `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub last_attempt: Option<SystemTime>,
+    pub last_success: Option<SystemTime>,
+    /// The error of the last attempt, while the running config is older than the file.
+    pub error: Option<String>,
+    /// What the last good reload changed.
+    pub last_changes: Option<String>,
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+/// Shared between the reloader and the admin endpoints.
+#[derive(Debug, Default)]
+pub struct ReloadState {
+    status: Mutex<ReloadStatus>,
+}
+
+impl ReloadState {
+    pub fn status(&self) -> ReloadStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ReloadStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// What tells the reloader to act: file events and SIGHUP. Opened when reloading is enabled, before
+/// the proxy runs, so that no change made after that moment can go unseen.
+pub struct Triggers {
+    events: mpsc::Receiver<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+    hangup: Option<tokio::signal::unix::Signal>,
+    /// The file's text when the triggers were opened: later events compare against it.
+    last_text: Option<String>,
+}
+
+impl Triggers {
+    /// Must be called inside a tokio runtime (SIGHUP registration needs one).
+    pub fn open(path: &Path) -> Triggers {
+        let (events_tx, events) = mpsc::channel::<()>(64);
+        let watcher = watch_directory(path, events_tx);
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP; reloads come from file changes only");
+                None
+            }
+        };
+        Triggers {
+            events,
+            _watcher: watcher,
+            hangup,
+            last_text: std::fs::read_to_string(path).ok(),
+        }
+    }
+}
+
+/// Reloads one config file into one snapshot cell.
+pub struct Reloader {
+    pub path: PathBuf,
+    pub snapshots: Arc<ArcSwap<Snapshot>>,
+    pub state: Arc<ReloadState>,
+    pub checks: HealthChecks,
+    pub triggers: Triggers,
+}
+
+impl Reloader {
+    /// Watches for changes and SIGHUP until `stop` flips.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut last_text = self.triggers.last_text.take();
+        loop {
+            let events = &mut self.triggers.events;
+            let hangup = &mut self.triggers.hangup;
+            let forced = tokio::select! {
+                _ = stop.changed() => return,
+                Some(()) = events.recv() => false,
+                Some(()) = recv_signal(hangup) => true,
+            };
+            if !forced {
+                settle(events).await;
+                let now = read(&self.path).await;
+                if now.is_some() && now == last_text {
+                    continue; // an event in the directory that did not change our file
+                }
+            } else {
+                tracing::info!("SIGHUP received: reloading the config");
+            }
+            if let Some(text) = self.reload().await {
+                last_text = Some(text);
+            }
+        }
+    }
+
+    /// One reload attempt; returns the text that was loaded, if it was.
+    pub async fn reload(&mut self) -> Option<String> {
+        let path = self.path.clone();
+        let previous = self.snapshots.load_full();
+        let built = tokio::task::spawn_blocking(move || build(&path, &previous)).await;
+        let result = built.unwrap_or_else(|e| Err(format!("the reload task failed: {e}")));
+        let now = SystemTime::now();
+        match result {
+            Ok((snapshot, text, changes)) => {
+                self.snapshots.store(Arc::clone(&snapshot));
+                self.checks = HealthChecks::start(&snapshot);
+                tracing::info!(file = %self.path.display(), changes = %changes, "config reloaded");
+                metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "success")
+                    .increment(1);
+                if let Ok(since_epoch) = now.duration_since(SystemTime::UNIX_EPOCH) {
+                    metrics::gauge!(crate::metrics::CONFIG_LAST_RELOAD_SUCCESS)
+                        .set(since_epoch.as_secs_f64());
+                }
+                self.state.update(|s| {
+                    s.last_attempt = Some(now);
+                    s.last_success = Some(now);
+                    s.error = None;
+                    s.last_changes = Some(changes);
+                    s.succeeded += 1;
+                });
+                Some(text)
+            }
+            Err(error) => {
+                for line in error.lines() {
+                    tracing::error!("config reload refused, the running config stays: {line}");
+                }
+                metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "failure")
+                    .increment(1);
+                self.state.update(|s| {
+                    s.last_attempt = Some(now);
+                    s.error = Some(error);
+                    s.failed += 1;
+                });
+                None
+            }
+        }
+    }
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until file events have been quiet for [`DEBOUNCE`] (at most [`DEBOUNCE_MAX`]).
+async fn settle(events: &mut mpsc::Receiver<()>) {
+    let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
+    while let Ok(Some(())) = tokio::time::timeout_at(
+        deadline.min(tokio::time::Instant::now() + DEBOUNCE),
+        events.recv(),
+    )
+    .await
+    {}
+}
+
+async fn read(path: &Path) -> Option<String> {
+    tokio::fs::read_to_string(path).await.ok()
+}
+
+fn watch_directory(path: &Path, events: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // A full channel already holds a pending reload: dropping this event loses nothing.
+            let _ = events.try_send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            return None;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP");
+        return None;
+    }
+    Some(watcher)
+}
+
+/// Loads, validates and builds the next snapshot; the error text has one problem per line.
+fn build(path: &Path, previous: &Snapshot) -> Result<(Arc<Snapshot>, String, String), String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read config file: {e}", path.display()))?;
+    let config = Config::parse(path, &text).map_err(|errors| errors.to_string())?;
+    needs_restart(&previous.config, &config)?;
+    let changes = describe_changes(&previous.config, &config);
+    let snapshot = Snapshot::build(Arc::new(config), Some(previous));
+    Ok((Arc::new(snapshot), text, changes))
+}
+
+/// Refuses changes that only a restart can apply.
+fn needs_restart(old: &Config, new: &Config) -> Result<(), String> {
+    let file = new.path.display();
+    if old.listeners != new.listeners {
+        return Err(format!(
+            "{file}: [[listeners]] changed; listeners are bound at start, so restart writegate to apply this"
+        ));
+    }
+    if old.admin != new.admin {
+        return Err(format!(
+            "{file}: [admin] changed; restart writegate to apply this"
+        ));
+    }
+    if old.runtime.workers != new.runtime.workers {
+        return Err(format!(
+            "{file}: runtime.workers changed; restart writegate to apply this"
+        ));
+    }
+    Ok(())
+}
+
+/// One line saying what a reload changes, such as
+/// `upstream writers: +127.0.0.1:9004, -127.0.0.1:9002; route kv: changed`.
+pub fn describe_changes(old: &Config, new: &Config) -> String {
+    let mut changes = Vec::new();
+    for u in &new.upstreams {
+        let Some(before) = old.upstreams.iter().find(|o| o.name == u.name) else {
+            changes.push(format!("upstream {}: added", u.name));
+            continue;
+        };
+        let mut diff: Vec<String> = u
+            .backends
+            .iter()
+            .filter(|b| !before.backends.iter().any(|o| o.label == b.label))
+            .map(|b| format!("+{}", b.label))
+            .collect();
+        diff.extend(
+            before
+                .backends
+                .iter()
+                .filter(|o| !u.backends.iter().any(|b| b.label == o.label))
+                .map(|o| format!("-{}", o.label)),
+        );
+        let same_backends = diff.is_empty();
+        let settings_changed = {
+            let mut a = before.clone();
+            a.backends.clone_from(&u.backends);
+            a != *u
+        };
+        if settings_changed || (same_backends && before.backends != u.backends) {
+            diff.push("settings changed".to_string());
+        }
+        if !diff.is_empty() {
+            changes.push(format!("upstream {}: {}", u.name, diff.join(", ")));
+        }
+    }
+    for o in &old.upstreams {
+        if !new.upstreams.iter().any(|u| u.name == o.name) {
+            changes.push(format!("upstream {}: removed", o.name));
+        }
+    }
+    for r in &new.routes {
+        match old.routes.iter().find(|o| o.name == r.name) {
+            None => changes.push(format!("route {}: added", r.name)),
+            Some(o) if route_changed(old, o, new, r) => {
+                changes.push(format!("route {}: changed", r.name))
+            }
+            Some(_) => {}
+        }
+    }
+    for o in &old.routes {
+        if !new.routes.iter().any(|r| r.name == o.name) {
+            changes.push(format!("route {}: removed", o.name));
+        }
+    }
+    if old.log != new.log || old.runtime.shutdown_timeout != new.runtime.shutdown_timeout {
+        changes.push("global settings changed".to_string());
+    }
+    if changes.is_empty() {
+        "no changes".to_string()
+    } else {
+        changes.join("; ")
+    }
+}
+
+/// Compares routes by meaning: the upstream by name, not by position.
+fn route_changed(
+    old_config: &Config,
+    old: &crate::config::RouteConfig,
+    new_config: &Config,
+    new: &crate::config::RouteConfig,
+) -> bool {
+    let upstream_name =
+        |c: &Config, r: &crate::config::RouteConfig| c.upstreams[r.upstream].name.clone();
+    let mut a = old.clone();
+    a.upstream = new.upstream;
+    a != *new || upstream_name(old_config, old) != upstream_name(new_config, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(backends: &str, extra_route: &str) -> Config {
+        let text = format!(
+            "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:8080\"\n\n[[upstreams]]\nname = \"writers\"\nbackends = [{backends}]\n\n[[routes]]\nname = \"kv\"\nupstream = \"writers\"\n{extra_route}"
+        );
+        Config::parse(Path::new("w.toml"), &text).unwrap()
+    }
+
+    #[test]
+    fn changes_are_summarized_in_one_line() {
+        let old = config(
+            "{ address = \"127.0.0.1:9001\" }, { address = \"127.0.0.1:9002\" }",
+            "",
+        );
+        let new = config(
+            "{ address = \"127.0.0.1:9001\" }, { address = \"127.0.0.1:9004\" }",
+            "max_body = \"1KiB\"",
+        );
+        assert_eq!(
+            describe_changes(&old, &new),
+            "upstream writers: +127.0.0.1:9004, -127.0.0.1:9002; route kv: changed"
+        );
+        assert_eq!(describe_changes(&old, &old), "no changes");
+        let weighted = config(
+            "{ address = \"127.0.0.1:9001\", weight = 3 }, { address = \"127.0.0.1:9002\" }",
+            "",
+        );
+        assert_eq!(
+            describe_changes(&old, &weighted),
+            "upstream writers: settings changed"
+        );
+    }
+
+    #[test]
+    fn listener_changes_need_a_restart() {
+        let old = config("{ address = \"127.0.0.1:9001\" }", "");
+        let mut new = old.clone();
+        new.listeners[0].listen = "127.0.0.1:8081".parse().unwrap();
+        let error = needs_restart(&old, &new).unwrap_err();
+        assert!(error.contains("restart writegate to apply this"), "{error}");
+    }
+}
