@@ -32,6 +32,7 @@ fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> (Balance
             weight: NonZeroU32::MIN,
             down: false,
             max_inflight: None,
+            tls_name: None,
         })
         .collect();
     let members: Vec<Member> = backends
@@ -48,6 +49,7 @@ fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> (Balance
         admission: None,
         outlier: Default::default(),
         health_check: None,
+        tls_ca: None,
     };
     (Balancer::new(&config, &members), members)
 }

@@ -19,6 +19,7 @@
 //! - [`proxy`]: the hyper service that forwards one request, with header rewriting and bodies.
 //! - [`reload`]: watching the config file and swapping in the next snapshot.
 //! - [`server`]: listeners, connection handling, timeouts and graceful shutdown.
+//! - [`tls`]: rustls configs for listeners and https backends.
 //! - [`admin`]: health and readiness endpoints on the admin listener.
 //! - [`error`]: the proxy's errors and their mapping to responses.
 //! - [`metrics`]: every metric name, described once.
@@ -38,4 +39,5 @@ pub mod reload;
 pub mod route;
 pub mod server;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;

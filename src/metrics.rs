@@ -68,6 +68,9 @@ pub const CONFIG_RELOADS: &str = "writegate_config_reloads_total";
 pub const CONFIG_LAST_RELOAD_SUCCESS: &str =
     "writegate_config_last_reload_success_timestamp_seconds";
 
+/// Counter, label `listener`: TLS handshakes that failed or timed out.
+pub const TLS_HANDSHAKE_FAILURES: &str = "writegate_tls_handshake_failures_total";
+
 /// Registers help texts with the installed recorder.
 fn describe() {
     describe_counter!(

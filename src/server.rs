@@ -19,6 +19,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::AdminService;
 use crate::config::{Config, ListenerConfig};
@@ -140,26 +142,46 @@ impl Proxy {
         };
         // Every task holds a clone of `alive`; `drained` sees `None` once all have ended.
         let (alive, mut drained) = mpsc::channel::<()>(1);
-        for bound in self.listeners {
+        for (index, bound) in self.listeners.into_iter().enumerate() {
             let snapshots = Arc::clone(&self.snapshots);
             let builder = Arc::new(connection_builder(&bound.config));
-            let idle_timeout = bound.config.idle_timeout;
+            let settings = Arc::new(bound.config.clone());
             let addr = bound
                 .listener
                 .local_addr()
                 .map_or(bound.config.listen, |a| a);
-            tracing::info!(listener = %bound.config.name, %addr, "listening");
+            let tls = if bound.config.tls.is_some() {
+                "on"
+            } else {
+                "off"
+            };
+            tracing::info!(listener = %bound.config.name, %addr, tls, "listening");
+            let handshake_failures = metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => bound.config.name.clone());
             tokio::spawn(accept_loop(
                 bound.listener,
                 stop_rx.clone(),
                 alive.clone(),
                 move |stream, peer, stop, alive| {
-                    let conn = Arc::new(ClientConn::new(peer, false));
-                    let service = ProxyService::new(Arc::clone(&snapshots), Arc::clone(&conn));
-                    let builder = Arc::clone(&builder);
+                    let (snapshots, builder, settings) = (
+                        Arc::clone(&snapshots),
+                        Arc::clone(&builder),
+                        Arc::clone(&settings),
+                    );
+                    let handshake_failures = handshake_failures.clone();
                     async move {
-                        let connection = builder.serve_connection(TokioIo::new(stream), service);
-                        drive(connection, &conn.activity, idle_timeout, stop).await;
+                        let serve = Serve {
+                            snapshots,
+                            builder,
+                            settings,
+                            stop,
+                        };
+                        if serve.settings.tls.is_none() {
+                            serve.connection(stream, peer, false).await;
+                        } else if let Some(stream) = serve.handshake(index, stream, peer).await {
+                            serve.connection(stream, peer, true).await;
+                        } else {
+                            handshake_failures.increment(1);
+                        }
                         drop(alive);
                     }
                 },
@@ -200,6 +222,62 @@ impl Proxy {
                 tracing::warn!("shutdown deadline passed; closing connections that are still busy")
             }
         }
+    }
+}
+
+/// What one client connection of a listener needs.
+struct Serve {
+    snapshots: Arc<ArcSwap<Snapshot>>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    settings: Arc<ListenerConfig>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Serve {
+    /// The TLS handshake, with the listener's current certificate (a reload changes it for new
+    /// connections), bounded by `header_read_timeout`. Failures cost a debug line and the connection.
+    async fn handshake(
+        &self,
+        index: usize,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<TlsStream<TcpStream>> {
+        let config = self
+            .snapshots
+            .load()
+            .config
+            .listener_tls
+            .get(index)
+            .cloned()
+            .flatten()?;
+        let accept = TlsAcceptor::from(config).accept(stream);
+        match tokio::time::timeout(self.settings.header_read_timeout, accept).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    async fn connection<I>(self, io: I, peer: SocketAddr, tls: bool)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = Arc::new(ClientConn::new(peer, tls));
+        let service = ProxyService::new(self.snapshots, Arc::clone(&conn));
+        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        drive(
+            connection,
+            &conn.activity,
+            self.settings.idle_timeout,
+            self.stop,
+        )
+        .await;
     }
 }
 

@@ -6,7 +6,6 @@
 //! connections survive a reload.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::admission::Limiter;
@@ -27,8 +26,13 @@ pub struct Snapshot {
 impl Snapshot {
     /// Builds the snapshot for `config`, taking over live backend state from `previous`.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
-        let mut live: HashMap<SocketAddr, Arc<Backend>> = previous
-            .map(|p| p.backends().map(|b| (b.address(), Arc::clone(b))).collect())
+        // Live state is kept per address as written: "https://a:443" and "a:443" are different.
+        let mut live: HashMap<String, Arc<Backend>> = previous
+            .map(|p| {
+                p.backends()
+                    .map(|b| (b.label().to_string(), Arc::clone(b)))
+                    .collect()
+            })
             .unwrap_or_default();
         let previous_upstreams: HashMap<&str, &Upstream> = previous
             .map(|p| p.upstreams.iter().map(|u| (&*u.name, u)).collect())
@@ -36,15 +40,21 @@ impl Snapshot {
         let upstreams = config
             .upstreams
             .iter()
-            .map(|u| {
+            .zip(&config.upstream_tls)
+            .map(|(u, tls)| {
                 let members: Box<[Member]> = u
                     .backends
                     .iter()
                     .filter(|b| !b.down)
                     .map(|b| {
-                        let backend = live
-                            .entry(b.address)
-                            .or_insert_with(|| Arc::new(Backend::new(b.address, &b.label)));
+                        let backend = live.entry(b.label.clone()).or_insert_with(|| {
+                            let tls = tls.clone().zip(
+                                b.tls_name
+                                    .clone()
+                                    .and_then(|n| rustls_pki_types::ServerName::try_from(n).ok()),
+                            );
+                            Arc::new(Backend::with_tls(b.address, &b.label, tls))
+                        });
                         let mut member = Member::new(Arc::clone(backend), b.weight.get(), &u.name);
                         member.max_inflight = b.max_inflight;
                         member

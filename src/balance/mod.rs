@@ -206,6 +206,7 @@ mod tests {
                     weight: NonZeroU32::MIN,
                     down: false,
                     max_inflight: None,
+                    tls_name: None,
                 }
             })
             .collect();
@@ -219,6 +220,7 @@ mod tests {
             admission: None,
             outlier: Default::default(),
             health_check: None,
+            tls_ca: None,
         };
         let members: Box<[Member]> = config
             .backends
@@ -297,6 +299,7 @@ mod tests {
                 admission: None,
                 outlier: Default::default(),
                 health_check: None,
+                tls_ca: None,
             };
             let balancer = Balancer::new(&config, &config_members);
             for i in 0..5_000u32 {

@@ -47,6 +47,15 @@ pub struct ListenerSection {
     pub listen: Spanned<String>,
     pub header_read_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub tls: Option<Spanned<TlsSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -79,6 +88,7 @@ pub struct UpstreamSection {
     pub hash_balance_factor: Option<Spanned<f64>>,
     pub backends: Spanned<Vec<BackendEntry>>,
     pub max_inflight_per_backend: Option<Spanned<i64>>,
+    pub tls_ca: Option<Spanned<String>>,
     pub admission: Option<Spanned<AdmissionSection>>,
     pub outlier_detection: Option<OutlierSection>,
     pub health_check: Option<HealthCheckSection>,

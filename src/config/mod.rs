@@ -15,6 +15,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroU32;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
@@ -96,6 +97,10 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Loaded TLS config of each listener (same order as `listeners`), read when the config loads.
+    pub listener_tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    /// TLS config for each upstream's `https://` backends (same order as `upstreams`).
+    pub upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +126,15 @@ pub struct ListenerConfig {
     pub listen: SocketAddr,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's certificate files (paths resolved against the config file's directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,6 +206,8 @@ pub struct UpstreamConfig {
     pub admission: Option<AdmissionConfig>,
     pub outlier: OutlierConfig,
     pub health_check: Option<HealthCheckConfig>,
+    /// CA file for `https://` backends; `None` uses the system's roots.
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +220,8 @@ pub struct BackendConfig {
     pub down: bool,
     /// Most requests in flight to this backend; `None` is unlimited.
     pub max_inflight: Option<usize>,
+    /// For `https://` backends: the name sent in SNI and checked against the certificate.
+    pub tls_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,7 +306,12 @@ impl Config {
                 return Err(sink.finish().expect_err("an error was recorded"));
             }
         };
-        let config = Validator { sink: &mut sink }.config(path, file);
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let config = Validator {
+            sink: &mut sink,
+            base,
+        }
+        .config(path, file);
         sink.finish()?;
         Ok(config)
     }
@@ -314,6 +337,8 @@ fn one_line(message: &str) -> String {
 /// Walks the file schema, converting values and recording every problem.
 struct Validator<'s, 'a> {
     sink: &'s mut ErrorSink<'a>,
+    /// The config file's directory: relative paths in the config are relative to it.
+    base: PathBuf,
 }
 
 impl Validator<'_, '_> {
@@ -335,8 +360,8 @@ impl Validator<'_, '_> {
             self.socket_addr(&a.listen)
                 .map(|listen| AdminConfig { listen })
         });
-        let listeners = self.listeners(file.listeners);
-        let upstreams = self.upstreams(file.upstreams);
+        let (listeners, listener_tls) = self.listeners(file.listeners);
+        let (upstreams, upstream_tls) = self.upstreams(file.upstreams);
         let routes = self.routes(file.routes, &upstreams);
         Config {
             path: path.to_path_buf(),
@@ -346,10 +371,40 @@ impl Validator<'_, '_> {
             listeners,
             upstreams,
             routes,
+            listener_tls,
+            upstream_tls,
         }
     }
 
-    fn listeners(&mut self, sections: Vec<file::ListenerSection>) -> Vec<ListenerConfig> {
+    fn path(&self, text: &str) -> PathBuf {
+        self.base.join(text)
+    }
+
+    /// Reads a listener's certificate files now, so that a bad file is an error at its position.
+    fn listener_tls(
+        &mut self,
+        tls: Spanned<file::TlsSection>,
+    ) -> Option<(ListenerTls, Arc<rustls::ServerConfig>)> {
+        let span = tls.span();
+        let tls = tls.into_inner();
+        let files = ListenerTls {
+            cert: self.path(tls.cert.get_ref()),
+            key: self.path(tls.key.get_ref()),
+            client_ca: tls.client_ca.as_ref().map(|c| self.path(c.get_ref())),
+        };
+        match crate::tls::server_config(&files.cert, &files.key, files.client_ca.as_deref()) {
+            Ok(loaded) => Some((files, loaded)),
+            Err(e) => {
+                self.sink.at(span, e);
+                None
+            }
+        }
+    }
+
+    fn listeners(
+        &mut self,
+        sections: Vec<file::ListenerSection>,
+    ) -> (Vec<ListenerConfig>, Vec<Option<Arc<rustls::ServerConfig>>>) {
         if sections.is_empty() {
             self.sink
                 .at(0..0, "no [[listeners]]: at least one is needed");
@@ -357,6 +412,7 @@ impl Validator<'_, '_> {
         self.unique_names("listener", sections.iter().map(|l| &l.name));
         let mut seen_addrs = HashSet::new();
         let mut out = Vec::new();
+        let mut loaded_tls = Vec::new();
         for l in sections {
             let listen = self.socket_addr(&l.listen);
             if let Some(addr) = listen {
@@ -370,23 +426,33 @@ impl Validator<'_, '_> {
             let header_read_timeout =
                 self.duration(l.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
             let idle_timeout = self.duration(l.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+            let tls = l.tls.and_then(|t| self.listener_tls(t));
             if let Some(listen) = listen {
+                let (tls, loaded) = tls.map_or((None, None), |(f, l)| (Some(f), Some(l)));
                 out.push(ListenerConfig {
                     name: l.name.into_inner(),
                     listen,
                     header_read_timeout,
                     idle_timeout,
+                    tls,
                 });
+                loaded_tls.push(loaded);
             }
         }
-        out
+        (out, loaded_tls)
     }
 
-    fn upstreams(&mut self, sections: Vec<file::UpstreamSection>) -> Vec<UpstreamConfig> {
+    fn upstreams(
+        &mut self,
+        sections: Vec<file::UpstreamSection>,
+    ) -> (Vec<UpstreamConfig>, Vec<Option<Arc<rustls::ClientConfig>>>) {
         self.unique_names("upstream", sections.iter().map(|u| &u.name));
-        sections
+        let mut tls_configs = Vec::new();
+        let upstreams = sections
             .into_iter()
             .map(|u| {
+                let tls_ca_span = u.tls_ca.as_ref().map(Spanned::span);
+                let tls_ca = u.tls_ca.as_ref().map(|c| self.path(c.get_ref()));
                 let consistent_hash = self.hash_config(&u);
                 let default_backend_limit = u
                     .max_inflight_per_backend
@@ -411,6 +477,7 @@ impl Validator<'_, '_> {
                     let Some(address) = self.backend_addr(&entry.address) else {
                         continue;
                     };
+                    let (address, tls_name) = address;
                     if !seen.insert(address) {
                         self.sink.at(
                             address_span,
@@ -428,15 +495,30 @@ impl Validator<'_, '_> {
                                 .max_inflight
                                 .and_then(|m| self.count("max_inflight", m, 1, 1_000_000))
                                 .or(default_backend_limit),
+                            tls_name,
                         });
                     }
                 }
                 if consistent_hash.is_some() && backends.len() > MAX_HASH_BACKENDS {
                     self.sink.at(
-                        backends_span,
+                        backends_span.clone(),
                         format!("upstream {name:?} lists more than {MAX_HASH_BACKENDS} backends"),
                     );
                 }
+                let uses_tls = backends.iter().any(|b| b.tls_name.is_some());
+                let tls = if uses_tls {
+                    match crate::tls::client_config(tls_ca.as_deref()) {
+                        Ok(config) => Some(config),
+                        Err(e) => {
+                            self.sink
+                                .at(tls_ca_span.clone().unwrap_or(backends_span.clone()), e);
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                tls_configs.push(tls);
                 UpstreamConfig {
                     name,
                     consistent_hash,
@@ -444,9 +526,11 @@ impl Validator<'_, '_> {
                     admission,
                     outlier,
                     health_check,
+                    tls_ca,
                 }
             })
-            .collect()
+            .collect();
+        (upstreams, tls_configs)
     }
 
     fn routes(
@@ -884,15 +968,44 @@ impl Validator<'_, '_> {
         }
     }
 
-    /// A backend may also be `host:port`; the name is resolved once, when the config is loaded.
-    fn backend_addr(&mut self, text: &Spanned<String>) -> Option<SocketAddr> {
-        let value = text.get_ref();
+    /// A backend is `host:port`, `http://host:port` or `https://host[:port]`; a name is resolved
+    /// once, when the config is loaded. Returns the address and, for https, the TLS name.
+    fn backend_addr(&mut self, text: &Spanned<String>) -> Option<(SocketAddr, Option<String>)> {
+        let raw = text.get_ref();
+        let (rest, tls, default_port) = if let Some(rest) = raw.strip_prefix("https://") {
+            (rest, true, Some(443))
+        } else if let Some(rest) = raw.strip_prefix("http://") {
+            (rest, false, Some(80))
+        } else {
+            (raw.as_str(), false, None)
+        };
+        let has_port = rest
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            && !rest.ends_with(']');
+        let with_port = match (has_port, default_port) {
+            (false, Some(port)) => format!("{rest}:{port}"),
+            _ => rest.to_string(),
+        };
+        let addr = self.socket_or_name(&with_port, text.span())?;
+        let tls_name = tls.then(|| {
+            let host = with_port
+                .rsplit_once(':')
+                .map_or(with_port.as_str(), |(h, _)| h);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        });
+        Some((addr, tls_name))
+    }
+
+    fn socket_or_name(&mut self, value: &str, span: Range<usize>) -> Option<SocketAddr> {
         if let Ok(addr) = value.parse::<SocketAddr>() {
-            return self.nonzero_port(addr, text.span());
+            return self.nonzero_port(addr, span);
         }
         let Some((host, port)) = value.rsplit_once(':') else {
             self.sink.at(
-                text.span(),
+                span.clone(),
                 format!(
                     "bad backend address {value:?}: expected HOST:PORT such as \"127.0.0.1:9001\""
                 ),
@@ -901,7 +1014,7 @@ impl Validator<'_, '_> {
         };
         if host.is_empty() || port.parse::<u16>().is_err() {
             self.sink.at(
-                text.span(),
+                span.clone(),
                 format!(
                     "bad backend address {value:?}: expected HOST:PORT with a port from 1 to 65535"
                 ),
@@ -909,10 +1022,10 @@ impl Validator<'_, '_> {
             return None;
         }
         match value.to_socket_addrs().map(|mut addrs| addrs.next()) {
-            Ok(Some(addr)) => self.nonzero_port(addr, text.span()),
+            Ok(Some(addr)) => self.nonzero_port(addr, span.clone()),
             Ok(None) | Err(_) => {
                 self.sink.at(
-                    text.span(),
+                    span.clone(),
                     format!("cannot resolve backend address {value:?}"),
                 );
                 None

@@ -8,15 +8,13 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use http_body_util::BodyExt;
 use tokio::sync::watch;
 
 use super::Backend;
 use crate::config::HealthCheckConfig;
+use crate::proxy::RequestBody;
 use crate::snapshot::Snapshot;
 
 /// The running checks of one snapshot; dropping it stops them (a reload starts the next set).
@@ -110,17 +108,15 @@ async fn check_loop(
 /// One check: connect, `GET path`, compare the status.
 async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), String> {
     let exchange = async {
-        let stream = TcpStream::connect(backend.address())
+        // The same connect as real traffic: TCP, and TLS for https backends.
+        let mut sender = backend
+            .connect(config.timeout)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(conn);
         let request = Request::get(config.path.as_str())
             .header(http::header::HOST, backend.label())
             .header(http::header::USER_AGENT, "writegate-health-check")
-            .body(Empty::<Bytes>::new())
+            .body(RequestBody::Full(None))
             .map_err(|e| format!("request: {e}"))?;
         let response = sender
             .send_request(request)

@@ -32,11 +32,28 @@ pub struct Backend {
     pub(crate) smooth_weight: AtomicI64,
     pool: pool::Pool,
     pub health: Health,
+    /// For `https://` backends: the client config and the name for SNI and verification.
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls_pki_types::ServerName<'static>,
+    )>,
 }
 
 impl Backend {
     pub fn new(address: SocketAddr, label: &str) -> Backend {
+        Backend::with_tls(address, label, None)
+    }
+
+    pub fn with_tls(
+        address: SocketAddr,
+        label: &str,
+        tls: Option<(
+            Arc<rustls::ClientConfig>,
+            rustls_pki_types::ServerName<'static>,
+        )>,
+    ) -> Backend {
         Backend {
+            tls,
             address,
             label: label.into(),
             inflight: AtomicUsize::new(0),

@@ -6,7 +6,7 @@
 //! config reloads. A small LIFO stack per backend does all three: the most recently used connection
 //! is the one least likely to have been closed by the backend's idle timer.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -148,15 +148,37 @@ impl Backend {
         self.pool.put(conn);
     }
 
-    async fn connect(&self, connect_timeout: Duration) -> Result<UpstreamConn, SendError> {
-        let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(self.address))
+    /// Opens a new connection (TCP, then TLS for `https://` backends), both within
+    /// `connect_timeout`. Nothing of any request has been sent when this fails.
+    pub async fn connect(&self, connect_timeout: Duration) -> Result<UpstreamConn, SendError> {
+        let connecting = async {
+            let stream = TcpStream::connect(self.address)
+                .await
+                .map_err(SendError::Connect)?;
+            // Small writes (headers, then a small body) must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => self.handshake(stream).await,
+                Some((config, name)) => {
+                    let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
+                        .connect(name.clone(), stream)
+                        .await
+                        .map_err(SendError::Connect)?;
+                    self.handshake(tls).await
+                }
+            }
+        };
+        tokio::time::timeout(connect_timeout, connecting)
             .await
             .map_err(|_| SendError::ConnectTimeout)?
-            .map_err(SendError::Connect)?;
-        // Small writes (headers, then a small body) must not wait for Nagle.
-        let _ = stream.set_nodelay(true);
+    }
+
+    async fn handshake<I>(&self, io: I) -> Result<UpstreamConn, SendError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (conn, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|error| SendError::Exchange { error, sent: false })?;
         let label = self.label.clone();
