@@ -3,8 +3,10 @@
 //!
 //! The watch is on the file's directory, not the file: editors that write a new file and rename
 //! it over the old one, and Kubernetes ConfigMaps that swap a symlink, both replace the file, and
-//! a watch on the old file would go quiet. Events are debounced (a burst settles for 150 ms) and a
-//! reload only happens when the file's content really changed; SIGHUP always reloads.
+//! a watch on the old file would go quiet. The directories of the TLS certificate and key files
+//! are watched too, so a renewed certificate is picked up without a restart. Events are debounced
+//! (a burst settles for 150 ms) and a reload only happens when the config or one of its
+//! certificate files really changed; SIGHUP always reloads.
 //!
 //! Parsing, validation and the snapshot build (a consistent-hash table for 1,000 backends takes
 //! about 0.4 s) run on a blocking thread. Requests in flight keep the snapshot they started with;
@@ -70,15 +72,37 @@ pub struct Triggers {
     events: mpsc::Receiver<()>,
     _watcher: Option<notify::RecommendedWatcher>,
     hangup: Option<tokio::signal::unix::Signal>,
-    /// The file's text when the triggers were opened: later events compare against it.
-    last_text: Option<String>,
+    /// The config and certificate files when the triggers were opened; events compare against them.
+    last_inputs: Option<Vec<u8>>,
+}
+
+/// Every file a config reads: itself and its TLS certificates, keys and CAs.
+fn input_files(config: &Config) -> Vec<PathBuf> {
+    let mut files = vec![config.path.clone()];
+    for tls in config.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+        files.extend([tls.cert.clone(), tls.key.clone()]);
+        files.extend(tls.client_ca.clone());
+    }
+    files.extend(config.upstreams.iter().filter_map(|u| u.tls_ca.clone()));
+    files
+}
+
+/// The bytes of every input file, to tell a real change from an unrelated event.
+fn read_inputs(files: &[PathBuf]) -> Option<Vec<u8>> {
+    let mut all = Vec::new();
+    for file in files {
+        all.extend(std::fs::read(file).ok()?);
+        all.push(0);
+    }
+    Some(all)
 }
 
 impl Triggers {
     /// Must be called inside a tokio runtime (SIGHUP registration needs one).
-    pub fn open(path: &Path) -> Triggers {
+    pub fn open(config: &Config) -> Triggers {
         let (events_tx, events) = mpsc::channel::<()>(64);
-        let watcher = watch_directory(path, events_tx);
+        let files = input_files(config);
+        let watcher = watch_directories(&files, events_tx);
         let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(signal) => Some(signal),
             Err(e) => {
@@ -90,7 +114,7 @@ impl Triggers {
             events,
             _watcher: watcher,
             hangup,
-            last_text: std::fs::read_to_string(path).ok(),
+            last_inputs: read_inputs(&files),
         }
     }
 }
@@ -107,7 +131,7 @@ pub struct Reloader {
 impl Reloader {
     /// Watches for changes and SIGHUP until `stop` flips.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut last_text = self.triggers.last_text.take();
+        let mut last_inputs = self.triggers.last_inputs.take();
         loop {
             let events = &mut self.triggers.events;
             let hangup = &mut self.triggers.hangup;
@@ -118,28 +142,36 @@ impl Reloader {
             };
             if !forced {
                 settle(events).await;
-                let now = read(&self.path).await;
-                if now.is_some() && now == last_text {
-                    continue; // an event in the directory that did not change our file
+                let files = input_files(&self.snapshots.load().config);
+                let now = tokio::task::spawn_blocking(move || read_inputs(&files))
+                    .await
+                    .ok()
+                    .flatten();
+                if now.is_some() && now == last_inputs {
+                    continue; // an event in a watched directory that changed none of our files
                 }
             } else {
                 tracing::info!("SIGHUP received: reloading the config");
             }
-            if let Some(text) = self.reload().await {
-                last_text = Some(text);
+            if self.reload().await {
+                let files = input_files(&self.snapshots.load().config);
+                last_inputs = tokio::task::spawn_blocking(move || read_inputs(&files))
+                    .await
+                    .ok()
+                    .flatten();
             }
         }
     }
 
-    /// One reload attempt; returns the text that was loaded, if it was.
-    pub async fn reload(&mut self) -> Option<String> {
+    /// One reload attempt; true when the new config is in service.
+    pub async fn reload(&mut self) -> bool {
         let path = self.path.clone();
         let previous = self.snapshots.load_full();
         let built = tokio::task::spawn_blocking(move || build(&path, &previous)).await;
         let result = built.unwrap_or_else(|e| Err(format!("the reload task failed: {e}")));
         let now = SystemTime::now();
         match result {
-            Ok((snapshot, text, changes)) => {
+            Ok((snapshot, changes)) => {
                 self.snapshots.store(Arc::clone(&snapshot));
                 self.checks = HealthChecks::start(&snapshot);
                 tracing::info!(file = %self.path.display(), changes = %changes, "config reloaded");
@@ -156,7 +188,7 @@ impl Reloader {
                     s.last_changes = Some(changes);
                     s.succeeded += 1;
                 });
-                Some(text)
+                true
             }
             Err(error) => {
                 for line in error.lines() {
@@ -169,7 +201,7 @@ impl Reloader {
                     s.error = Some(error);
                     s.failed += 1;
                 });
-                None
+                false
             }
         }
     }
@@ -193,16 +225,21 @@ async fn settle(events: &mut mpsc::Receiver<()>) {
     {}
 }
 
-async fn read(path: &Path) -> Option<String> {
-    tokio::fs::read_to_string(path).await.ok()
-}
-
-fn watch_directory(path: &Path, events: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+/// Watches the directories holding `files` (a replaced file is seen through its directory).
+fn watch_directories(
+    files: &[PathBuf],
+    events: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let mut dirs: Vec<PathBuf> = files
+        .iter()
+        .map(|f| match f.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
             // A full channel already holds a pending reload: dropping this event loses nothing.
@@ -216,22 +253,23 @@ fn watch_directory(path: &Path, events: mpsc::Sender<()>) -> Option<notify::Reco
             return None;
         }
     };
-    if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
-        tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP");
-        return None;
+    for dir in dirs {
+        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a config directory; reload with SIGHUP");
+        }
     }
     Some(watcher)
 }
 
 /// Loads, validates and builds the next snapshot; the error text has one problem per line.
-fn build(path: &Path, previous: &Snapshot) -> Result<(Arc<Snapshot>, String, String), String> {
+fn build(path: &Path, previous: &Snapshot) -> Result<(Arc<Snapshot>, String), String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read config file: {e}", path.display()))?;
     let config = Config::parse(path, &text).map_err(|errors| errors.to_string())?;
     needs_restart(&previous.config, &config)?;
     let changes = describe_changes(&previous.config, &config);
     let snapshot = Snapshot::build(Arc::new(config), Some(previous));
-    Ok((Arc::new(snapshot), text, changes))
+    Ok((Arc::new(snapshot), changes))
 }
 
 /// Refuses changes that only a restart can apply.

@@ -96,8 +96,7 @@ impl Proxy {
     /// Reloads the config file on change and on SIGHUP while running. Changes made from this call
     /// on are seen. Call it inside the tokio runtime.
     pub fn enable_reload(&mut self) {
-        let path = self.snapshots.load().config.path.clone();
-        self.reload = Some(Triggers::open(&path));
+        self.reload = Some(Triggers::open(&self.snapshots.load().config));
     }
 
     /// What reloads have done, as `/status` shows it.
