@@ -22,6 +22,7 @@
 //! - [`tls`]: rustls configs for listeners and https backends.
 //! - [`admin`]: health and readiness endpoints on the admin listener.
 //! - [`error`]: the proxy's errors and their mapping to responses.
+//! - [`notify`]: systemd readiness notifications.
 //! - [`metrics`]: every metric name, described once.
 //! - [`demo`]: the in-memory key-value backends and tour behind `writegate demo`.
 
@@ -34,6 +35,7 @@ pub mod demo;
 pub mod error;
 pub mod key;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod reload;
 pub mod route;

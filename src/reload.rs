@@ -165,6 +165,13 @@ impl Reloader {
 
     /// One reload attempt; true when the new config is in service.
     pub async fn reload(&mut self) -> bool {
+        crate::notify::notify("RELOADING=1");
+        let applied = self.apply().await;
+        crate::notify::notify("READY=1");
+        applied
+    }
+
+    async fn apply(&mut self) -> bool {
         let path = self.path.clone();
         let previous = self.snapshots.load_full();
         let built = tokio::task::spawn_blocking(move || build(&path, &previous)).await;

@@ -208,7 +208,9 @@ impl Proxy {
             ));
         }
         drop(alive);
+        crate::notify::notify("READY=1\nSTATUS=serving");
         shutdown.await;
+        crate::notify::notify("STOPPING=1");
         let deadline = self.snapshots.load().config.runtime.shutdown_timeout;
         tracing::info!(
             deadline_s = deadline.as_secs_f64(),

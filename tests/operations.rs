@@ -1,0 +1,91 @@
+//! Fitting into systemd: readiness notifications from the real binary, and the unit's hardening.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+
+use support::STEP;
+
+fn kill(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn readiness_reload_and_stop_are_notified() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(STEP)).unwrap();
+    let config = dir.path().join("w.toml");
+    std::fs::write(
+        &config,
+        "[[listeners]]\nname = \"h\"\nlisten = \"127.0.0.1:0\"\n\n[[upstreams]]\nname = \"u\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[routes]]\nname = \"r\"\nupstream = \"u\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_writegate"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let mut next = || {
+        let n = socket
+            .recv(&mut buf)
+            .expect("a notification within the step timeout");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(next().starts_with("READY=1"), "ready once listening");
+    kill("-HUP", child.id());
+    assert_eq!(next(), "RELOADING=1");
+    assert_eq!(next(), "READY=1");
+    kill("-TERM", child.id());
+    assert_eq!(next(), "STOPPING=1");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log: Vec<String> = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    assert!(log.iter().any(|l| l.contains("config reloaded")), "{log:?}");
+}
+
+#[test]
+fn the_unit_is_hardened() {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/writegate.service");
+    let text = std::fs::read_to_string(unit).unwrap();
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+        "User=writegate",
+    ] {
+        assert!(text.lines().any(|l| l == line), "the unit needs {line}");
+    }
+    let Ok(output) = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", unit])
+        .output()
+    else {
+        println!("skipped the exposure rating: systemd-analyze is not installed here");
+        return;
+    };
+    let report = String::from_utf8_lossy(&output.stdout);
+    let rating: f64 = report
+        .lines()
+        .find_map(|l| {
+            l.split("writegate.service: ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no overall rating in:\n{report}"));
+    assert!(rating <= 1.5, "exposure {rating} is above 1.5:\n{report}");
+}
