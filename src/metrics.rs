@@ -7,8 +7,32 @@
 
 use std::sync::OnceLock;
 
-use metrics::{describe_counter, describe_gauge, Unit};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Counter, labels `route` (`-` when none matched), `method`, `status_class` (`1xx`..`5xx`):
+/// client requests, counted when their response head is ready.
+pub const REQUESTS: &str = "writegate_requests_total";
+/// Histogram, label `route`: time from receiving a request to its response head.
+pub const REQUEST_DURATION: &str = "writegate_request_duration_seconds";
+/// Counter, labels `upstream`, `backend`, `status_class` (`1xx`..`5xx`, or `error` when no
+/// response came): requests sent to backends, retries included.
+pub const UPSTREAM_REQUESTS: &str = "writegate_upstream_requests_total";
+/// Histogram, labels `upstream`, `backend`: time from sending a request to its response head.
+pub const UPSTREAM_DURATION: &str = "writegate_upstream_response_seconds";
+/// Gauge, labels `upstream`, `backend`: requests in flight to the backend.
+pub const BACKEND_INFLIGHT: &str = "writegate_backend_inflight";
+
+/// Histogram buckets (seconds) for every duration metric.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often histogram data is folded so that it stays bounded between scrapes.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Counter, labels `upstream`, `backend`: requests the balancer sent to each backend.
 pub const BACKEND_PICKS: &str = "writegate_backend_picks_total";
@@ -22,8 +46,24 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// Call it before building a proxy so that its counters record.
 pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let builder = PrometheusBuilder::new();
+        let builder = match builder.set_buckets(&DURATION_BUCKETS) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "histogram buckets rejected; durations become summaries");
+                PrometheusBuilder::new()
+            }
+        };
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            })
+            .ok();
         if metrics::set_global_recorder(recorder).is_ok() {
             describe();
         } else {
@@ -74,6 +114,31 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "writegate_tls_handshake_failures_total
 /// Registers help texts with the installed recorder.
 fn describe() {
     describe_counter!(
+        REQUESTS,
+        Unit::Count,
+        "Client requests by route, method and status class."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from a request to its response head."
+    );
+    describe_counter!(
+        UPSTREAM_REQUESTS,
+        Unit::Count,
+        "Requests sent to backends, by status class."
+    );
+    describe_histogram!(
+        UPSTREAM_DURATION,
+        Unit::Seconds,
+        "Backend time to response head."
+    );
+    describe_gauge!(
+        BACKEND_INFLIGHT,
+        Unit::Count,
+        "Requests in flight to each backend."
+    );
+    describe_counter!(
         BACKEND_PICKS,
         Unit::Count,
         "Requests sent to each backend by the balancer."
@@ -98,4 +163,91 @@ fn describe() {
         Unit::Count,
         "Requests refused by a key queue, by reason."
     );
+}
+
+/// The methods that get their own label value; the rest count as `other`.
+const METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: StatusCode) -> usize {
+    (status.as_u16() / 100).clamp(1, 5) as usize - 1
+}
+
+/// A route's request counters and duration histogram, registered once per config snapshot so
+/// that recording a request is an atomic add and a bucket push.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    /// Indexed by method (`METHODS`, then `other`) × 5 + status class.
+    requests: Box<[Counter]>,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> RouteMetrics {
+        let methods = METHODS.iter().map(Method::as_str).chain(["other"]);
+        let requests = methods
+            .flat_map(|m| {
+                CLASSES.iter().map(move |c| {
+                    metrics::counter!(REQUESTS, "route" => route.to_string(), "method" => m, "status_class" => *c)
+                })
+            })
+            .collect();
+        RouteMetrics {
+            requests,
+            duration: metrics::histogram!(REQUEST_DURATION, "route" => route.to_string()),
+        }
+    }
+
+    pub fn record(&self, method: &Method, status: StatusCode, took: Duration) {
+        let m = METHODS
+            .iter()
+            .position(|x| x == method)
+            .unwrap_or(METHODS.len());
+        self.requests[m * CLASSES.len() + class_index(status)].increment(1);
+        self.duration.record(took.as_secs_f64());
+    }
+}
+
+/// One backend's counters as one upstream sees it.
+#[derive(Debug, Clone)]
+pub struct BackendMetrics {
+    /// 1xx..5xx, then `error`.
+    requests: [Counter; 6],
+    duration: Histogram,
+    pub inflight: metrics::Gauge,
+}
+
+impl BackendMetrics {
+    pub fn new(upstream: &str, backend: &str) -> BackendMetrics {
+        let counter = |class: &'static str| metrics::counter!(UPSTREAM_REQUESTS, "upstream" => upstream.to_string(), "backend" => backend.to_string(), "status_class" => class);
+        BackendMetrics {
+            requests: [
+                counter("1xx"),
+                counter("2xx"),
+                counter("3xx"),
+                counter("4xx"),
+                counter("5xx"),
+                counter("error"),
+            ],
+            duration: metrics::histogram!(UPSTREAM_DURATION, "upstream" => upstream.to_string(), "backend" => backend.to_string()),
+            inflight: metrics::gauge!(BACKEND_INFLIGHT, "upstream" => upstream.to_string(), "backend" => backend.to_string()),
+        }
+    }
+
+    pub fn responded(&self, status: StatusCode, took: Duration) {
+        self.requests[class_index(status)].increment(1);
+        self.duration.record(took.as_secs_f64());
+    }
+
+    pub fn failed(&self) {
+        self.requests[5].increment(1);
+    }
 }

@@ -14,6 +14,7 @@ use crate::admission::Limiter;
 use crate::coalesce::Coalescer;
 use crate::config::{CoalesceConfig, RouteConfig};
 use crate::key::KeyRule;
+use crate::metrics::RouteMetrics;
 
 /// One route as the request path uses it.
 #[derive(Debug)]
@@ -37,6 +38,7 @@ pub struct Route {
     pub retries: u32,
     pub retry_idempotent: bool,
     pub retry_budget: RetryBudget,
+    pub metrics: RouteMetrics,
 }
 
 /// Keeps retries under a fraction of requests: each request deposits `ratio` of a retry, each
@@ -88,6 +90,7 @@ impl Route {
         admission: Option<Arc<Limiter>>,
     ) -> Route {
         Route {
+            metrics: RouteMetrics::new(&config.name),
             admission,
             retries: config.retries,
             retry_idempotent: config.retry_idempotent,
@@ -193,6 +196,7 @@ mod tests {
             retries: 0,
             retry_idempotent: false,
             retry_budget: RetryBudget::new(0.0),
+            metrics: RouteMetrics::new(name),
         }
     }
 

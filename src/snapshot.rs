@@ -12,6 +12,7 @@ use crate::admission::Limiter;
 use crate::balance::Balancer;
 use crate::coalesce::Coalescer;
 use crate::config::{CoalesceMode, Config};
+use crate::metrics::RouteMetrics;
 use crate::route::{Route, Router};
 use crate::upstream::{Backend, Member, Upstream};
 
@@ -21,6 +22,8 @@ pub struct Snapshot {
     pub config: Arc<Config>,
     pub router: Router,
     pub upstreams: Box<[Upstream]>,
+    /// Counters for requests that matched no route (labelled `route="-"`).
+    pub unrouted: RouteMetrics,
 }
 
 impl Snapshot {
@@ -102,6 +105,7 @@ impl Snapshot {
             config,
             router,
             upstreams,
+            unrouted: RouteMetrics::new("-"),
         }
     }
 

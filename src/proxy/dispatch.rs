@@ -63,12 +63,16 @@ pub(super) async fn dispatch(
             }));
         };
         let backend = member.backend.shared_label();
+        let sent_at = std::time::Instant::now();
         match member
             .backend
             .send(request, route.connect_timeout, route.response_timeout)
             .await
         {
             Ok((response, conn)) => {
+                member
+                    .metrics
+                    .responded(response.status(), sent_at.elapsed());
                 let outcome = if response.status().is_server_error() {
                     Outcome::Failure
                 } else {
@@ -90,6 +94,7 @@ pub(super) async fn dispatch(
                 });
             }
             Err(failure) => {
+                member.metrics.failed();
                 let error = classify_send_error(failure.error, route.max_body);
                 if !matches!(error, ProxyError::Upstream(_)) {
                     // The client's body was too large or broke off: not the backend's fault.

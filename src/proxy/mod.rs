@@ -128,8 +128,12 @@ impl ProxyService {
         let started = Instant::now();
         let _active = self.conn.activity.begin();
         let snapshot = self.snapshots.load_full();
-        let access_log = snapshot.config.log.access_log;
-        let logged = access_log.then(|| (request.method().clone(), request.uri().clone()));
+        let method = request.method().clone();
+        let logged_uri = snapshot
+            .config
+            .log
+            .access_log
+            .then(|| request.uri().clone());
         let mut exchange = Exchange::default();
         let response = match self.forward(&snapshot, request, &mut exchange).await {
             Ok(response) => response,
@@ -149,7 +153,10 @@ impl ProxyService {
                 )
             }
         };
-        if let Some((method, uri)) = logged {
+        let took = started.elapsed();
+        let route_metrics = exchange.route.map_or(&snapshot.unrouted, |r| &r.metrics);
+        route_metrics.record(&method, response.status(), took);
+        if let Some(uri) = logged_uri {
             tracing::info!(
                 target: "writegate::access",
                 client = %self.conn.peer.ip(),
@@ -158,7 +165,7 @@ impl ProxyService {
                 status = response.status().as_u16(),
                 route = exchange.route.map_or("-", |r| &*r.name),
                 backend = exchange.backend.as_deref().unwrap_or("-"),
-                duration_us = started.elapsed().as_micros() as u64,
+                duration_us = took.as_micros() as u64,
             );
         }
         response

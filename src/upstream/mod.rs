@@ -18,6 +18,7 @@ use metrics::Counter;
 use crate::admission::Limiter;
 use crate::balance::{Balancer, KeyHash};
 use crate::config::OutlierConfig;
+use crate::metrics::BackendMetrics;
 pub use health::{clock_ms, Health, Outcome};
 pub use pool::{SendError, SendFailure, UpstreamConn};
 
@@ -93,6 +94,7 @@ impl Backend {
 pub struct InflightGuard {
     backend: Arc<Backend>,
     upstream: Arc<AtomicUsize>,
+    gauge: metrics::Gauge,
 }
 
 impl InflightGuard {
@@ -105,6 +107,7 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
         self.upstream.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
     }
 }
 
@@ -117,6 +120,7 @@ pub struct Member {
     pub max_inflight: Option<usize>,
     picks: Counter,
     ejections: Counter,
+    pub metrics: BackendMetrics,
 }
 
 impl Member {
@@ -128,6 +132,7 @@ impl Member {
         Member {
             picks: metrics::counter!(crate::metrics::BACKEND_PICKS, &labels),
             ejections: metrics::counter!(crate::metrics::BACKEND_EJECTIONS, &labels),
+            metrics: BackendMetrics::new(upstream, backend.label()),
             backend,
             weight,
             max_inflight: None,
@@ -243,12 +248,14 @@ impl Upstream {
 
     /// Counts a request on member `index` as in flight until the guard drops.
     pub fn start_on(&self, index: usize) -> InflightGuard {
-        let backend = &self.members[index].backend;
-        backend.inflight.fetch_add(1, Ordering::Relaxed);
+        let member = &self.members[index];
+        member.backend.inflight.fetch_add(1, Ordering::Relaxed);
         self.inflight.fetch_add(1, Ordering::Relaxed);
+        member.metrics.inflight.increment(1.0);
         InflightGuard {
-            backend: Arc::clone(backend),
+            backend: Arc::clone(&member.backend),
             upstream: Arc::clone(&self.inflight),
+            gauge: member.metrics.inflight.clone(),
         }
     }
 }
