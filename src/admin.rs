@@ -16,9 +16,12 @@ use hyper::body::Incoming;
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
+use crate::admission::Limiter;
+use crate::config::{HashAlgorithm, UpstreamConfig};
 use crate::proxy::ResponseBody;
 use crate::reload::{ReloadState, ReloadStatus};
 use crate::snapshot::Snapshot;
+use crate::upstream::clock_ms;
 
 #[derive(Clone)]
 pub struct AdminService {
@@ -86,6 +89,9 @@ fn status(snapshot: &Snapshot, reloads: &ReloadStatus) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": started().elapsed().as_secs_f64(),
         "config_file": snapshot.config.path.display().to_string(),
+        "ready": not_ready_reason(snapshot).is_none(),
+        "upstreams": upstreams_status(snapshot),
+        "routes": routes_status(snapshot),
         "reload": {
             "ok": reloads.error.is_none(),
             "error": reloads.error,
@@ -96,6 +102,100 @@ fn status(snapshot: &Snapshot, reloads: &ReloadStatus) -> serde_json::Value {
             "failed": reloads.failed,
         },
     })
+}
+
+fn upstreams_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
+    let now = clock_ms();
+    snapshot
+        .config
+        .upstreams
+        .iter()
+        .zip(snapshot.upstreams.iter())
+        .map(|(config, upstream)| {
+            let backends: Vec<serde_json::Value> = config
+                .backends
+                .iter()
+                .map(|b| {
+                    let member = upstream.members.iter().find(|m| m.backend.label() == b.label);
+                    match member {
+                        None => serde_json::json!({ "address": b.label, "weight": b.weight.get(), "down": true }),
+                        Some(m) => serde_json::json!({
+                            "address": b.label,
+                            "weight": m.weight,
+                            "inflight": m.backend.inflight(),
+                            "max_inflight": m.max_inflight,
+                            "usable": m.usable(now),
+                            "ejected": m.backend.health.is_ejected(now),
+                            "failing_health_checks": m.backend.health.actively_down(),
+                            "idle_connections": m.backend.idle_connections(),
+                        }),
+                    }
+                })
+                .collect();
+            serde_json::json!({
+                "name": config.name,
+                "balance": balance_name(config),
+                "inflight": upstream.inflight.load(std::sync::atomic::Ordering::Relaxed),
+                "admission": upstream.admission.as_deref().map(limiter_status),
+                "backends": backends,
+            })
+        })
+        .collect()
+}
+
+fn balance_name(config: &UpstreamConfig) -> String {
+    match &config.consistent_hash {
+        None => "least_conn".to_string(),
+        Some(h) => {
+            let algorithm = match h.algorithm {
+                HashAlgorithm::Rendezvous => "rendezvous",
+                HashAlgorithm::Ketama => "ketama",
+            };
+            match h.balance_factor {
+                Some(f) => format!("consistent_hash ({algorithm}, bounded loads {f})"),
+                None => format!("consistent_hash ({algorithm})"),
+            }
+        }
+    }
+}
+
+fn limiter_status(limiter: &Limiter) -> serde_json::Value {
+    let config = limiter.config();
+    serde_json::json!({
+        "limit": limiter.limit(),
+        "inflight": limiter.inflight(),
+        "queued": limiter.queued(),
+        "max_inflight": config.max_inflight,
+        "max_queue": config.max_queue,
+        "adaptive": config.adaptive,
+    })
+}
+
+fn routes_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
+    snapshot
+        .config
+        .routes
+        .iter()
+        .filter_map(|config| {
+            let route = snapshot.router.routes().iter().find(|r| *r.name == config.name)?;
+            Some(serde_json::json!({
+                "name": config.name,
+                "host": config.host,
+                "path_prefix": config.path_prefix,
+                "methods": config.methods.as_ref().map(|m| m.iter().map(|m| m.as_str().to_string()).collect::<Vec<_>>()),
+                "upstream": snapshot.config.upstreams[config.upstream].name,
+                "key": config.key.as_ref().map(|k| k.source.to_string()),
+                "coalesce": {
+                    "mode": format!("{:?}", config.coalesce.mode).to_lowercase(),
+                    "order_reads": config.coalesce.order_reads,
+                    "active_keys": route.coalescer.as_ref().map(|c| c.active_keys()),
+                },
+                "admission": route.admission.as_deref().map(limiter_status),
+                "retries": config.retries,
+                "retry_idempotent": config.retry_idempotent,
+            }))
+        })
+        .collect()
 }
 
 /// When this process started serving (first use), for uptime.

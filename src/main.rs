@@ -17,8 +17,17 @@ struct Cli {
     /// Config file (TOML). Given alone, it runs the proxy with it.
     #[arg(long, short, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// Log line format on stderr: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -40,7 +49,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format);
     writegate::metrics::install();
     match cli.command {
         Some(Command::Demo { listen, admin }) => {
@@ -51,13 +60,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 fn with_config(path: Option<PathBuf>, command: fn(Config) -> ExitCode) -> ExitCode {
@@ -80,7 +91,7 @@ fn with_config(path: Option<PathBuf>, command: fn(Config) -> ExitCode) -> ExitCo
 }
 
 fn check(config: Config) -> ExitCode {
-    println!("{}", config.summary());
+    println!("{}", config.describe());
     ExitCode::SUCCESS
 }
 

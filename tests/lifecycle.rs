@@ -204,13 +204,23 @@ fn sigterm_stops_the_binary_with_exit_0() {
 
 /// Runs the binary with `config`, sends one request once it listens, stops it, returns stderr.
 fn run_binary_with_one_request(config: &str) -> Vec<String> {
+    run_binary_with_one_request_as(config, "text")
+}
+
+fn run_binary_with_one_request_as(config: &str, log_format: &str) -> Vec<String> {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.toml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_writegate"))
-        .args(["run", "--config", path.to_str().unwrap()])
+        .args([
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--log-format",
+            log_format,
+        ])
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -222,14 +232,17 @@ fn run_binary_with_one_request(config: &str) -> Vec<String> {
         .map_while(Result::ok)
         .find(|l| l.contains("listening"))
         .expect("the proxy logs that it is listening");
-    let addr = listening
-        .rsplit("addr=")
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let addr = match serde_json::from_str::<serde_json::Value>(&listening) {
+        Ok(json) => json["addr"].as_str().unwrap().to_string(),
+        Err(_) => listening
+            .rsplit("addr=")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string(),
+    };
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();
     stream.set_read_timeout(Some(STEP)).unwrap();
     stream
@@ -276,4 +289,25 @@ fn access_log_has_one_line_per_request_and_can_be_switched_off() {
         !quiet.iter().any(|l| l.contains("writegate::access")),
         "{quiet:?}"
     );
+}
+
+#[test]
+fn json_logs_have_one_object_per_line_with_stable_access_fields() {
+    let log = run_binary_with_one_request_as(ONE_ROUTE, "json");
+    let access: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter(|j| j["target"] == "writegate::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{log:?}");
+    let line = &access[0];
+    assert_eq!(line["method"], "PUT");
+    assert_eq!(line["path"], "/kv/k1");
+    assert_eq!(line["status"], 502);
+    assert_eq!(line["route"], "r");
+    assert_eq!(line["backend"], "127.0.0.1:9");
+    assert!(line["duration_us"].is_u64());
+    assert_eq!(line["client"], "127.0.0.1");
 }

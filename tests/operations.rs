@@ -89,3 +89,35 @@ fn the_unit_is_hardened() {
         .unwrap_or_else(|| panic!("no overall rating in:\n{report}"));
     assert!(rating <= 1.5, "exposure {rating} is above 1.5:\n{report}");
 }
+
+#[tokio::test]
+async fn status_shows_upstreams_backends_and_routes() {
+    let b = support::named_backend("b", std::time::Duration::ZERO).await;
+    let config = support::simple_config(
+        &[(b.addr, 2)],
+        "key = \"path\"\n\n[routes.coalesce]\nmode = \"dedupe\"\n\n[routes.admission]\nmax_inflight = 7",
+    );
+    let proxy = support::start_proxy(&config).await;
+    assert_eq!(support::get(proxy.addr, "/x").await.status, 200);
+    let text = support::get(proxy.admin.unwrap(), "/status").await.text();
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status["ready"], true);
+    assert!(status["version"]
+        .as_str()
+        .unwrap()
+        .starts_with(env!("CARGO_PKG_VERSION")));
+    let backend = &status["upstreams"][0]["backends"][0];
+    assert_eq!(backend["address"], b.addr.to_string());
+    assert_eq!(backend["weight"], 2);
+    assert_eq!(backend["inflight"], 0);
+    assert_eq!(backend["usable"], true);
+    assert_eq!(status["upstreams"][0]["balance"], "least_conn");
+    let route = &status["routes"][0];
+    assert_eq!(route["name"], "r");
+    assert_eq!(route["key"], "the path");
+    assert_eq!(route["coalesce"]["mode"], "dedupe");
+    assert_eq!(route["coalesce"]["active_keys"], 0);
+    assert_eq!(route["admission"]["limit"], 7);
+    assert_eq!(route["admission"]["inflight"], 0);
+    proxy.shutdown().await;
+}

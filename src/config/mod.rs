@@ -316,7 +316,72 @@ impl Config {
         Ok(config)
     }
 
-    /// One line describing the config, as printed by `writegate check`.
+    /// What the config means, on one screen, as printed by `writegate check`: the summary line,
+    /// then listeners, routes (→ upstream, key, coalescing, admission) and upstreams with backends.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = self.summary();
+        out.push_str("\nlisteners:");
+        for l in &self.listeners {
+            let tls = if l.tls.is_some() { " (tls)" } else { "" };
+            let _ = write!(out, "\n  {:<12} {}{tls}", l.name, l.listen);
+        }
+        out.push_str("\nroutes:");
+        for r in &self.routes {
+            let mut notes = Vec::new();
+            if let Some(key) = &r.key {
+                notes.push(format!("key {}", key.source));
+            }
+            if r.coalesce.mode != CoalesceMode::Off {
+                let reads = if r.coalesce.order_reads {
+                    ", ordered reads"
+                } else {
+                    ""
+                };
+                notes.push(format!("coalesce {:?}{reads}", r.coalesce.mode).to_lowercase());
+            }
+            if let Some(a) = &r.admission {
+                let adaptive = if a.adaptive { " adaptive" } else { "" };
+                notes.push(format!("admission {}{adaptive}", a.max_inflight));
+            }
+            let methods = r.methods.as_ref().map_or_else(
+                || "*".to_string(),
+                |m| m.iter().map(Method::as_str).collect::<Vec<_>>().join(","),
+            );
+            let _ = write!(
+                out,
+                "\n  {:<12} host {} path {} methods {methods} -> {}",
+                r.name,
+                r.host.as_deref().unwrap_or("*"),
+                r.path_prefix,
+                self.upstreams[r.upstream].name
+            );
+            if !notes.is_empty() {
+                let _ = write!(out, "  [{}]", notes.join("; "));
+            }
+        }
+        out.push_str("\nupstreams:");
+        for u in &self.upstreams {
+            let balance = match &u.consistent_hash {
+                None => "least_conn".to_string(),
+                Some(h) => format!("consistent_hash ({:?})", h.algorithm).to_lowercase(),
+            };
+            let _ = write!(out, "\n  {:<12} {balance}", u.name);
+            for b in &u.backends {
+                let mut line = format!("\n    {:<28} weight {}", b.label, b.weight);
+                if let Some(max) = b.max_inflight {
+                    let _ = write!(line, ", max_inflight {max}");
+                }
+                if b.down {
+                    line.push_str(", down");
+                }
+                out.push_str(&line);
+            }
+        }
+        out
+    }
+
+    /// One line describing the config: the first line of [`Config::describe`].
     pub fn summary(&self) -> String {
         let backends: usize = self.upstreams.iter().map(|u| u.backends.len()).sum();
         format!(
