@@ -4,7 +4,8 @@
 //! POSTs, each connection to its own key), five paths: directly to the backend; through writegate
 //! (one worker thread) on a least_conn route, on a route that coalesces with `serialize`, and on a
 //! consistent_hash route keyed by the path; and through nginx (one worker process, when `nginx` is
-//! installed). Rounds are interleaved so that drift on the
+//! installed), and through HAProxy (one thread, when `haproxy` is installed). At the end it prints
+//! writegate's backend connection reuse, from its own metrics. Rounds are interleaved so that drift on the
 //! machine hits every path alike; each round prints its ratios and the end prints the medians.
 //!
 //! CPU time per request is the proxy process's user+system time over the round (from /proc)
@@ -75,12 +76,21 @@ fn main() {
             pid: wg,
         },
     ];
+    let haproxy = Haproxy::start(dir.path(), backend);
     if let Some(n) = &nginx {
         targets.push(Target {
             name: "nginx",
             addr: n.addr,
             host: "bench",
             pid: Some(n.child.id()),
+        });
+    }
+    if let Some(h) = &haproxy {
+        targets.push(Target {
+            name: "haproxy",
+            addr: h.addr,
+            host: "bench",
+            pid: Some(h.child.id()),
         });
     }
     // Warm up every path (connections, pools, caches) before measuring.
@@ -104,6 +114,7 @@ fn main() {
         }
         print_ratios(&targets, &results, round as usize - 1);
     }
+    print_reuse(writegate.admin);
     println!("\nmedians over {rounds} rounds");
     for (i, t) in targets.iter().enumerate() {
         println!("  {:<10} {}", t.name, Round::median(&results[i]).describe());
@@ -136,13 +147,17 @@ fn print_ratios(targets: &[Target], results: &[Vec<Round>], round: usize) {
     };
     ratio(2, "coalesce serialize/off (unique keys)");
     ratio(3, "consistent_hash/least_conn");
-    if targets.len() > 4 {
-        let nginx = &results[4][round];
+    for peer in ["nginx", "haproxy"] {
+        let Some(i) = targets.iter().position(|t| t.name == peer) else {
+            continue;
+        };
+        let other = &results[i][round];
         println!(
-            "  writegate/nginx  req/s: {:.2}   CPU per request: {:.2}",
-            wg.rps / nginx.rps,
+            "  writegate/{peer:<8} req/s: {:.2}   req/s per core: {:.2}   CPU per request: {:.2}",
+            wg.rps / other.rps,
+            wg.rps_per_core.unwrap_or(f64::NAN) / other.rps_per_core.unwrap_or(f64::NAN),
             wg.cpu_us_per_request.unwrap_or(f64::NAN)
-                / nginx.cpu_us_per_request.unwrap_or(f64::NAN)
+                / other.cpu_us_per_request.unwrap_or(f64::NAN)
         );
     }
 }
@@ -360,13 +375,15 @@ fn wait_listening(addr: SocketAddr, what: &str) {
 struct Writegate {
     child: Child,
     addr: SocketAddr,
+    admin: SocketAddr,
 }
 
 impl Writegate {
     fn start(dir: &Path, backend: SocketAddr) -> Writegate {
         let addr = free_port();
+        let admin = free_port();
         let config = format!(
-            "[runtime]\nworkers = 1\n\n[log]\naccess_log = false\n\n[[listeners]]\nname = \"bench\"\nlisten = \"{addr}\"\n\n\
+            "[runtime]\nworkers = 1\n\n[log]\naccess_log = false\n\n[admin]\nlisten = \"{admin}\"\n\n[[listeners]]\nname = \"bench\"\nlisten = \"{addr}\"\n\n\
              [[upstreams]]\nname = \"b\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
              [[upstreams]]\nname = \"h\"\nbalance = \"consistent_hash\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
              [[routes]]\nname = \"all\"\nupstream = \"b\"\n\n\
@@ -383,7 +400,7 @@ impl Writegate {
             .spawn()
             .expect("start writegate");
         wait_listening(addr, "writegate");
-        Writegate { child, addr }
+        Writegate { child, addr, admin }
     }
 }
 
@@ -478,4 +495,66 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 
 fn parent_pid(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Haproxy {
+    fn start(dir: &Path, backend: SocketAddr) -> Option<Haproxy> {
+        let binary = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let addr = free_port();
+        let config = format!(
+            "global\n  maxconn 10000\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend f\n  bind {addr}\n  default_backend b\nbackend b\n  http-reuse always\n  server s1 {backend}\n"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).ok()?;
+        let child = Command::new(binary)
+            .args(["-db", "-f", path.to_str()?])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        wait_listening(addr, "haproxy");
+        Some(Haproxy { child, addr })
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Backend connection reuse over the whole run, from writegate's own metrics.
+fn print_reuse(admin: SocketAddr) {
+    let Ok(mut stream) = std::net::TcpStream::connect(admin) else {
+        return;
+    };
+    use std::io::{Read, Write};
+    let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let sum = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let connections = sum("writegate_upstream_connections_total");
+    let requests = sum("writegate_upstream_requests_total");
+    if requests > 0.0 {
+        println!(
+            "\nbackend connection reuse: {} connections for {requests:.0} upstream requests: {:.4}% reused ({:.3} new per 1,000)",
+            connections,
+            100.0 * (1.0 - connections / requests),
+            1000.0 * connections / requests
+        );
+    }
 }

@@ -26,6 +26,9 @@ pub const UPSTREAM_DURATION: &str = "writegate_upstream_response_seconds";
 /// Gauge, labels `upstream`, `backend`: requests in flight to the backend.
 pub const BACKEND_INFLIGHT: &str = "writegate_backend_inflight";
 
+/// Counter, label `backend`: connections opened to a backend (the pool reuses them).
+pub const UPSTREAM_CONNECTIONS: &str = "writegate_upstream_connections_total";
+
 /// Histogram buckets (seconds) for every duration metric.
 pub const DURATION_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

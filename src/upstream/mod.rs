@@ -38,6 +38,8 @@ pub struct Backend {
         Arc<rustls::ClientConfig>,
         rustls_pki_types::ServerName<'static>,
     )>,
+    /// New connections opened to this backend (reuse = 1 − connections / requests).
+    connections_opened: Counter,
 }
 
 impl Backend {
@@ -54,6 +56,7 @@ impl Backend {
         )>,
     ) -> Backend {
         Backend {
+            connections_opened: metrics::counter!(crate::metrics::UPSTREAM_CONNECTIONS, "backend" => label.to_string()),
             tls,
             address,
             label: label.into(),

@@ -168,9 +168,11 @@ impl Backend {
                 }
             }
         };
-        tokio::time::timeout(connect_timeout, connecting)
+        let conn = tokio::time::timeout(connect_timeout, connecting)
             .await
-            .map_err(|_| SendError::ConnectTimeout)?
+            .map_err(|_| SendError::ConnectTimeout)??;
+        self.connections_opened.increment(1);
+        Ok(conn)
     }
 
     async fn handshake<I>(&self, io: I) -> Result<UpstreamConn, SendError>

@@ -1,0 +1,288 @@
+//! Memory per client connection: writegate against nginx and HAProxy (when installed).
+//!
+//! For each proxy (one worker each): RSS of its processes before, then with 10,000 idle
+//! keep-alive connections open (each has served one request, as real keep-alive clients have),
+//! then with 1,000 connections each holding a request in flight at a slow backend. Prints the RSS
+//! growth per connection. RSS is read from /proc (VmRSS of the process and its children).
+//!
+//! Run: `cargo bench --bench memory` (env: WG_BENCH_IDLE=10000, WG_BENCH_ACTIVE=1000).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A backend that answers `/slow` after 3 s and anything else at once.
+async fn spawn_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+fn wait_listening(addr: SocketAddr) {
+    for _ in 0..500 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// VmRSS in KiB of `pid` and its direct children.
+fn rss_kib(pid: u32) -> u64 {
+    let rss = |p: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let mut total = rss(pid);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let parent = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                });
+            if parent == Some(pid) {
+                total += rss(child);
+            }
+        }
+    }
+    total
+}
+
+struct Running {
+    name: &'static str,
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(name: &'static str, program: &str, args: &[&str], addr: SocketAddr) -> Running {
+    let child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start proxy");
+    wait_listening(addr);
+    Running { name, child, addr }
+}
+
+fn proxies(dir: &Path, backend: SocketAddr) -> Vec<Running> {
+    let mut out = Vec::new();
+    let wg = free_port();
+    let config = dir.join("writegate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[runtime]\nworkers = 1\n\n[log]\naccess_log = false\n\n[[listeners]]\nname = \"l\"\nlisten = \"{wg}\"\nidle_timeout = \"10m\"\nheader_read_timeout = \"10m\"\n\n\
+             [[upstreams]]\nname = \"b\"\nbackends = [{{ address = \"{backend}\" }}]\n\n[[routes]]\nname = \"r\"\nupstream = \"b\"\n"
+        ),
+    )
+    .expect("config");
+    out.push(start(
+        "writegate",
+        env!("CARGO_BIN_EXE_writegate"),
+        &["run", "--config", config.to_str().expect("path")],
+        wg,
+    ));
+    if Path::new("/usr/sbin/nginx").exists() {
+        let port = free_port();
+        let d = dir.display();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\nworker_rlimit_nofile 20000;\n\
+                 events {{ worker_connections 19000; }}\nhttp {{ access_log off; keepalive_timeout 10m; keepalive_requests 1000000;\n\
+                 client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+                 upstream b {{ server {backend}; keepalive 256; }}\n\
+                 server {{ listen {port}; location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_read_timeout 60s; }} }} }}\n"
+            ),
+        )
+        .expect("nginx conf");
+        out.push(start(
+            "nginx",
+            "/usr/sbin/nginx",
+            &["-p", &d.to_string(), "-c", conf.to_str().expect("path")],
+            port,
+        ));
+    }
+    if Path::new("/usr/sbin/haproxy").exists() {
+        let port = free_port();
+        let conf = dir.join("haproxy.cfg");
+        std::fs::write(
+            &conf,
+            format!(
+                "global\n  maxconn 19000\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 10m\n  timeout server 60s\n  timeout http-keep-alive 10m\n\
+                 frontend f\n  bind {port}\n  default_backend b\nbackend b\n  http-reuse always\n  server s1 {backend}\n"
+            ),
+        )
+        .expect("haproxy conf");
+        out.push(start(
+            "haproxy",
+            "/usr/sbin/haproxy",
+            &["-db", "-f", conf.to_str().expect("path")],
+            port,
+        ));
+    }
+    out
+}
+
+/// Opens `n` connections that each complete one GET of `path` (or only send it, when `wait` is
+/// false) and stay open; returns them.
+async fn open(
+    addr: SocketAddr,
+    n: usize,
+    path: &'static str,
+    wait: bool,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut held = Vec::with_capacity(n);
+    let (tx, mut ready) = tokio::sync::mpsc::channel::<()>(n.max(1));
+    for _ in 0..n {
+        let tx = tx.clone();
+        held.push(tokio::spawn(async move {
+            let Ok(stream) = TcpStream::connect(addr).await else {
+                return;
+            };
+            let Ok((mut sender, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+            else {
+                return;
+            };
+            tokio::spawn(conn);
+            let request = Request::get(path)
+                .header("host", "bench")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let response = sender.send_request(request);
+            if wait {
+                if let Ok(r) = response.await {
+                    let _ = r.into_body().collect().await;
+                }
+                let _ = tx.send(()).await;
+                std::future::pending::<()>().await; // keep the connection idle and open
+                drop(sender);
+            } else {
+                let _ = tx.send(()).await;
+                let _ = response.await;
+            }
+        }));
+    }
+    for _ in 0..n {
+        let _ = ready.recv().await;
+    }
+    held
+}
+
+fn main() {
+    let idle = env_or("WG_BENCH_IDLE", 10_000);
+    let active = env_or("WG_BENCH_ACTIVE", 1_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let backend = spawn_backend().await;
+        let dir = tempfile::tempdir().expect("dir");
+        println!("RSS growth per client connection ({idle} idle keep-alive, {active} with a request in flight)\n");
+        println!("| proxy | idle: RSS growth per connection | active: RSS growth per connection |");
+        println!("|---|---|---|");
+        for proxy in proxies(dir.path(), backend) {
+            // Warm up: allocators and pools settle before the baseline.
+            drop(open(proxy.addr, 100, "/", true).await);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let pid = proxy.child.id();
+            let before = rss_kib(pid);
+            let idle_conns = open(proxy.addr, idle, "/", true).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let with_idle = rss_kib(pid);
+            for c in &idle_conns {
+                c.abort();
+            }
+            drop(idle_conns);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let base_active = rss_kib(pid);
+            let active_conns = open(proxy.addr, active, "/slow", false).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let with_active = rss_kib(pid);
+            println!(
+                "| {} | {:.2} KiB | {:.2} KiB |",
+                proxy.name,
+                (with_idle.saturating_sub(before)) as f64 / idle as f64,
+                (with_active.saturating_sub(base_active)) as f64 / active as f64,
+            );
+            for c in &active_conns {
+                c.abort();
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    });
+}
