@@ -509,7 +509,7 @@ impl Haproxy {
             .find(|p| Path::new(p).exists())?;
         let addr = free_port();
         let config = format!(
-            "global\n  maxconn 10000\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+            "global\n  maxconn 1000\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
              frontend f\n  bind {addr}\n  default_backend b\nbackend b\n  http-reuse always\n  server s1 {backend}\n"
         );
         let path = dir.join("haproxy.cfg");
