@@ -325,29 +325,42 @@ impl Coalescer {
         self: &Arc<Self>,
         key: Bytes,
         id: u64,
-        mut rx: oneshot::Receiver<Reply>,
+        rx: oneshot::Receiver<Reply>,
         max_wait: Duration,
     ) -> Result<Reply, Refusal> {
+        let reply = self.await_turn(key, id, rx, max_wait).await?;
+        // The upstream task answers every waiter before it lets go; a closed channel would be a bug.
+        Ok(reply.unwrap_or_else(|_| (internal_error(), Disposition::Sent)))
+    }
+
+    /// Waits for a queued entry's turn. At `max_wait` the entry is withdrawn if it has not
+    /// started (a refusal); if it has, the wait goes on, since it will be carried out. A client
+    /// that goes away mid-wait is withdrawn the same way.
+    async fn await_turn<T>(
+        self: &Arc<Self>,
+        key: Bytes,
+        id: u64,
+        mut rx: oneshot::Receiver<T>,
+        max_wait: Duration,
+    ) -> Result<Result<T, oneshot::error::RecvError>, Refusal> {
         let mut withdraw = Withdraw {
             coalescer: Arc::clone(self),
             key,
             id,
             armed: true,
         };
-        let reply = match tokio::time::timeout(max_wait, &mut rx).await {
-            Ok(reply) => reply,
+        let outcome = match tokio::time::timeout(max_wait, &mut rx).await {
+            Ok(outcome) => outcome,
             Err(_) => match self.withdraw(&withdraw.key, id) {
                 Withdrawn::Removed(retry_after) => {
                     withdraw.armed = false;
                     return Err(Refusal::WaitTimeout { retry_after });
                 }
-                // Already sent: it is driven to completion, so its answer is the client's.
                 Withdrawn::AlreadyStarted => rx.await,
             },
         };
         withdraw.armed = false;
-        // The upstream task answers every waiter before it lets go; a closed channel would be a bug.
-        Ok(reply.unwrap_or_else(|_| (internal_error(), Disposition::Sent)))
+        Ok(outcome)
     }
 
     /// Takes a read lock on `key` (order_reads), waiting behind earlier writes.
@@ -382,27 +395,11 @@ impl Coalescer {
             queue.queue.push_back(Entry::Read { id, go });
             (id, rx)
         };
-        let mut withdraw = Withdraw {
-            coalescer: Arc::clone(self),
-            key,
-            id,
-            armed: true,
-        };
-        let mut rx = rx;
-        let permit = match tokio::time::timeout(settings.max_wait, &mut rx).await {
-            Ok(permit) => permit,
-            Err(_) => match self.withdraw(&withdraw.key, id) {
-                Withdrawn::Removed(retry_after) => {
-                    withdraw.armed = false;
-                    return Err(Refusal::WaitTimeout { retry_after });
-                }
-                Withdrawn::AlreadyStarted => rx.await,
-            },
-        };
-        withdraw.armed = false;
-        permit.map_err(|_| Refusal::WaitTimeout {
-            retry_after: Duration::from_secs(1),
-        })
+        self.await_turn(key, id, rx, settings.max_wait)
+            .await?
+            .map_err(|_| Refusal::WaitTimeout {
+                retry_after: Duration::from_secs(1),
+            })
     }
 
     fn permit(self: &Arc<Self>, key: Bytes, mode: CoalesceMode) -> ReadPermit {
