@@ -15,7 +15,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -33,7 +33,7 @@ use crate::error::{Fault, ProxyError};
 use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
-use crate::upstream::{SendError, Upstream};
+use crate::upstream::{clock_ms, SendError, Upstream};
 
 /// What the proxy knows about one client connection; shared by its requests.
 #[derive(Debug)]
@@ -96,12 +96,6 @@ impl Drop for ActiveRequest<'_> {
         self.0.idle_since_ms.store(clock_ms(), Ordering::Relaxed);
         self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Milliseconds on a monotonic clock local to this process.
-fn clock_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 /// The hyper service for one client connection.
