@@ -189,7 +189,7 @@ fn print_tour(options: &DemoOptions, backends: &[SocketAddr], config: &Path) {
 writegate demo is running.
 
   proxy        {proxy}   (route "kv": /kv/{{key}} → upstream "writers", least_conn)
-  admin        {admin}   (/healthz, /readyz)
+  admin        {admin}   (/healthz, /readyz, /status, /metrics)
   writers      {writers}   (in-memory key-value store, weights 2, 1, 1)
   config       {config}
 
