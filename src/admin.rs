@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz` and `/metrics` (Prometheus text format).
+//! The admin listener: `/healthz` (alive), `/readyz` (every upstream has a usable backend),
+//! `/status` (JSON: config, reloads, upstreams, backends, routes) and `/metrics` (Prometheus).
 //!
 //! It is a separate listener, loopback by default, so that health probes never compete with client
 //! traffic for routes and never reach a backend.

@@ -118,10 +118,11 @@ fn run(config: Config) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let shutdown = shutdown_signal();
         match Proxy::bind(config).await {
             Ok(mut proxy) => {
                 proxy.enable_reload();
-                proxy.run(shutdown_signal()).await;
+                proxy.run(shutdown).await;
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -133,9 +134,9 @@ fn run(config: Config) -> ExitCode {
 }
 
 fn demo(options: writegate::demo::DemoOptions) -> ExitCode {
-    let result = runtime(None)
-        .map_err(Into::into)
-        .and_then(|rt| rt.block_on(writegate::demo::run(options, shutdown_signal())));
+    let result = runtime(None).map_err(Into::into).and_then(|rt| {
+        rt.block_on(async { writegate::demo::run(options, shutdown_signal()).await })
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

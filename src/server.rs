@@ -387,22 +387,35 @@ async fn idle_expired(activity: &ConnActivity, timeout: Duration) {
     }
 }
 
-/// Completes on SIGTERM or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this is called, not
+/// when the future is first polled: call it before binding, so that a signal arriving as soon as
+/// the proxy listens is never met by the default action (which would kill the process unclean).
+/// Must be called inside the tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C will stop the proxy");
-                std::future::pending::<()>().await;
-            }
+    let install = |kind: SignalKind, name: &'static str| match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch {name}; it will not stop the proxy gracefully");
+            None
         }
     };
-    tokio::select! {
-        _ = terminate => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    let mut terminate = install(SignalKind::terminate(), "SIGTERM");
+    let mut interrupt = install(SignalKind::interrupt(), "SIGINT");
+    async move {
+        tokio::select! {
+            _ = next_signal(&mut terminate) => tracing::info!("SIGTERM received"),
+            _ = next_signal(&mut interrupt) => tracing::info!("SIGINT received"),
+        }
+    }
+}
+
+/// Waits for the signal, or forever when it could not be watched.
+async fn next_signal(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
