@@ -153,32 +153,32 @@ impl Reloader {
             } else {
                 tracing::info!("SIGHUP received: reloading the config");
             }
-            if self.reload().await {
-                let files = input_files(&self.snapshots.load().config);
-                last_inputs = tokio::task::spawn_blocking(move || read_inputs(&files))
-                    .await
-                    .ok()
-                    .flatten();
+            if let Some(inputs) = self.reload().await {
+                last_inputs = Some(inputs);
             }
         }
     }
 
-    /// One reload attempt; true when the new config is in service.
-    pub async fn reload(&mut self) -> bool {
+    /// One reload attempt; the input bytes of the config now in service, when it loaded.
+    pub async fn reload(&mut self) -> Option<Vec<u8>> {
         crate::notify::notify("RELOADING=1");
         let applied = self.apply().await;
         crate::notify::notify("READY=1");
         applied
     }
 
-    async fn apply(&mut self) -> bool {
+    async fn apply(&mut self) -> Option<Vec<u8>> {
         let path = self.path.clone();
         let previous = self.snapshots.load_full();
         let built = tokio::task::spawn_blocking(move || build(&path, &previous)).await;
         let result = built.unwrap_or_else(|e| Err(format!("the reload task failed: {e}")));
         let now = SystemTime::now();
         match result {
-            Ok((snapshot, changes)) => {
+            Ok(Built {
+                snapshot,
+                changes,
+                inputs,
+            }) => {
                 self.snapshots.store(Arc::clone(&snapshot));
                 self.checks = HealthChecks::start(&snapshot);
                 tracing::info!(file = %self.path.display(), changes = %changes, "config reloaded");
@@ -195,7 +195,7 @@ impl Reloader {
                     s.last_changes = Some(changes);
                     s.succeeded += 1;
                 });
-                true
+                Some(inputs)
             }
             Err(error) => {
                 for line in error.lines() {
@@ -208,7 +208,7 @@ impl Reloader {
                     s.error = Some(error);
                     s.failed += 1;
                 });
-                false
+                None
             }
         }
     }
@@ -269,14 +269,34 @@ fn watch_directories(
 }
 
 /// Loads, validates and builds the next snapshot; the error text has one problem per line.
-fn build(path: &Path, previous: &Snapshot) -> Result<(Arc<Snapshot>, String), String> {
+///
+/// The input files are read *before* parsing, and the config is parsed from exactly those bytes:
+/// what is recorded as loaded is never newer than what was loaded, so an edit made during a reload
+/// is always seen by the next comparison (at worst causing one reload too many, never one too few).
+fn build(path: &Path, previous: &Snapshot) -> Result<Built, String> {
+    let mut files = input_files(&previous.config);
+    files[0] = path.to_path_buf();
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read config file: {e}", path.display()))?;
+    let mut inputs = text.clone().into_bytes();
+    inputs.push(0);
+    inputs.extend(read_inputs(&files[1..]).unwrap_or_default());
     let config = Config::parse(path, &text).map_err(|errors| errors.to_string())?;
     needs_restart(&previous.config, &config)?;
     let changes = describe_changes(&previous.config, &config);
     let snapshot = Snapshot::build(Arc::new(config), Some(previous));
-    Ok((Arc::new(snapshot), changes))
+    Ok(Built {
+        snapshot: Arc::new(snapshot),
+        changes,
+        inputs,
+    })
+}
+
+/// A config that loaded: its snapshot, what it changes, and the input bytes it came from.
+struct Built {
+    snapshot: Arc<Snapshot>,
+    changes: String,
+    inputs: Vec<u8>,
 }
 
 /// Refuses changes that only a restart can apply.
