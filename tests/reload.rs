@@ -242,3 +242,69 @@ async fn twenty_reloads_under_load_fail_no_request() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_writes_and_backend_state_survive_a_reload() {
+    let gate = Gate::default();
+    let b = gated_backend(&gate).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("writegate.toml");
+    let coalescing = "key = \"path\"\n\n[routes.coalesce]\nmode = \"serialize\"";
+    std::fs::write(&path, config_text(&[b.addr], coalescing)).unwrap();
+    let (proxy, state) = start_reloading_proxy(&path).await;
+    let before = proxy.snapshots.load_full();
+    let addr = proxy.addr;
+    let put = |body: &'static [u8]| {
+        tokio::spawn(async move { send(addr, req(Method::PUT, "/k", body)).await })
+    };
+    let mut writes = vec![put(b"1")];
+    gate.entered().await;
+    let queue = before.router.routes()[0].coalescer.clone().unwrap();
+    for (i, body) in [b"2", b"3"].into_iter().enumerate() {
+        writes.push(put(body));
+        eventually("the write to queue", || queue.waiting(b"/k") == i + 1).await;
+    }
+    // Reload with a changed route setting while one write is in flight and two are queued.
+    rename_over(
+        &path,
+        &config_text(&[b.addr], &format!("max_body = \"1MiB\"\n{coalescing}")),
+    );
+    reloads(&state, 1).await;
+    let after = proxy.snapshots.load_full();
+    let (old, new) = (
+        &before.upstreams[0].members[0],
+        &after.upstreams[0].members[0],
+    );
+    assert!(
+        Arc::ptr_eq(&old.backend, &new.backend),
+        "the backend's live state was kept"
+    );
+    assert_eq!(new.backend.inflight(), 1, "its in-flight count came along");
+    let new_queue = after.router.routes()[0].coalescer.clone().unwrap();
+    assert!(
+        Arc::ptr_eq(&queue, &new_queue),
+        "the route's key queues were kept"
+    );
+    writes.push(put(b"4"));
+    eventually("the post-reload write to queue behind the others", || {
+        new_queue.waiting(b"/k") == 3
+    })
+    .await;
+    gate.release(4);
+    for w in writes {
+        assert_eq!(bounded("write", w).await.unwrap().status, 200);
+    }
+    let order: Vec<Vec<u8>> = b
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.body.to_vec())
+        .collect();
+    assert_eq!(
+        order,
+        [b"1".to_vec(), b"2".to_vec(), b"3".to_vec(), b"4".to_vec()],
+        "arrival order across the reload"
+    );
+    proxy.shutdown().await;
+}
