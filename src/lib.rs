@@ -21,6 +21,7 @@
 //! - [`server`]: listeners, connection handling, timeouts and graceful shutdown.
 //! - [`tls`]: rustls configs for listeners and https backends.
 //! - [`admin`]: health and readiness endpoints on the admin listener.
+//! - [`http1`]: HTTP/1.1 on the wire for backend connections, run on the request's own task.
 //! - [`error`]: the proxy's errors and their mapping to responses.
 //! - [`notify`]: systemd readiness notifications.
 //! - [`metrics`]: every metric name, described once.
@@ -33,6 +34,7 @@ pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod http1;
 pub mod key;
 pub mod metrics;
 pub mod notify;

@@ -9,10 +9,15 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use http::header::VIA;
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::headers;
 use crate::admission::AdmissionPermit;
+use crate::http1::codec::Decoder;
+use crate::http1::{Http1Error, ResponseHead};
 use crate::upstream::{InflightGuard, UpstreamConn};
 
 /// Why a request body stopped short.
@@ -27,9 +32,11 @@ pub enum RequestBodyError {
 /// The body sent to a backend.
 #[derive(Debug)]
 pub enum RequestBody {
-    /// The client's body, streamed, with the bytes still allowed before `max_body` is hit.
+    /// The client's body, streamed, with the bytes still allowed before `max_body` is hit. `front`
+    /// is a piece taken out and put back (a send that wrote nothing hands it back).
     Streaming {
         inner: Incoming,
+        front: Option<Bytes>,
         remaining: u64,
         limit: u64,
     },
@@ -41,8 +48,31 @@ impl RequestBody {
     pub fn streaming(inner: Incoming, limit: u64) -> RequestBody {
         RequestBody::Streaming {
             inner,
+            front: None,
             remaining: limit,
             limit,
+        }
+    }
+
+    /// The body's length when known before it is read.
+    pub fn exact_len(&self) -> Option<u64> {
+        if self.is_end_stream() {
+            return Some(0);
+        }
+        self.size_hint().exact()
+    }
+
+    /// Puts back a piece taken by `poll_frame`, to be read again first.
+    pub fn unread(&mut self, piece: Option<Bytes>) {
+        let Some(piece) = piece else { return };
+        match self {
+            RequestBody::Streaming {
+                front, remaining, ..
+            } => {
+                *remaining += piece.len() as u64;
+                *front = Some(piece);
+            }
+            RequestBody::Full(data) => *data = Some(piece),
         }
     }
 }
@@ -58,14 +88,17 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Streaming {
                 inner,
+                front,
                 remaining,
                 limit,
             } => {
-                let frame = ready!(Pin::new(inner).poll_frame(cx));
-                let frame = match frame {
-                    None => return Poll::Ready(None),
-                    Some(Err(e)) => return Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
-                    Some(Ok(frame)) => frame,
+                let frame = match front.take() {
+                    Some(piece) => Frame::data(piece),
+                    None => match ready!(Pin::new(inner).poll_frame(cx)) {
+                        None => return Poll::Ready(None),
+                        Some(Err(e)) => return Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
+                        Some(Ok(frame)) => frame,
+                    },
                 };
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -84,14 +117,21 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Streaming { inner, .. } => inner.is_end_stream(),
+            RequestBody::Streaming { inner, front, .. } => front.is_none() && inner.is_end_stream(),
             RequestBody::Full(data) => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Streaming { inner, .. } => inner.size_hint(),
+            RequestBody::Streaming { inner, front, .. } => {
+                let extra = front.as_ref().map_or(0, |f| f.len() as u64);
+                let hint = inner.size_hint();
+                match hint.exact() {
+                    Some(n) => SizeHint::with_exact(n + extra),
+                    None => SizeHint::new(),
+                }
+            }
             RequestBody::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
@@ -109,8 +149,9 @@ pub struct ResponseBody {
 enum ResponseKind {
     Full(Option<Bytes>),
     Upstream {
-        inner: Incoming,
-        /// Present until the body ends; holds what must be released with it.
+        decoder: Decoder,
+        keep_alive: bool,
+        /// Present until the body ends; holds the connection the body is read from.
         lease: Option<UpstreamLease>,
     },
 }
@@ -125,9 +166,29 @@ pub struct UpstreamLease {
 
 impl UpstreamLease {
     /// The response was read to its end: the connection can carry the next request.
-    fn complete(self) {
-        self.inflight.backend().reuse(self.conn);
+    fn complete(self, keep_alive: bool) {
+        if keep_alive && self.conn.is_clean() {
+            self.inflight.backend().reuse(self.conn);
+        }
     }
+}
+
+/// The client's response for a backend's response head: hop-by-hop headers go, `Via` grows, and
+/// the body streams from the backend connection held by `lease`.
+pub fn upstream_response(head: ResponseHead, lease: UpstreamLease) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody {
+        kind: ResponseKind::Upstream {
+            decoder: Decoder::new(head.framing),
+            keep_alive: head.keep_alive,
+            lease: Some(lease),
+        },
+    });
+    *response.status_mut() = head.status;
+    *response.headers_mut() = head.headers;
+    let headers = response.headers_mut();
+    headers::strip_hop_by_hop(headers);
+    headers::append_to_list(headers, &VIA, &headers::via_value(head.version));
+    response
 }
 
 impl ResponseBody {
@@ -142,37 +203,35 @@ impl ResponseBody {
             kind: ResponseKind::Full(None),
         }
     }
-
-    pub fn upstream(inner: Incoming, lease: UpstreamLease) -> ResponseBody {
-        ResponseBody {
-            kind: ResponseKind::Upstream {
-                inner,
-                lease: Some(lease),
-            },
-        }
-    }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Http1Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
         match &mut self.get_mut().kind {
             ResponseKind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseKind::Upstream { inner, lease } => {
-                let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
-                match &frame {
-                    None => finish(lease),
-                    Some(Ok(_)) if inner.is_end_stream() => finish(lease),
+            ResponseKind::Upstream {
+                decoder,
+                keep_alive,
+                lease,
+            } => {
+                let Some(held) = lease else {
+                    return Poll::Ready(None);
+                };
+                let piece = ready!(held.conn.poll_body(decoder, cx));
+                match &piece {
+                    None => finish(lease, *keep_alive),
+                    Some(Ok(_)) if decoder.is_done() => finish(lease, *keep_alive),
                     // An error mid-body: drop the lease, closing the connection.
                     Some(Err(_)) => drop(lease.take()),
                     Some(Ok(_)) => {}
                 }
-                Poll::Ready(frame)
+                Poll::Ready(piece.map(|p| p.map(Frame::data)))
             }
         }
     }
@@ -180,7 +239,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Full(data) => data.is_none(),
-            ResponseKind::Upstream { inner, .. } => inner.is_end_stream(),
+            ResponseKind::Upstream { decoder, .. } => decoder.is_done(),
         }
     }
 
@@ -189,14 +248,17 @@ impl Body for ResponseBody {
             ResponseKind::Full(data) => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ResponseKind::Upstream { inner, .. } => inner.size_hint(),
+            ResponseKind::Upstream { decoder, .. } => match decoder.remaining() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::new(),
+            },
         }
     }
 }
 
-fn finish(lease: &mut Option<UpstreamLease>) {
+fn finish(lease: &mut Option<UpstreamLease>, keep_alive: bool) {
     if let Some(lease) = lease.take() {
-        lease.complete();
+        lease.complete(keep_alive);
     }
 }
 
@@ -204,9 +266,14 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // A body that is empty or fully read may be dropped without a final poll (hyper does not
         // poll a body that reports its end): its connection is still reusable.
-        if let ResponseKind::Upstream { inner, lease } = &mut self.kind {
-            if inner.is_end_stream() {
-                finish(lease);
+        if let ResponseKind::Upstream {
+            decoder,
+            keep_alive,
+            lease,
+        } = &mut self.kind
+        {
+            if decoder.is_done() {
+                finish(lease, *keep_alive);
             }
         }
     }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_TYPE, VIA};
+use http::header::{HeaderName, CONTENT_TYPE};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use super::body::{RequestBody, RequestBodyError, ResponseBody};
 use super::dispatch::dispatch;
-use super::{headers, Exchange};
+use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
 use crate::error::ProxyError;
 use crate::route::Route;
@@ -118,10 +118,7 @@ async fn exchange(
         .map_err(|failed| (failed.error, failed.backend))?;
     let backend = sent.backend;
     let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
-    let (mut head, incoming) = sent.response.into_parts();
-    headers::strip_hop_by_hop(&mut head.headers);
-    headers::append_to_list(&mut head.headers, &VIA, &headers::via_value(head.version));
-    let body = ResponseBody::upstream(incoming, sent.lease);
+    let (head, body) = super::body::upstream_response(sent.head, sent.lease).into_parts();
     // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
     let collected = tokio::time::timeout(
         route.response_timeout,

@@ -2,28 +2,28 @@
 //!
 //! Both the streaming path and the coalescer's jobs go through [`dispatch`], so every request
 //! obeys the same rules. A request is retried on another backend (the key's next one, with
-//! consistent hashing) only when no byte of it reached the first backend (hyper handed it back
-//! unsent, or the connection was never made), or, on a route with `retry_idempotent = true`, when
+//! consistent hashing) only when no byte of it reached the first backend (nothing of it was
+//! written, or the connection was never made), or, on a route with `retry_idempotent = true`, when
 //! it is a GET, HEAD, PUT or DELETE whose body can be replayed (empty or buffered). Retries count
 //! against `retries` and the route's retry budget, so they cannot multiply an outage.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use http::{HeaderMap, Method, Request, Uri, Version};
 
 use super::body::{RequestBody, UpstreamLease};
 use super::classify_send_error;
 use crate::admission::AdmissionPermit;
 use crate::balance::KeyHash;
 use crate::error::ProxyError;
+use crate::http1::ResponseHead;
 use crate::route::Route;
 use crate::upstream::{Outcome, Upstream};
 
 /// A response head from a backend, with what must be held until its body is read.
 pub(super) struct Dispatched {
-    pub response: Response<Incoming>,
+    pub head: ResponseHead,
     pub lease: UpstreamLease,
     pub backend: Arc<str>,
 }
@@ -69,11 +69,9 @@ pub(super) async fn dispatch(
             .send(request, route.connect_timeout, route.response_timeout)
             .await
         {
-            Ok((response, conn)) => {
-                member
-                    .metrics
-                    .responded(response.status(), sent_at.elapsed());
-                let outcome = if response.status().is_server_error() {
+            Ok((head, conn)) => {
+                member.metrics.responded(head.status, sent_at.elapsed());
+                let outcome = if head.status.is_server_error() {
                     Outcome::Failure
                 } else {
                     Outcome::Success
@@ -88,7 +86,7 @@ pub(super) async fn dispatch(
                     admission,
                 };
                 return Ok(Dispatched {
-                    response,
+                    head,
                     lease,
                     backend,
                 });

@@ -30,6 +30,7 @@ pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 use crate::error::{Fault, ProxyError};
+use crate::http1::Http1Error;
 use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
@@ -227,13 +228,7 @@ impl ProxyService {
             failed.error
         })?;
         exchange.backend = Some(sent.backend);
-        let (mut parts, body) = sent.response.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers);
-        headers::append_to_list(&mut parts.headers, &VIA, &headers::via_value(parts.version));
-        Ok(Response::from_parts(
-            parts,
-            ResponseBody::upstream(body, sent.lease),
-        ))
+        Ok(body::upstream_response(sent.head, sent.lease))
     }
 
     /// Turns the client's request head into the one the backend receives.
@@ -331,19 +326,17 @@ fn declared_length(parts: &Parts) -> Option<u64> {
 
 /// A failed exchange may really be the client's fault: its body was too large or broke off.
 pub(crate) fn classify_send_error(error: SendError, max_body: u64) -> ProxyError {
-    if let SendError::Exchange { error: e, .. } = &error {
-        let mut source = std::error::Error::source(e);
-        while let Some(cause) = source {
-            match cause.downcast_ref::<RequestBodyError>() {
-                Some(RequestBodyError::TooLarge { .. }) => {
-                    return ProxyError::BodyTooLarge { limit: max_body }
-                }
-                Some(RequestBodyError::Client(_)) => return ProxyError::ClientBody,
-                None => source = cause.source(),
-            }
-        }
+    match &error {
+        SendError::Exchange {
+            error: Http1Error::RequestBody(RequestBodyError::TooLarge { .. }),
+            ..
+        } => ProxyError::BodyTooLarge { limit: max_body },
+        SendError::Exchange {
+            error: Http1Error::RequestBody(RequestBodyError::Client(_)),
+            ..
+        } => ProxyError::ClientBody,
+        _ => ProxyError::Upstream(error),
     }
-    ProxyError::Upstream(error)
 }
 
 #[cfg(test)]

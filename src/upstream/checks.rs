@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use tokio::sync::watch;
 
 use super::Backend;
@@ -109,7 +108,7 @@ async fn check_loop(
 async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), String> {
     let exchange = async {
         // The same connect as real traffic: TCP, and TLS for https backends.
-        let mut sender = backend
+        let mut conn = backend
             .connect(config.timeout)
             .await
             .map_err(|e| format!("connect: {e}"))?;
@@ -118,13 +117,12 @@ async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), Stri
             .header(http::header::USER_AGENT, "writegate-health-check")
             .body(RequestBody::Full(None))
             .map_err(|e| format!("request: {e}"))?;
-        let response = sender
-            .send_request(request)
+        // The connection is dropped after the head: a check needs only the status.
+        let head = conn
+            .send(request)
             .await
-            .map_err(|e| format!("exchange: {e}"))?;
-        let status = response.status();
-        let _ = response.into_body().collect().await;
-        Ok::<StatusCode, String>(status)
+            .map_err(|e| format!("exchange: {}", e.error))?;
+        Ok::<StatusCode, String>(head.status)
     };
     let status = tokio::time::timeout(config.timeout, exchange)
         .await

@@ -9,13 +9,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::Request;
 use tokio::net::TcpStream;
 
 use super::Backend;
+use crate::http1::{Http1Error, ResponseHead, UpstreamStream};
 use crate::proxy::RequestBody;
 
 /// Idle connections kept per backend; more are closed when returned.
@@ -24,7 +22,7 @@ const MAX_IDLE_PER_BACKEND: usize = 512;
 /// backend closing it (hyper servers default to 30 s, nginx to 75 s).
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub type UpstreamConn = http1::SendRequest<RequestBody>;
+pub use crate::http1::UpstreamConn;
 
 #[derive(Debug, Default)]
 pub(super) struct Pool {
@@ -34,8 +32,8 @@ pub(super) struct Pool {
 impl Pool {
     fn take(&self) -> Option<UpstreamConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if !conn.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT {
+        while let Some((mut conn, since)) = idle.pop() {
+            if since.elapsed() < POOL_IDLE_TIMEOUT && conn.is_usable() {
                 return Some(conn);
             }
         }
@@ -43,9 +41,6 @@ impl Pool {
     }
 
     fn put(&self, conn: UpstreamConn) {
-        if conn.is_closed() {
-            return;
-        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_BACKEND {
             idle.push((conn, Instant::now()));
@@ -66,9 +61,9 @@ pub enum SendError {
     ConnectTimeout,
     #[error("no response within the response timeout")]
     ResponseTimeout,
-    /// `sent` is false only when hyper handed the request back unsent.
+    /// `sent` is false only when no byte of the request was written.
     #[error("{error}")]
-    Exchange { error: hyper::Error, sent: bool },
+    Exchange { error: Http1Error, sent: bool },
 }
 
 impl SendError {
@@ -99,7 +94,7 @@ impl Backend {
         mut request: Request<RequestBody>,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<(Response<Incoming>, UpstreamConn), SendFailure> {
+    ) -> Result<(ResponseHead, UpstreamConn), SendFailure> {
         loop {
             let (mut conn, fresh) = match self.pool.take() {
                 Some(conn) => (conn, false),
@@ -113,10 +108,7 @@ impl Backend {
                     }
                 },
             };
-            if !fresh && !pooled_conn_ready(&mut conn, connect_timeout).await {
-                continue;
-            }
-            let exchange = conn.try_send_request(request);
+            let exchange = conn.send(request);
             match tokio::time::timeout(response_timeout, exchange).await {
                 Err(_) => {
                     return Err(SendFailure {
@@ -124,8 +116,8 @@ impl Backend {
                         unsent: None,
                     })
                 }
-                Ok(Ok(response)) => return Ok((response, conn)),
-                Ok(Err(mut e)) => match e.take_message() {
+                Ok(Ok(head)) => return Ok((head, conn)),
+                Ok(Err(failure)) => match failure.unsent {
                     // A pooled connection closed under us before the request was written: the
                     // request is handed back untouched, so another connection may carry it.
                     Some(unsent) if !fresh => request = unsent,
@@ -133,7 +125,7 @@ impl Backend {
                         return Err(SendFailure {
                             error: SendError::Exchange {
                                 sent: unsent.is_none(),
-                                error: e.into_error(),
+                                error: failure.error,
                             },
                             unsent,
                         })
@@ -158,46 +150,20 @@ impl Backend {
             // Small writes (headers, then a small body) must not wait for Nagle.
             let _ = stream.set_nodelay(true);
             match &self.tls {
-                None => self.handshake(stream).await,
+                None => Ok(UpstreamStream::Tcp(stream)),
                 Some((config, name)) => {
                     let tls = tokio_rustls::TlsConnector::from(Arc::clone(config))
                         .connect(name.clone(), stream)
                         .await
                         .map_err(SendError::Connect)?;
-                    self.handshake(tls).await
+                    Ok(UpstreamStream::Tls(Box::new(tls)))
                 }
             }
         };
-        let conn = tokio::time::timeout(connect_timeout, connecting)
+        let stream = tokio::time::timeout(connect_timeout, connecting)
             .await
             .map_err(|_| SendError::ConnectTimeout)??;
         self.connections_opened.increment(1);
-        Ok(conn)
+        Ok(UpstreamConn::new(stream))
     }
-
-    async fn handshake<I>(&self, io: I) -> Result<UpstreamConn, SendError>
-    where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        let (conn, driver) = http1::Builder::new()
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|error| SendError::Exchange { error, sent: false })?;
-        let label = self.label.clone();
-        tokio::spawn(async move {
-            if let Err(e) = driver.await {
-                tracing::debug!(backend = %label, error = %e, "backend connection closed with an error");
-            }
-        });
-        Ok(conn)
-    }
-}
-
-/// A connection put back when its last response ended may need a moment before hyper marks it ready
-/// for the next request. Waits for that, bounded; false means the connection is unusable.
-async fn pooled_conn_ready(conn: &mut UpstreamConn, bound: Duration) -> bool {
-    if conn.is_ready() {
-        return true;
-    }
-    matches!(tokio::time::timeout(bound, conn.ready()).await, Ok(Ok(())))
 }

@@ -1,0 +1,470 @@
+//! One keep-alive HTTP/1.1 connection to a backend, driven by the task of the request it carries.
+//!
+//! [`UpstreamConn::send`] writes the request (head and body, the head and a ready first piece of
+//! body in one write) and reads the response head; the response body is then read through
+//! [`UpstreamConn::poll_body`]. Every failure says whether any byte of the request was written, and
+//! a request that was not is handed back whole, so the caller can send it elsewhere.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, StatusCode, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
+use crate::proxy::{RequestBody, RequestBodyError};
+
+/// Body data up to this size is copied next to the head so that both leave in one write.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// The transport of a backend connection.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Why an exchange with a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Http1Error {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed before the response head")]
+    ClosedBeforeHead,
+    #[error("connection closed before the response body ended")]
+    ClosedInBody,
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+    #[error("malformed response body: {0}")]
+    Framing(#[from] FramingError),
+    #[error("response head exceeds {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    /// The client's request body failed while it was being sent.
+    #[error("{0}")]
+    RequestBody(RequestBodyError),
+}
+
+/// A response head and how its body is framed.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// Whether the connection may carry another request once this body has been read.
+    pub keep_alive: bool,
+}
+
+/// A failed [`UpstreamConn::send`]; `unsent` gives the request back when no byte of it was written.
+#[derive(Debug)]
+pub struct ExchangeFailure {
+    pub error: Http1Error,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+/// An open connection to a backend, with its read buffer.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    io: UpstreamStream,
+    buf: BytesMut,
+    out: Vec<u8>,
+}
+
+impl UpstreamConn {
+    pub fn new(io: UpstreamStream) -> UpstreamConn {
+        UpstreamConn {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the backend has neither closed it nor sent
+    /// anything unasked. Costs no system call while the socket has no news.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        matches!(
+            Pin::new(&mut self.io).poll_read(&mut cx, &mut probe),
+            Poll::Pending
+        )
+    }
+
+    /// Writes `request` and reads the response head.
+    pub async fn send(
+        &mut self,
+        request: Request<RequestBody>,
+    ) -> Result<ResponseHead, ExchangeFailure> {
+        let head_request = request.method() == Method::HEAD;
+        let (parts, mut body) = request.into_parts();
+        let framing = request_framing(&parts.method, &parts.headers, &body);
+        self.out.clear();
+        encode_head(&mut self.out, &parts, framing);
+        let first = match first_piece(&mut body).await {
+            Ok(first) => first,
+            Err(error) => {
+                return Err(ExchangeFailure {
+                    error: Http1Error::RequestBody(error),
+                    unsent: None,
+                })
+            }
+        };
+        if let Some(data) = &first {
+            if data.len() <= COALESCE_BODY {
+                encode_data(&mut self.out, framing, data);
+            }
+        }
+        let ended = body.is_end_stream();
+        if ended && framing == Framing::Chunked {
+            self.out.extend_from_slice(codec::LAST_CHUNK);
+        }
+        match write_counted(&mut self.io, &self.out).await {
+            Ok(()) => {}
+            Err((error, 0)) => {
+                body.unread(first);
+                return Err(ExchangeFailure {
+                    error: error.into(),
+                    unsent: Some(Request::from_parts(parts, body)),
+                });
+            }
+            Err((error, _)) => return Err(sent_failure(error.into())),
+        }
+        if let Some(data) = first.filter(|d| d.len() > COALESCE_BODY) {
+            self.write_data(framing, &data)
+                .await
+                .map_err(sent_failure)?;
+        }
+        if !ended {
+            self.send_rest(&mut body, framing)
+                .await
+                .map_err(sent_failure)?;
+        }
+        self.io.flush().await.map_err(|e| sent_failure(e.into()))?;
+        self.read_head(head_request).await.map_err(sent_failure)
+    }
+
+    async fn send_rest(
+        &mut self,
+        body: &mut RequestBody,
+        framing: Framing,
+    ) -> Result<(), Http1Error> {
+        while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
+            let frame = frame.map_err(Http1Error::RequestBody)?;
+            if let Ok(data) = frame.into_data() {
+                self.write_data(framing, &data).await?;
+            }
+        }
+        if framing == Framing::Chunked {
+            self.io.write_all(codec::LAST_CHUNK).await?;
+        }
+        Ok(())
+    }
+
+    async fn write_data(&mut self, framing: Framing, data: &Bytes) -> Result<(), Http1Error> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        if framing == Framing::Chunked {
+            self.out.clear();
+            encode_data(&mut self.out, framing, data);
+            self.io.write_all(&self.out).await?;
+        } else {
+            self.io.write_all(data).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_head(&mut self, head_request: bool) -> Result<ResponseHead, Http1Error> {
+        loop {
+            if let Some(head) = self.parse_head(head_request)? {
+                return Ok(head);
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(Http1Error::HeadTooLarge);
+            }
+            let n = poll_fn(|cx| codec::poll_read_buf(&mut self.io, cx, &mut self.buf)).await?;
+            if n == 0 {
+                return Err(Http1Error::ClosedBeforeHead);
+            }
+        }
+    }
+
+    /// Parses a complete response head out of the buffer, skipping interim (1xx) responses.
+    fn parse_head(&mut self, head_request: bool) -> Result<Option<ResponseHead>, Http1Error> {
+        loop {
+            if self.buf.is_empty() {
+                return Ok(None);
+            }
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut slots);
+            let head_len = match response.parse(&self.buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Http1Error::Malformed("too many headers"))
+                }
+                Err(_) => return Err(Http1Error::Malformed("invalid status line or header")),
+            };
+            let code = response.code.unwrap_or(0);
+            let status = StatusCode::from_u16(code)
+                .map_err(|_| Http1Error::Malformed("invalid status code"))?;
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                return Err(Http1Error::Malformed("protocol switch is not supported"));
+            }
+            let version = if response.version == Some(0) {
+                Version::HTTP_10
+            } else {
+                Version::HTTP_11
+            };
+            let base = self.buf.as_ptr() as usize;
+            let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+            let count = response.headers.len();
+            for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+                let name = header.name.as_ptr() as usize - base;
+                let value = header.value.as_ptr() as usize - base;
+                *span = (
+                    name,
+                    name + header.name.len(),
+                    value,
+                    value + header.value.len(),
+                );
+            }
+            let head = self.buf.split_to(head_len).freeze();
+            if status.is_informational() {
+                continue;
+            }
+            let headers = header_map(&head, &spans[..count])?;
+            let framing = response_framing(status, head_request, &headers)?;
+            let keep_alive = framing != Framing::UntilClose && keeps_alive(version, &headers);
+            return Ok(Some(ResponseHead {
+                status,
+                version,
+                headers,
+                framing,
+                keep_alive,
+            }));
+        }
+    }
+
+    /// Reads the next piece of the response body framed by `decoder`.
+    pub fn poll_body(
+        &mut self,
+        decoder: &mut Decoder,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Http1Error>>> {
+        loop {
+            match decoder.decode(&mut self.buf) {
+                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(data))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+            match std::task::ready!(codec::poll_read_buf(&mut self.io, cx, &mut self.buf)) {
+                Ok(0) if decoder.at_eof() => return Poll::Ready(None),
+                Ok(0) => return Poll::Ready(Some(Err(Http1Error::ClosedInBody))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+
+    /// Whether the connection holds no bytes past the response just read.
+    pub fn is_clean(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+fn sent_failure(error: Http1Error) -> ExchangeFailure {
+    ExchangeFailure {
+        error,
+        unsent: None,
+    }
+}
+
+/// The first piece of body when it is ready at once; more is streamed after the head.
+async fn first_piece(body: &mut RequestBody) -> Result<Option<Bytes>, RequestBodyError> {
+    poll_fn(|cx| {
+        Poll::Ready(match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Pending | Poll::Ready(None) => Ok(None),
+            Poll::Ready(Some(Err(e))) => Err(e),
+            Poll::Ready(Some(Ok(frame))) => Ok(frame.into_data().ok()),
+        })
+    })
+    .await
+}
+
+/// Writes all of `bytes`; on failure also says how many were written.
+async fn write_counted(io: &mut UpstreamStream, bytes: &[u8]) -> Result<(), (io::Error, usize)> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match io.write(&bytes[written..]).await {
+            Ok(0) => return Err((io::ErrorKind::WriteZero.into(), written)),
+            Ok(n) => written += n,
+            Err(e) => return Err((e, written)),
+        }
+    }
+    Ok(())
+}
+
+fn request_framing(method: &Method, headers: &HeaderMap, body: &RequestBody) -> Framing {
+    if let Some(len) = body.exact_len() {
+        let needs_length = len > 0
+            || headers.contains_key(CONTENT_LENGTH)
+            || matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+        return if needs_length {
+            Framing::Length(len)
+        } else {
+            Framing::Empty
+        };
+    }
+    Framing::Chunked
+}
+
+fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(if target.is_empty() {
+        b"/"
+    } else {
+        target.as_bytes()
+    });
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(len) => {
+            use std::io::Write;
+            let _ = write!(out, "content-length: {len}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn encode_data(out: &mut Vec<u8>, framing: Framing, data: &[u8]) {
+    if framing == Framing::Chunked {
+        codec::chunk_header(out, data.len());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// Header values share the head's bytes; names of well-known headers allocate nothing.
+fn header_map(
+    head: &Bytes,
+    spans: &[(usize, usize, usize, usize)],
+) -> Result<HeaderMap, Http1Error> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(name_start, name_end, value_start, value_end) in spans {
+        let name = HeaderName::from_bytes(&head[name_start..name_end])
+            .map_err(|_| Http1Error::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
+            .map_err(|_| Http1Error::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn response_framing(
+    status: StatusCode,
+    head_request: bool,
+    headers: &HeaderMap,
+) -> Result<Framing, Http1Error> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Empty);
+    }
+    if headers.contains_key(TRANSFER_ENCODING) {
+        let codings = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .map(HeaderValue::as_bytes);
+        return Ok(if codec::chunked_is_last(codings) {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        });
+    }
+    let lengths = headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    Ok(match codec::content_length(lengths)? {
+        Some(len) => Framing::Length(len),
+        None => Framing::UntilClose,
+    })
+}
+
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let tokens = || {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes)
+    };
+    if version == Version::HTTP_10 {
+        codec::has_token(tokens(), b"keep-alive")
+    } else {
+        !codec::has_token(tokens(), b"close")
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}

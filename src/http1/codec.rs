@@ -1,0 +1,351 @@
+//! How an HTTP/1.1 message body is delimited, and decoding it out of a read buffer.
+
+use std::io;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncRead;
+
+/// Longest message head accepted (request or status line and headers).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header lines in one message head.
+pub const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (with extensions) or trailer section accepted in a chunked body.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Free space ensured in a read buffer before each read.
+const READ_SPACE: usize = 8 * 1024;
+
+/// How a message body is delimited on the wire (RFC 9112 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// The body ends when the connection does (responses only).
+    UntilClose,
+}
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FramingError {
+    #[error("invalid Content-Length")]
+    BadLength,
+    #[error("conflicting Content-Length values")]
+    ConflictingLengths,
+    #[error("invalid chunk size line")]
+    BadChunkSize,
+    #[error("chunk data not followed by CRLF")]
+    BadChunkEnd,
+    #[error("chunk size line or trailers too long")]
+    ChunkLineTooLong,
+}
+
+/// Parses every Content-Length value; several are allowed only when they agree.
+pub fn content_length<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<u64>, FramingError> {
+    let mut found = None;
+    for value in values {
+        for part in value.split(|&b| b == b',') {
+            let len = parse_decimal(trim(part)).ok_or(FramingError::BadLength)?;
+            match found {
+                Some(previous) if previous != len => return Err(FramingError::ConflictingLengths),
+                _ => found = Some(len),
+            }
+        }
+    }
+    Ok(found)
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+pub fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &bytes[start..end]
+}
+
+/// True when the comma-separated header `values` contain `token` (ASCII case-insensitive).
+pub fn has_token<'a>(values: impl Iterator<Item = &'a [u8]>, token: &[u8]) -> bool {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .any(|t| trim(t).eq_ignore_ascii_case(token))
+}
+
+/// True when `chunked` is the last transfer coding of `values`.
+pub fn chunked_is_last<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
+    values
+        .flat_map(|v| v.split(|&b| b == b','))
+        .last()
+        .is_some_and(|t| trim(t).eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Decodes one message body from a read buffer, a piece at a time.
+#[derive(Debug)]
+pub struct Decoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers(usize),
+    UntilClose,
+    Done,
+}
+
+/// What the buffer held.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// More bytes must be read first.
+    NeedMore,
+    /// The body has ended; what follows in the buffer belongs to the next message.
+    End,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Decoder {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        Decoder { state }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes still to come, when known.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Takes the next piece of body out of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, FramingError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Decoded::End),
+                State::Length(n) | State::ChunkData(n) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let take = n.min(buf.len() as u64);
+                    let data = buf.split_to(take as usize).freeze();
+                    let left = n - take;
+                    self.state = match self.state {
+                        State::Length(_) if left == 0 => State::Done,
+                        State::Length(_) => State::Length(left),
+                        _ if left == 0 => State::ChunkEnd,
+                        _ => State::ChunkData(left),
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                State::ChunkSize => {
+                    let Some(line) = take_line(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = parse_chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        State::Trailers(0)
+                    } else {
+                        State::ChunkData(size)
+                    };
+                }
+                State::ChunkEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(FramingError::BadChunkEnd);
+                    }
+                    buf.advance(2);
+                    self.state = State::ChunkSize;
+                }
+                State::Trailers(seen) => {
+                    // Trailers are read and dropped: the proxy does not forward them.
+                    let Some(line) = take_line(buf, MAX_TRAILERS - seen)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    self.state = if line.is_empty() {
+                        State::Done
+                    } else {
+                        State::Trailers(seen + line.len() + 2)
+                    };
+                }
+            }
+        }
+    }
+
+    /// The connection ended: the end of an until-close body, an error for any other unfinished one.
+    pub fn at_eof(&mut self) -> bool {
+        match self.state {
+            State::UntilClose | State::Done => {
+                self.state = State::Done;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Splits one CRLF-terminated line (without the CRLF) off `buf`, if a whole one is there.
+fn take_line(buf: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, FramingError> {
+    match buf.iter().take(limit + 2).position(|&b| b == b'\n') {
+        Some(end) => {
+            let mut line = buf.split_to(end + 1);
+            line.truncate(end);
+            if line.last() == Some(&b'\r') {
+                line.truncate(end - 1);
+            }
+            Ok(Some(line))
+        }
+        None if buf.len() > limit => Err(FramingError::ChunkLineTooLong),
+        None => Ok(None),
+    }
+}
+
+fn parse_chunk_size(line: &[u8]) -> Result<u64, FramingError> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .map(trim)
+        .unwrap_or_default();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(FramingError::BadChunkSize);
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16).ok_or(FramingError::BadChunkSize)?;
+        Ok(n << 4 | u64::from(v))
+    })
+}
+
+/// Writes the chunked-encoding frame header for `len` bytes of data.
+pub fn chunk_header(out: &mut Vec<u8>, len: usize) {
+    use std::io::Write;
+    let _ = write!(out, "{len:x}\r\n");
+}
+
+/// The end of a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// Reads what the socket has into `buf`, keeping some free space first. `Ok(0)` is end of stream.
+pub fn poll_read_buf<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    use std::future::Future;
+    if buf.capacity() - buf.len() < READ_SPACE / 4 {
+        buf.reserve(READ_SPACE);
+    }
+    let read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(io, buf));
+    let n = ready!(read.poll(cx))?;
+    Poll::Ready(Ok(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(framing: Framing, wire: &[u8]) -> Result<(Vec<u8>, bool, Vec<u8>), FramingError> {
+        let mut decoder = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        // Feed one byte at a time: every state must cope with a split anywhere.
+        for &b in wire {
+            buf.extend_from_slice(&[b]);
+            while let Decoded::Data(d) = decoder.decode(&mut buf)? {
+                body.extend_from_slice(&d);
+            }
+        }
+        Ok((body, decoder.is_done(), buf.to_vec()))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        let (body, done, rest) = decode_all(Framing::Chunked, wire).unwrap();
+        assert_eq!(body, b"hello0123456789");
+        assert!(done);
+        assert_eq!(rest, b"NEXT");
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_length() {
+        let (body, done, rest) = decode_all(Framing::Length(3), b"abcdef").unwrap();
+        assert_eq!(
+            (body.as_slice(), done, rest.as_slice()),
+            (&b"abc"[..], true, &b"def"[..])
+        );
+    }
+
+    #[test]
+    fn bad_chunks_are_errors() {
+        assert_eq!(
+            decode_all(Framing::Chunked, b"zz\r\n"),
+            Err(FramingError::BadChunkSize)
+        );
+        assert_eq!(
+            decode_all(Framing::Chunked, b"1\r\naXX"),
+            Err(FramingError::BadChunkEnd)
+        );
+        assert_eq!(
+            decode_all(Framing::Chunked, &[b'1'; 5000]),
+            Err(FramingError::ChunkLineTooLong)
+        );
+        assert_eq!(
+            decode_all(Framing::Chunked, b"10000000000000000\r\n"),
+            Err(FramingError::BadChunkSize)
+        );
+    }
+
+    #[test]
+    fn content_lengths_must_agree() {
+        let one = |v: &'static [u8]| content_length([v].into_iter());
+        assert_eq!(one(b"42"), Ok(Some(42)));
+        assert_eq!(one(b"7, 7"), Ok(Some(7)));
+        assert_eq!(one(b"7, 8"), Err(FramingError::ConflictingLengths));
+        assert_eq!(one(b"+7"), Err(FramingError::BadLength));
+        assert_eq!(one(b""), Err(FramingError::BadLength));
+        assert_eq!(content_length(std::iter::empty()), Ok(None));
+    }
+
+    #[test]
+    fn tokens_are_found_case_insensitively() {
+        assert!(has_token([&b"keep-alive, Close"[..]].into_iter(), b"close"));
+        assert!(!has_token([&b"closed"[..]].into_iter(), b"close"));
+        assert!(chunked_is_last([&b"gzip, Chunked"[..]].into_iter()));
+        assert!(!chunked_is_last([&b"chunked, gzip"[..]].into_iter()));
+    }
+}

@@ -1,0 +1,264 @@
+//! Backend responses as they appear on the wire: framings, interim responses, broken bodies.
+//!
+//! These backends are raw sockets answering with scripted bytes, so that every framing a real
+//! backend may use (chunked with trailers, close-delimited, 1xx before the answer) is exercised.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One scripted answer: the bytes to write, and whether to close the connection after them.
+#[derive(Clone, Copy)]
+struct Answer(&'static [u8], bool);
+
+struct ScriptedBackend {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// Answers the n-th request (over all connections) with `script[n]`, the last one repeated.
+async fn scripted_backend(script: &'static [Answer]) -> ScriptedBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let (conns, reqs) = (Arc::clone(&connections), Arc::clone(&requests));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            conns.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve_script(stream, script, Arc::clone(&reqs)));
+        }
+    });
+    ScriptedBackend {
+        addr,
+        connections,
+        requests,
+    }
+}
+
+async fn serve_script(
+    mut stream: TcpStream,
+    script: &'static [Answer],
+    log: Arc<Mutex<Vec<Vec<u8>>>>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(request) = read_request(&mut stream, &mut buf).await else {
+            return;
+        };
+        let index = {
+            let mut log = log.lock().unwrap();
+            log.push(request);
+            log.len() - 1
+        };
+        let Answer(bytes, close) = script[index.min(script.len() - 1)];
+        if stream.write_all(bytes).await.is_err() || close {
+            return;
+        }
+    }
+}
+
+/// Reads one request (head, and a Content-Length or chunked body) off `stream`.
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let body_end = if head.contains("transfer-encoding: chunked") {
+                find(&buf[end..], b"\r\n0\r\n\r\n").map(|e| end + e + 7)
+            } else {
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                (buf.len() >= end + 4 + len).then_some(end + 4 + len)
+            };
+            if let Some(body_end) = body_end {
+                return Some(buf.drain(..body_end).collect());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+impl ScriptedBackend {
+    fn expect_connections(&self, n: usize, why: &str) {
+        assert_eq!(self.connections.load(Ordering::SeqCst), n, "{why}");
+    }
+}
+
+fn expect(reply: &Reply, status: u16, text: &str) {
+    assert_eq!(
+        (reply.status.as_u16(), reply.text().as_str()),
+        (status, text)
+    );
+}
+
+/// A client connection for requests with any body type.
+async fn raw_sender<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[tokio::test]
+async fn chunked_responses_with_trailers_arrive_whole_and_keep_the_connection() {
+    static SCRIPT: &[Answer] = &[Answer(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-B: 1\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+        false,
+    )];
+    let b = scripted_backend(SCRIPT).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..3 {
+        let reply = client.send(req(Method::POST, "/w", b"x")).await;
+        expect(&reply, 200, "hello world");
+        assert_eq!(reply.headers["x-b"], "1");
+    }
+    b.expect_connections(1, "the backend connection is reused");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn close_delimited_responses_arrive_whole_and_are_not_reused() {
+    static SCRIPT: &[Answer] = &[Answer(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end",
+        true,
+    )];
+    let b = scripted_backend(SCRIPT).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..2 {
+        let reply = client.send(req(Method::POST, "/w", b"x")).await;
+        expect(&reply, 200, "until the end");
+    }
+    b.expect_connections(2, "a close-delimited body ends its connection");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn interim_responses_are_skipped_and_head_responses_have_no_body() {
+    static SCRIPT: &[Answer] = &[
+        Answer(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
+        Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false),
+        Answer(b"HTTP/1.1 204 No Content\r\n\r\n", false),
+    ];
+    let b = scripted_backend(SCRIPT).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let reply = client.send(req(Method::POST, "/w", b"x")).await;
+    expect(&reply, 201, "ok");
+    let reply = client.send(req(Method::HEAD, "/w", b"")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["content-length"], "1000");
+    let reply = client.send(req(Method::DELETE, "/w", b"")).await;
+    assert_eq!(reply.status, 204);
+    b.expect_connections(1, "one backend connection serves them all");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_broken_response_body_aborts_the_client_response_and_its_connection() {
+    static SCRIPT: &[Answer] = &[
+        Answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX",
+            false,
+        ),
+        Answer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext", false),
+    ];
+    let b = scripted_backend(SCRIPT).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let mut sender = raw_sender(proxy.addr).await;
+    let request = Request::post("/w")
+        .header("host", "x")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    let outcome = bounded("response", async {
+        let response = sender.send_request(request).await?;
+        response.into_body().collect().await
+    })
+    .await;
+    assert!(
+        outcome.is_err(),
+        "a body the backend broke must not look complete to the client"
+    );
+    let reply = get(proxy.addr, "/again").await;
+    expect(&reply, 200, "next");
+    b.expect_connections(2, "the broken connection is not reused");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_of_unknown_length_are_sent_chunked() {
+    static SCRIPT: &[Answer] = &[Answer(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        false,
+    )];
+    let b = scripted_backend(SCRIPT).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let mut sender = raw_sender(proxy.addr).await;
+    let body = Pieces(["first,", "second,", "third"].into());
+    let request = Request::post("/w").header("host", "x").body(body).unwrap();
+    let response = bounded("response", sender.send_request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = String::from_utf8(b.requests.lock().unwrap()[0].clone()).unwrap();
+    let lower = seen.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked\r\n"), "{seen}");
+    assert!(!lower.contains("content-length"), "{seen}");
+    assert!(
+        seen.ends_with("\r\n\r\n6\r\nfirst,\r\n7\r\nsecond,\r\n5\r\nthird\r\n0\r\n\r\n"),
+        "{seen}"
+    );
+    proxy.shutdown().await;
+}
+
+/// A body of several pieces and no declared length.
+struct Pieces(std::collections::VecDeque<&'static str>);
+
+impl http_body::Body for Pieces {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(
+            self.0
+                .pop_front()
+                .map(|p| Ok(hyper::body::Frame::data(Bytes::from(p)))),
+        )
+    }
+}
