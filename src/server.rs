@@ -4,19 +4,25 @@
 //! [`Proxy::run`] serves until the shutdown future completes. Shutdown is an explicit pipeline: stop
 //! accepting, ask every connection to close gracefully (in-flight requests finish, idle keep-alive
 //! connections close at once), wait for them up to `runtime.shutdown_timeout`, log what was left.
-//! Each connection is served by hyper-util's auto builder (HTTP/1.1 and h2c) with a header read
-//! timeout from hyper and an idle timeout of our own, so a silent client cannot hold a connection.
+//! HTTP/1.1 connections are served by [`crate::http1::server`] (header read and idle timeouts
+//! included); HTTP/2 ones (ALPN `h2`, or the prior-knowledge preface) by hyper's HTTP/2 server with
+//! an idle timeout of our own, so a silent client cannot hold a connection.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::server::TlsStream;
@@ -24,6 +30,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::AdminService;
 use crate::config::{Config, ListenerConfig};
+use crate::http1;
+use crate::http1::server::{ClientIo, Served, Timeouts};
 use crate::proxy::{ClientConn, ConnActivity, ProxyService};
 use crate::reload::{ReloadState, Reloader, Triggers};
 use crate::snapshot::Snapshot;
@@ -143,7 +151,7 @@ impl Proxy {
         let (alive, mut drained) = mpsc::channel::<()>(1);
         for (index, bound) in self.listeners.into_iter().enumerate() {
             let snapshots = Arc::clone(&self.snapshots);
-            let builder = Arc::new(connection_builder(&bound.config));
+            let builder = Arc::new(http2_builder());
             let settings = Arc::new(bound.config.clone());
             let addr = bound
                 .listener
@@ -175,11 +183,17 @@ impl Proxy {
                             stop,
                         };
                         if serve.settings.tls.is_none() {
-                            serve.connection(stream, peer, false).await;
-                        } else if let Some(stream) = serve.handshake(index, stream, peer).await {
-                            serve.connection(stream, peer, true).await;
+                            serve.plain(stream, peer).await;
                         } else {
-                            handshake_failures.increment(1);
+                            // Boxed: the handshake and the TLS stream are large, and a plain
+                            // connection's task should not reserve room for them.
+                            Box::pin(async {
+                                match serve.handshake(index, stream, peer).await {
+                                    Some(stream) => serve.tls(stream, peer).await,
+                                    None => handshake_failures.increment(1),
+                                }
+                            })
+                            .await;
                         }
                         drop(alive);
                     }
@@ -229,7 +243,7 @@ impl Proxy {
 /// What one client connection of a listener needs.
 struct Serve {
     snapshots: Arc<ArcSwap<Snapshot>>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
+    builder: Arc<http2::Builder<TokioExecutor>>,
     settings: Arc<ListenerConfig>,
     stop: watch::Receiver<bool>,
 }
@@ -265,11 +279,39 @@ impl Serve {
         }
     }
 
-    async fn connection<I>(self, io: I, peer: SocketAddr, tls: bool)
+    async fn plain(self, stream: TcpStream, peer: SocketAddr) {
+        let conn = Arc::new(ClientConn::new(peer, false));
+        self.http1(stream, conn).await;
+    }
+
+    async fn tls(self, stream: TlsStream<TcpStream>, peer: SocketAddr) {
+        let conn = Arc::new(ClientConn::new(peer, true));
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            Box::pin(self.http2(stream, conn)).await;
+        } else {
+            self.http1(stream, conn).await;
+        }
+    }
+
+    async fn http1<I: ClientIo>(self, io: I, conn: Arc<ClientConn>) {
+        let service = ProxyService::new(Arc::clone(&self.snapshots), Arc::clone(&conn));
+        let timeouts = Timeouts {
+            header_read: self.settings.header_read_timeout,
+            idle: self.settings.idle_timeout,
+        };
+        match http1::server::serve(io, service, timeouts, self.stop.clone()).await {
+            Served::Closed => {}
+            // Boxed: hyper's HTTP/2 connection is large and rare here; HTTP/1.1 tasks stay small.
+            Served::Http2 { io, preface } => {
+                Box::pin(self.http2(Prefixed { preface, io }, conn)).await
+            }
+        }
+    }
+
+    async fn http2<I>(self, io: I, conn: Arc<ClientConn>)
     where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let conn = Arc::new(ClientConn::new(peer, tls));
         let service = ProxyService::new(self.snapshots, Arc::clone(&conn));
         let connection = self.builder.serve_connection(TokioIo::new(io), service);
         drive(
@@ -293,15 +335,49 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-fn connection_builder(config: &ListenerConfig) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http2_builder() -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    builder
+}
+
+/// A connection whose first bytes were already read (the HTTP/2 preface): they are read again first.
+struct Prefixed<I> {
+    preface: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.preface.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, buf);
+        }
+        let n = self.preface.len().min(buf.remaining());
+        buf.put_slice(&self.preface.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 /// Accepts until `stop` flips, handing each connection to `serve` on its own task.

@@ -262,3 +262,115 @@ impl http_body::Body for Pieces {
         )
     }
 }
+
+/// Writes `bytes` to the proxy and reads until it closes the connection.
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    bounded("proxy to answer and close", stream.read_to_end(&mut out))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_http10_closes() {
+    let b = named_backend("b", std::time::Duration::ZERO).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let reply = raw_exchange(
+        proxy.addr,
+        b"POST /1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\naPOST /2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\nGET /3 HTTP/1.0\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 3, "{reply}");
+    let uris: Vec<String> = b
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.uri.to_string())
+        .collect();
+    assert_eq!(uris, ["/1", "/2", "/3"]);
+    let bodies: Vec<Vec<u8>> = b
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.body.to_vec())
+        .collect();
+    assert_eq!(bodies, [b"a".to_vec(), b"b".to_vec(), Vec::new()]);
+    assert!(
+        reply.ends_with('b'),
+        "the HTTP/1.0 request's response ends the connection: {reply}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_before_the_body_is_read() {
+    let b = named_backend("b", std::time::Duration::ZERO).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(
+            b"PUT /k HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    bounded("100 Continue", stream.read_exact(&mut interim))
+        .await
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").await.unwrap();
+    let mut head = [0u8; 15];
+    bounded("final response", stream.read_exact(&mut head))
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 OK");
+    assert_eq!(&b.last().body[..], b"hello");
+    assert!(
+        !b.last().headers.contains_key("expect"),
+        "the proxy answered the expectation itself"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn framing_the_proxy_cannot_trust_is_refused_with_a_reason() {
+    let b = named_backend("b", std::time::Duration::ZERO).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let many_headers: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+                .to_vec(),
+            "HTTP/1.1 400",
+            "conflicting Content-Length",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+                .to_vec(),
+            "HTTP/1.1 501",
+            "chunked",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".to_vec(),
+            "HTTP/1.1 400",
+            "must end with chunked",
+        ),
+        (
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes(),
+            "HTTP/1.1 431",
+            "too large",
+        ),
+    ];
+    for (bytes, status, reason) in cases {
+        let reply = raw_exchange(proxy.addr, &bytes).await;
+        assert!(reply.starts_with(status), "{reply}");
+        assert!(reply.contains(reason), "{reply}");
+    }
+    assert_eq!(b.count(), 0);
+    proxy.shutdown().await;
+}

@@ -11,13 +11,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
+use super::codec::{
+    self, Decoded, Decoder, Framing, FramingError, HeaderSpan, MAX_HEAD, MAX_HEADERS,
+};
 use crate::proxy::{RequestBody, RequestBodyError};
 
 /// Body data up to this size is copied next to the head so that both leave in one write.
@@ -226,26 +228,17 @@ impl UpstreamConn {
             } else {
                 Version::HTTP_11
             };
-            let base = self.buf.as_ptr() as usize;
-            let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-            let count = response.headers.len();
-            for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
-                let name = header.name.as_ptr() as usize - base;
-                let value = header.value.as_ptr() as usize - base;
-                *span = (
-                    name,
-                    name + header.name.len(),
-                    value,
-                    value + header.value.len(),
-                );
-            }
+            let mut spans = [HeaderSpan::default(); MAX_HEADERS];
+            let count = codec::header_spans(&self.buf, response.headers, &mut spans);
             let head = self.buf.split_to(head_len).freeze();
             if status.is_informational() {
                 continue;
             }
-            let headers = header_map(&head, &spans[..count])?;
+            let headers =
+                codec::header_map(&head, &spans[..count]).map_err(Http1Error::Malformed)?;
             let framing = response_framing(status, head_request, &headers)?;
-            let keep_alive = framing != Framing::UntilClose && keeps_alive(version, &headers);
+            let keep_alive =
+                framing != Framing::UntilClose && codec::keeps_alive(version, &headers);
             return Ok(Some(ResponseHead {
                 status,
                 version,
@@ -370,22 +363,6 @@ fn encode_data(out: &mut Vec<u8>, framing: Framing, data: &[u8]) {
     }
 }
 
-/// Header values share the head's bytes; names of well-known headers allocate nothing.
-fn header_map(
-    head: &Bytes,
-    spans: &[(usize, usize, usize, usize)],
-) -> Result<HeaderMap, Http1Error> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for &(name_start, name_end, value_start, value_end) in spans {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
-            .map_err(|_| Http1Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value_start..value_end))
-            .map_err(|_| Http1Error::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
-    Ok(headers)
-}
-
 fn response_framing(
     status: StatusCode,
     head_request: bool,
@@ -413,20 +390,6 @@ fn response_framing(
         Some(len) => Framing::Length(len),
         None => Framing::UntilClose,
     })
-}
-
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let tokens = || {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .map(HeaderValue::as_bytes)
-    };
-    if version == Version::HTTP_10 {
-        codec::has_token(tokens(), b"keep-alive")
-    } else {
-        !codec::has_token(tokens(), b"close")
-    }
 }
 
 impl AsyncRead for UpstreamStream {

@@ -4,6 +4,8 @@ use std::io;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION};
+use http::{HeaderMap, Version};
 use tokio::io::AsyncRead;
 
 /// Longest message head accepted (request or status line and headers).
@@ -92,6 +94,56 @@ pub fn chunked_is_last<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
         .flat_map(|v| v.split(|&b| b == b','))
         .last()
         .is_some_and(|t| trim(t).eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Where one header's name and value lie in a message head.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HeaderSpan {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// Records where httparse found each header in `buf`, so that the head can be frozen and shared.
+pub fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>], out: &mut [HeaderSpan]) -> usize {
+    let base = buf.as_ptr() as usize;
+    for (span, header) in out.iter_mut().zip(headers) {
+        let name = header.name.as_ptr() as usize - base;
+        let value = header.value.as_ptr() as usize - base;
+        *span = HeaderSpan {
+            name: (name, name + header.name.len()),
+            value: (value, value + header.value.len()),
+        };
+    }
+    headers.len().min(out.len())
+}
+
+/// The headers at `spans` of `head`. Values share the head's bytes; names of well-known headers
+/// allocate nothing.
+pub fn header_map(head: &Bytes, spans: &[HeaderSpan]) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for span in spans {
+        let name = HeaderName::from_bytes(&head[span.name.0..span.name.1])
+            .map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))
+            .map_err(|_| "invalid header value")?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// Whether a message of `version` with `headers` lets its connection carry another message.
+pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let tokens = || {
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes)
+    };
+    if version == Version::HTTP_10 {
+        has_token(tokens(), b"keep-alive")
+    } else {
+        !has_token(tokens(), b"close")
+    }
 }
 
 /// Decodes one message body from a read buffer, a piece at a time.

@@ -1,6 +1,7 @@
 //! HTTP/1.1 on the wire, written for the proxy's hot path.
 //!
-//! hyper's HTTP/1 client runs each backend connection on its own task and hands requests and
+//! Client connections and backend connections alike are served here for HTTP/1.1 (hyper still
+//! serves HTTP/2 clients and the admin listener). hyper's HTTP/1 client runs each backend connection on its own task and hands requests and
 //! responses over channels; for a proxy that is two task switches and several allocations per
 //! request. Here a backend connection is a plain value: the client's task writes the request on it,
 //! reads the response head, and streams the response body straight from its read buffer, then puts
@@ -9,8 +10,10 @@
 //!
 //! - [`codec`]: message framing (Content-Length, chunked, until close) and the body decoder.
 //! - [`client`]: one keep-alive connection to a backend.
+//! - [`server`]: one client connection, from accept to close, holding no buffer while idle.
 
 pub mod client;
 pub mod codec;
+pub mod server;
 
 pub use client::{Http1Error, ResponseHead, UpstreamConn, UpstreamStream};

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use super::headers;
 use crate::admission::AdmissionPermit;
 use crate::http1::codec::Decoder;
+use crate::http1::server::H1Body;
 use crate::http1::{Http1Error, ResponseHead};
 use crate::upstream::{InflightGuard, UpstreamConn};
 
@@ -26,7 +27,45 @@ pub enum RequestBodyError {
     #[error("request body exceeds {limit} bytes")]
     TooLarge { limit: u64 },
     #[error("reading the request body failed: {0}")]
-    Client(#[source] hyper::Error),
+    Client(#[source] BoxError),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A client's request body: from our HTTP/1.1 connection, or from hyper's HTTP/2 server.
+#[derive(Debug)]
+pub enum ClientBody {
+    H1(H1Body),
+    H2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(body) => body.is_end_stream(),
+            ClientBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::H1(body) => body.size_hint(),
+            ClientBody::H2(body) => body.size_hint(),
+        }
+    }
 }
 
 /// The body sent to a backend.
@@ -35,7 +74,7 @@ pub enum RequestBody {
     /// The client's body, streamed, with the bytes still allowed before `max_body` is hit. `front`
     /// is a piece taken out and put back (a send that wrote nothing hands it back).
     Streaming {
-        inner: Incoming,
+        inner: ClientBody,
         front: Option<Bytes>,
         remaining: u64,
         limit: u64,
@@ -45,7 +84,7 @@ pub enum RequestBody {
 }
 
 impl RequestBody {
-    pub fn streaming(inner: Incoming, limit: u64) -> RequestBody {
+    pub fn streaming(inner: ClientBody, limit: u64) -> RequestBody {
         RequestBody::Streaming {
             inner,
             front: None,

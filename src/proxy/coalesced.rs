@@ -13,9 +13,8 @@ use http::header::{HeaderName, CONTENT_TYPE};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
-use super::body::{RequestBody, RequestBodyError, ResponseBody};
+use super::body::{ClientBody, RequestBody, RequestBodyError, ResponseBody};
 use super::dispatch::dispatch;
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
@@ -36,7 +35,7 @@ pub(super) async fn write(
     coalescer: &Arc<Coalescer>,
     key: Bytes,
     parts: Parts,
-    body: Incoming,
+    body: ClientBody,
     exchange: &mut Exchange<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let body = buffer_body(body, route.max_body).await?;
@@ -55,7 +54,7 @@ pub(super) async fn write(
     Ok(into_response(shared, disposition))
 }
 
-pub(super) async fn buffer_body(body: Incoming, limit: u64) -> Result<Bytes, ProxyError> {
+pub(super) async fn buffer_body(body: ClientBody, limit: u64) -> Result<Bytes, ProxyError> {
     match RequestBody::streaming(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(RequestBodyError::TooLarge { .. }) => Err(ProxyError::BodyTooLarge { limit }),

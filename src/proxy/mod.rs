@@ -25,7 +25,7 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-pub use body::{RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
+pub use body::{ClientBody, RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
 pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 
@@ -119,7 +119,8 @@ impl ProxyService {
         ProxyService { snapshots, conn }
     }
 
-    async fn handle(self, request: Request<Incoming>) -> Response<ResponseBody> {
+    /// Answers one request.
+    pub async fn handle(self, request: Request<ClientBody>) -> Response<ResponseBody> {
         let started = Instant::now();
         let _active = self.conn.activity.begin();
         let snapshot = self.snapshots.load_full();
@@ -169,7 +170,7 @@ impl ProxyService {
     async fn forward<'s>(
         &self,
         snapshot: &'s Arc<Snapshot>,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         exchange: &mut Exchange<'s>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (mut parts, body) = request.into_parts();
@@ -200,12 +201,15 @@ impl ProxyService {
             if settings.methods.contains(&parts.method) {
                 let key = Bytes::copy_from_slice(key);
                 self.rewrite_request(&mut parts)?;
-                return coalesced::write(snapshot, route, coalescer, key, parts, body, exchange)
-                    .await;
+                // The rarer paths are boxed so that the common one's future stays small.
+                return Box::pin(coalesced::write(
+                    snapshot, route, coalescer, key, parts, body, exchange,
+                ))
+                .await;
             }
             if settings.order_reads && (parts.method == Method::GET || parts.method == Method::HEAD)
             {
-                let permit = coalescer.read(Bytes::copy_from_slice(key), settings).await;
+                let permit = Box::pin(coalescer.read(Bytes::copy_from_slice(key), settings)).await;
                 read_lock = Some(permit.map_err(|r| ProxyError::refused(r, &route.name))?);
             }
         }
@@ -215,7 +219,9 @@ impl ProxyService {
             && !http_body::Body::is_end_stream(&body)
         {
             // A retry after the bytes reached a backend must send the body again: keep a copy.
-            RequestBody::Full(Some(coalesced::buffer_body(body, route.max_body).await?))
+            RequestBody::Full(Some(
+                Box::pin(coalesced::buffer_body(body, route.max_body)).await?,
+            ))
         } else {
             RequestBody::streaming(body, route.max_body)
         };
@@ -281,7 +287,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.handle(request).await) })
+        Box::pin(async move { Ok(this.handle(request.map(ClientBody::H2)).await) })
     }
 }
 

@@ -98,7 +98,9 @@ impl Backend {
         loop {
             let (mut conn, fresh) = match self.pool.take() {
                 Some(conn) => (conn, false),
-                None => match self.connect(connect_timeout).await {
+                // Boxed: connecting (TLS included) is rare, and its future would otherwise
+                // enlarge every request's future.
+                None => match Box::pin(self.connect(connect_timeout)).await {
                     Ok(conn) => (conn, true),
                     Err(error) => {
                         return Err(SendFailure {

@@ -1,0 +1,759 @@
+//! Client connections speaking HTTP/1.1, each served by one task from accept to close.
+//!
+//! The loop is: wait until the socket is readable (holding no buffer, so an idle keep-alive
+//! connection costs a few hundred bytes), read and parse a request head within
+//! `header_read_timeout`, run the proxy service on it, write the response, repeat. The request body
+//! is read by whoever polls it (the backend send) straight from this connection's buffer; a client
+//! that goes away while its request is in progress cancels it, as with nginx's default.
+//!
+//! Malformed requests get a 4xx with a one-line reason and the connection closes. A request with
+//! both Transfer-Encoding and Content-Length is framed by Transfer-Encoding and its connection
+//! closes after the response (RFC 9112 §6.3), so no second request can hide in its body. An
+//! HTTP/2 prior-knowledge preface on a new connection hands it to hyper's HTTP/2 server.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::codec::{
+    self, Decoded, Decoder, Framing, FramingError, HeaderSpan, MAX_HEAD, MAX_HEADERS,
+};
+use crate::proxy::{ClientBody, ProxyService, ResponseBody};
+
+/// The start of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// Response bytes gathered before a write; larger body pieces are written as they are.
+const GATHER: usize = 16 * 1024;
+
+/// A client transport: plain TCP or TLS.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready once a read would find data or the end of the stream. Lets an idle connection wait
+    /// without a read buffer; transports that cannot tell say ready at once.
+    fn poll_idle_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl ClientIo for TcpStream {
+    fn poll_idle_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {}
+
+/// The listener's timeouts, as one connection applies them.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From when the connection is ready for a request until its head is complete.
+    pub header_read: Duration,
+    /// Longest silence between requests.
+    pub idle: Duration,
+}
+
+/// How a connection ended.
+pub enum Served<I> {
+    Closed,
+    /// The client opened with the HTTP/2 preface; `preface` holds the bytes already read.
+    Http2 {
+        io: I,
+        preface: Bytes,
+    },
+}
+
+/// The connection's socket and read buffer, shared with the body of the request in progress.
+struct Wire<I> {
+    io: I,
+    buf: BytesMut,
+    decoder: Decoder,
+    /// Bytes of `100 Continue` still to write before the body is read.
+    continue_owed: usize,
+}
+
+type SharedWire<I> = Arc<Mutex<Wire<I>>>;
+
+fn lock<I>(wire: &Mutex<Wire<I>>) -> MutexGuard<'_, Wire<I>> {
+    wire.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A parsed request head, and what the connection must do around it.
+struct Head {
+    request: Request<ClientBody>,
+    keep_alive: bool,
+}
+
+// Returned once per request, by value: boxing the head would cost an allocation instead.
+#[allow(clippy::large_enum_variant)]
+enum NextRequest {
+    Ready(Head),
+    Close,
+    Reject(StatusCode, &'static str),
+    Http2,
+}
+
+/// Serves HTTP/1.1 requests on `io` until the client leaves, a timeout passes, the request says
+/// close, or `stop` flips.
+pub async fn serve<I: ClientIo>(
+    io: I,
+    service: ProxyService,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<bool>,
+) -> Served<I> {
+    let wire: SharedWire<I> = Arc::new(Mutex::new(Wire {
+        io,
+        buf: BytesMut::new(),
+        decoder: Decoder::new(Framing::Empty),
+        continue_owed: 0,
+    }));
+    let mut first = true;
+    loop {
+        if *stop.borrow() {
+            return Served::Closed;
+        }
+        let head = match next_request(&wire, timeouts, &mut stop, first).await {
+            NextRequest::Ready(head) => head,
+            NextRequest::Close => return Served::Closed,
+            NextRequest::Reject(status, reason) => {
+                let _ = write_all(&wire, &rejection(status, reason)).await;
+                return Served::Closed;
+            }
+            NextRequest::Http2 => return into_http2(wire),
+        };
+        first = false;
+        // One allocation per request holds all of its state, so that an idle connection's task
+        // stays small.
+        let exchange = Box::pin(exchange(&wire, service.clone(), head, &stop));
+        if !exchange.await {
+            return Served::Closed;
+        }
+    }
+}
+
+/// Runs one request through the proxy and writes its response; true when the connection may
+/// carry another request.
+async fn exchange<I: ClientIo>(
+    wire: &SharedWire<I>,
+    service: ProxyService,
+    head: Head,
+    stop: &watch::Receiver<bool>,
+) -> bool {
+    let head_only = head.request.method() == Method::HEAD;
+    let version = head.request.version();
+    // Biased: the service runs first in each poll, so that once it has read the whole body the
+    // watch below starts reading the socket in the same poll.
+    let response = tokio::select! {
+        biased;
+        response = service.handle(head.request) => response,
+        () = client_gone(wire) => return false,
+    };
+    let body_read = lock(wire).decoder.is_done();
+    let keep_alive = head.keep_alive && body_read && !*stop.borrow();
+    let reply = Reply {
+        version,
+        head_only,
+        keep_alive,
+    };
+    let mut out = Vec::with_capacity(512);
+    matches!(
+        write_response(wire, &mut out, response, reply).await,
+        Ok(true)
+    )
+}
+
+fn into_http2<I>(wire: SharedWire<I>) -> Served<I> {
+    match Arc::try_unwrap(wire) {
+        Ok(wire) => {
+            let wire = wire.into_inner().unwrap_or_else(|e| e.into_inner());
+            Served::Http2 {
+                io: wire.io,
+                preface: wire.buf.freeze(),
+            }
+        }
+        Err(_) => Served::Closed,
+    }
+}
+
+/// Waits for the next request head: bufferless while idle, then within `header_read`.
+async fn next_request<I: ClientIo>(
+    wire: &SharedWire<I>,
+    timeouts: Timeouts,
+    stop: &mut watch::Receiver<bool>,
+    first: bool,
+) -> NextRequest {
+    let started = Instant::now();
+    let head_deadline = started + timeouts.header_read;
+    if lock(wire).buf.is_empty() {
+        // Nothing pipelined: give the buffer back while the client thinks.
+        lock(wire).buf = BytesMut::new();
+        let idle_deadline = started + timeouts.idle.min(timeouts.header_read);
+        let readable = poll_fn(|cx| lock(wire).io.poll_idle_ready(cx));
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return NextRequest::Close,
+            ready = tokio::time::timeout_at(idle_deadline, readable) => {
+                if !matches!(ready, Ok(Ok(()))) {
+                    return NextRequest::Close;
+                }
+            }
+        }
+    }
+    tokio::time::timeout_at(head_deadline, read_head(wire, first))
+        .await
+        .unwrap_or(NextRequest::Close)
+}
+
+async fn read_head<I: ClientIo>(wire: &SharedWire<I>, first: bool) -> NextRequest {
+    loop {
+        {
+            let mut guard = lock(wire);
+            let w = &mut *guard;
+            if first && !w.buf.is_empty() {
+                let seen = w.buf.len().min(H2_PREFACE.len());
+                if H2_PREFACE[..seen] == w.buf[..seen] {
+                    if seen == H2_PREFACE.len() {
+                        return NextRequest::Http2;
+                    }
+                } else if let Some(next) = parse_head(w, Arc::clone(wire)) {
+                    return next;
+                }
+            } else if let Some(next) = parse_head(w, Arc::clone(wire)) {
+                return next;
+            }
+        }
+        let read = poll_fn(|cx| {
+            let mut guard = lock(wire);
+            let w = &mut *guard;
+            codec::poll_read_buf(&mut w.io, cx, &mut w.buf)
+        });
+        match read.await {
+            Ok(0) | Err(_) => return NextRequest::Close,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Parses a complete head in the buffer into a request; `None` when more bytes are needed.
+fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<NextRequest> {
+    if w.buf.is_empty() {
+        return None;
+    }
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let head_len = match parsed.parse(&w.buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if w.buf.len() < MAX_HEAD => return None,
+        Ok(httparse::Status::Partial) if !w.buf.contains(&b'\n') => {
+            return Some(NextRequest::Reject(
+                StatusCode::URI_TOO_LONG,
+                "the request line is too long",
+            ))
+        }
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            return Some(NextRequest::Reject(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "the request headers are too large",
+            ))
+        }
+        Err(e) => {
+            return Some(NextRequest::Reject(
+                StatusCode::BAD_REQUEST,
+                parse_reason(e),
+            ))
+        }
+    };
+    let method = parsed.method.unwrap_or_default();
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Some(bad_request("invalid method"));
+    };
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let target = parsed.path.unwrap_or_default();
+    let target_start = target.as_ptr() as usize - w.buf.as_ptr() as usize;
+    let target_span = target_start..target_start + target.len();
+    let mut spans = [HeaderSpan::default(); MAX_HEADERS];
+    let count = codec::header_spans(&w.buf, parsed.headers, &mut spans);
+    let head = w.buf.split_to(head_len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(target_span)) else {
+        return Some(bad_request("invalid request target"));
+    };
+    let mut headers = match codec::header_map(&head, &spans[..count]) {
+        Ok(headers) => headers,
+        Err(reason) => return Some(bad_request(reason)),
+    };
+    let (framing, mut keep_alive) = match request_framing(version, &mut headers) {
+        Ok(framing) => framing,
+        Err((status, reason)) => return Some(NextRequest::Reject(status, reason)),
+    };
+    keep_alive &= codec::keeps_alive(version, &headers);
+    let expects_continue = headers
+        .get(EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        // Answered here, when the body is first read; the backend is not asked.
+        headers.remove(EXPECT);
+    }
+    w.continue_owed =
+        if expects_continue && version == Version::HTTP_11 && framing != Framing::Empty {
+            CONTINUE.len()
+        } else {
+            0
+        };
+    w.decoder = Decoder::new(framing);
+    let body = if framing == Framing::Empty {
+        H1Body { wire: None }
+    } else {
+        H1Body { wire: Some(shared) }
+    };
+    let mut request = Request::new(ClientBody::H1(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Some(NextRequest::Ready(Head {
+        request,
+        keep_alive,
+    }))
+}
+
+fn bad_request(reason: &'static str) -> NextRequest {
+    NextRequest::Reject(StatusCode::BAD_REQUEST, reason)
+}
+
+fn parse_reason(error: httparse::Error) -> &'static str {
+    match error {
+        httparse::Error::HeaderName => "malformed header name",
+        httparse::Error::HeaderValue => "malformed header value",
+        httparse::Error::Version => "unsupported HTTP version",
+        httparse::Error::Token | httparse::Error::NewLine => "malformed request line",
+        _ => "malformed request head",
+    }
+}
+
+/// The body's framing, and false when the connection must close after this request.
+fn request_framing(
+    version: Version,
+    headers: &mut HeaderMap,
+) -> Result<(Framing, bool), (StatusCode, &'static str)> {
+    if headers.contains_key(TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        let codings = || {
+            headers
+                .get_all(TRANSFER_ENCODING)
+                .iter()
+                .map(HeaderValue::as_bytes)
+        };
+        if !codec::chunked_is_last(codings()) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "Transfer-Encoding must end with chunked",
+            ));
+        }
+        let only_chunked = codings()
+            .flat_map(|v| v.split(|&b| b == b','))
+            .all(|t| codec::trim(t).eq_ignore_ascii_case(b"chunked"));
+        if !only_chunked {
+            return Err((
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer codings other than chunked are not supported",
+            ));
+        }
+        // With both, Transfer-Encoding wins and the connection closes after the response.
+        let both = headers.remove(CONTENT_LENGTH).is_some();
+        return Ok((Framing::Chunked, !both));
+    }
+    let lengths = headers
+        .get_all(CONTENT_LENGTH)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    match codec::content_length(lengths) {
+        Ok(Some(len)) => Ok((Framing::Length(len), true)),
+        Ok(None) => Ok((Framing::Empty, true)),
+        Err(FramingError::ConflictingLengths) => {
+            Err((StatusCode::BAD_REQUEST, "conflicting Content-Length values"))
+        }
+        Err(_) => Err((StatusCode::BAD_REQUEST, "invalid Content-Length")),
+    }
+}
+
+/// Completes if the client closes the connection while its request is in progress. Bytes it
+/// pipelines meanwhile are kept for the next request.
+async fn client_gone<I: ClientIo>(wire: &SharedWire<I>) {
+    poll_fn(|cx| {
+        let mut guard = lock(wire);
+        let w = &mut *guard;
+        loop {
+            // While the body is being read, its reader notices a close itself.
+            if !w.decoder.is_done() || w.buf.len() >= MAX_HEAD {
+                return Poll::Pending;
+            }
+            match ready!(codec::poll_read_buf(&mut w.io, cx, &mut w.buf)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+}
+
+/// The request body, read from the client connection as it is polled.
+#[derive(Debug)]
+pub struct H1Body {
+    wire: Option<Arc<dyn BodySource>>,
+}
+
+/// A client connection's side of reading a request body, with its transport type erased.
+trait BodySource: Send + Sync + std::fmt::Debug {
+    fn poll_piece(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>>;
+    fn remaining(&self) -> Option<u64>;
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the client closed the connection before the body ended")]
+    Closed,
+    #[error("malformed chunked body: {0}")]
+    Framing(#[from] FramingError),
+}
+
+impl<I: ClientIo> std::fmt::Debug for Wire<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wire")
+            .field("buffered", &self.buf.len())
+            .field("decoder", &self.decoder)
+            .finish()
+    }
+}
+
+impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
+    fn poll_piece(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        let mut guard = lock(self);
+        let w = &mut *guard;
+        while w.continue_owed > 0 {
+            let start = CONTINUE.len() - w.continue_owed;
+            match ready!(Pin::new(&mut w.io).poll_write(cx, &CONTINUE[start..])) {
+                Ok(0) => return Poll::Ready(Some(Err(BodyError::Closed))),
+                Ok(n) => w.continue_owed -= n,
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+            if w.continue_owed == 0 {
+                if let Err(e) = ready!(Pin::new(&mut w.io).poll_flush(cx)) {
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+        loop {
+            match w.decoder.decode(&mut w.buf) {
+                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(data))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::NeedMore) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+            match ready!(codec::poll_read_buf(&mut w.io, cx, &mut w.buf)) {
+                Ok(0) if w.decoder.at_eof() => return Poll::Ready(None),
+                Ok(0) => return Poll::Ready(Some(Err(BodyError::Closed))),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+
+    fn remaining(&self) -> Option<u64> {
+        lock(self).decoder.remaining()
+    }
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &self.wire {
+            None => Poll::Ready(None),
+            Some(wire) => wire.poll_piece(cx).map(|p| p.map(|p| p.map(Frame::data))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining() == Some(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining() {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::new(),
+        }
+    }
+}
+
+impl H1Body {
+    fn remaining(&self) -> Option<u64> {
+        self.wire.as_ref().map_or(Some(0), |w| w.remaining())
+    }
+}
+
+/// How a response is to be written.
+#[derive(Clone, Copy)]
+struct Reply {
+    version: Version,
+    head_only: bool,
+    keep_alive: bool,
+}
+
+/// Writes `response`; true when all of it was written and the connection may go on.
+async fn write_response<I: ClientIo>(
+    wire: &SharedWire<I>,
+    out: &mut Vec<u8>,
+    response: Response<ResponseBody>,
+    reply: Reply,
+) -> io::Result<bool> {
+    let (parts, mut body) = response.into_parts();
+    out.clear();
+    let status = parts.status;
+    let no_body = reply.head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Empty
+    } else {
+        match body.size_hint().exact() {
+            Some(len) => Framing::Length(len),
+            None if reply.version == Version::HTTP_11 => Framing::Chunked,
+            None => Framing::UntilClose,
+        }
+    };
+    let keep_alive = reply.keep_alive && framing != Framing::UntilClose;
+    encode_head(
+        out,
+        status,
+        &parts.headers,
+        framing,
+        keep_alive,
+        reply.version,
+    );
+    let mut ended = no_body || body.is_end_stream();
+    loop {
+        // Gather what the body has ready, so that a small response leaves in one write.
+        while !ended && out.len() < GATHER {
+            let piece = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+            match piece {
+                Poll::Pending => break,
+                ready => {
+                    ended = take_piece(wire, out, framing, ready, &body).await?;
+                }
+            }
+        }
+        if ended && framing == Framing::Chunked {
+            out.extend_from_slice(codec::LAST_CHUNK);
+        }
+        write_all(wire, out).await?;
+        out.clear();
+        if ended {
+            return Ok(keep_alive);
+        }
+        let piece = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        ended = take_piece(wire, out, framing, Poll::Ready(piece), &body).await?;
+    }
+}
+
+/// Adds one body piece to `out` (or writes a large one straight out); true at the body's end.
+async fn take_piece<I: ClientIo>(
+    wire: &SharedWire<I>,
+    out: &mut Vec<u8>,
+    framing: Framing,
+    piece: Poll<Option<Result<Frame<Bytes>, super::Http1Error>>>,
+    body: &ResponseBody,
+) -> io::Result<bool> {
+    let frame = match piece {
+        Poll::Pending | Poll::Ready(None) => return Ok(true),
+        // The backend broke off: the client must not see a complete response.
+        Poll::Ready(Some(Err(e))) => return Err(io::Error::other(e)),
+        Poll::Ready(Some(Ok(frame))) => frame,
+    };
+    if let Ok(data) = frame.into_data() {
+        if framing == Framing::Chunked && !data.is_empty() {
+            codec::chunk_header(out, data.len());
+            out.extend_from_slice(&data);
+            out.extend_from_slice(b"\r\n");
+        } else if out.len() + data.len() <= GATHER {
+            out.extend_from_slice(&data);
+        } else {
+            write_all(wire, out).await?;
+            out.clear();
+            write_all(wire, &data).await?;
+        }
+    }
+    Ok(body.is_end_stream())
+}
+
+fn encode_head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+    version: Version,
+) {
+    use std::io::Write;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        let framing_header = name == CONTENT_LENGTH || name == TRANSFER_ENCODING;
+        if name == CONNECTION || (framing_header && framing != Framing::Empty) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(&http_date());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(len) => {
+            let _ = write!(out, "content-length: {len}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A complete response refusing a malformed request, in the proxy's one-line error format.
+fn rejection(status: StatusCode, reason: &str) -> Vec<u8> {
+    let text = format!(
+        "{} {}: {reason}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut out = Vec::with_capacity(160 + text.len());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    let framing = Framing::Length(text.len() as u64);
+    encode_head(&mut out, status, &headers, framing, false, Version::HTTP_11);
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+async fn write_all<I: ClientIo>(wire: &SharedWire<I>, bytes: &[u8]) -> io::Result<()> {
+    let mut written = 0;
+    while written < bytes.len() {
+        let n =
+            poll_fn(|cx| Pin::new(&mut lock(wire).io).poll_write(cx, &bytes[written..])).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        written += n;
+    }
+    poll_fn(|cx| Pin::new(&mut lock(wire).io).poll_flush(cx)).await
+}
+
+/// The current time as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), formatted once a second.
+fn http_date() -> [u8; 29] {
+    use std::cell::Cell;
+    thread_local! {
+        static CACHE: Cell<(u64, [u8; 29])> = const { Cell::new((u64::MAX, [0; 29])) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHE.with(|cache| {
+        let (second, text) = cache.get();
+        if second == now {
+            return text;
+        }
+        let text = format_http_date(now);
+        cache.set((now, text));
+        text
+    })
+}
+
+fn format_http_date(unix: u64) -> [u8; 29] {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix / 86_400;
+    let secs = unix % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let text = format!(
+        "{}, {day:02} {} {year:04} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    );
+    let mut out = [b' '; 29];
+    let len = text.len().min(29);
+    out[..len].copy_from_slice(&text.as_bytes()[..len]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_imf_fixdates() {
+        assert_eq!(
+            &format_http_date(784_111_777),
+            b"Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(
+            &format_http_date(951_782_400),
+            b"Tue, 29 Feb 2000 00:00:00 GMT"
+        );
+        assert_eq!(&format_http_date(0), b"Thu, 01 Jan 1970 00:00:00 GMT");
+    }
+}
