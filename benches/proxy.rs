@@ -11,6 +11,10 @@
 //! CPU time per request is the proxy process's user+system time over the round (from /proc)
 //! divided by the requests it served: the figure that decides how many proxy cores a load needs.
 //!
+//! Then, when `oha` is installed (`cargo install oha`), an open-loop step: writegate, nginx and
+//! HAProxy under a fixed request rate of 25% and 50% of nginx's peak, latency-corrected, rounds
+//! interleaved; it prints p50 and p99 and writegate's p50 over nginx's and p99 over HAProxy's.
+//!
 //! Run: `cargo bench --bench proxy` (env: WG_BENCH_SECONDS=5, WG_BENCH_ROUNDS=3,
 //! WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128).
 
@@ -121,6 +125,160 @@ fn main() {
     }
     let medians: Vec<Vec<Round>> = results.iter().map(|r| vec![Round::median(r)]).collect();
     print_ratios(&targets, &medians, 0);
+    // Open-loop latency at 25% and 50% of nginx's maximum rate (writegate's without nginx).
+    let peak = targets
+        .iter()
+        .position(|t| t.name == "nginx")
+        .map_or(medians[1][0].rps, |i| medians[i][0].rps);
+    let latency_targets: Vec<&Target> = targets
+        .iter()
+        .filter(|t| matches!(t.name, "writegate" | "nginx" | "haproxy"))
+        .collect();
+    latency_step(
+        &latency_targets,
+        peak,
+        connections,
+        seconds,
+        rounds,
+        body_len,
+    );
+}
+
+/// `oha` from PATH or cargo's bin directory.
+fn find_oha() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/oha"));
+    std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("oha"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain(home)
+        .find(|p| p.is_file())
+}
+
+/// Latency added under an open-loop load (oha, latency-corrected, so a stall counts for every
+/// request it delays), interleaved rounds per rate; prints p50/p99 per proxy and writegate's p50
+/// over nginx's and p99 over HAProxy's, per round and as medians.
+fn latency_step(
+    targets: &[&Target],
+    peak: f64,
+    connections: usize,
+    seconds: u64,
+    rounds: u64,
+    body_len: usize,
+) {
+    let Some(oha) = find_oha() else {
+        println!(
+            "
+oha not found: no open-loop latency step (cargo install oha)"
+        );
+        return;
+    };
+    let body = "w".repeat(body_len);
+    for share in [0.25, 0.5] {
+        let rate = (peak * share) as u64;
+        println!(
+            "
+open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-correction",
+            share * 100.0
+        );
+        let mut p50: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut p99: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        for round in 1..=rounds {
+            for (i, t) in targets.iter().enumerate() {
+                let Some((a, b)) = oha_percentiles(&oha, t.addr, rate, connections, seconds, &body)
+                else {
+                    println!("  {:<10} oha failed", t.name);
+                    continue;
+                };
+                println!(
+                    "  round {round} {:<10} p50 {:>6.0} µs  p99 {:>6.0} µs",
+                    t.name, a, b
+                );
+                p50[i].push(a);
+                p99[i].push(b);
+            }
+            print_latency_ratios(targets, &p50, &p99, |v| v.last().copied());
+        }
+        println!("  medians:");
+        for (i, t) in targets.iter().enumerate() {
+            println!(
+                "  {:<10} p50 {:>6.0} µs  p99 {:>6.0} µs",
+                t.name,
+                median(&p50[i]),
+                median(&p99[i])
+            );
+        }
+        print_latency_ratios(targets, &p50, &p99, |v| (!v.is_empty()).then(|| median(v)));
+    }
+}
+
+fn print_latency_ratios(
+    targets: &[&Target],
+    p50: &[Vec<f64>],
+    p99: &[Vec<f64>],
+    pick: impl Fn(&[f64]) -> Option<f64>,
+) {
+    let of = |name: &str, values: &[Vec<f64>]| {
+        targets
+            .iter()
+            .position(|t| t.name == name)
+            .and_then(|i| pick(&values[i]))
+    };
+    if let (Some(wg), Some(nginx)) = (of("writegate", p50), of("nginx", p50)) {
+        print!("  writegate/nginx p50: {:.2}", wg / nginx);
+    }
+    if let (Some(wg), Some(haproxy)) = (of("writegate", p99), of("haproxy", p99)) {
+        print!("   writegate/haproxy p99: {:.2}", wg / haproxy);
+    }
+    println!();
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// p50 and p99 in µs of one oha run against `addr`.
+fn oha_percentiles(
+    oha: &Path,
+    addr: SocketAddr,
+    rate: u64,
+    connections: usize,
+    seconds: u64,
+    body: &str,
+) -> Option<(f64, f64)> {
+    let output = Command::new(oha)
+        .args([
+            "-z",
+            &format!("{seconds}s"),
+            "-q",
+            &rate.to_string(),
+            "--latency-correction",
+        ])
+        .args([
+            "--no-tui",
+            "-c",
+            &connections.to_string(),
+            "-m",
+            "POST",
+            "-d",
+            body,
+        ])
+        .args(["--output-format", "json", &format!("http://{addr}/lat")])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    let percentiles = &report["latencyPercentiles"];
+    Some((
+        percentiles["p50"].as_f64()? * 1e6,
+        percentiles["p99"].as_f64()? * 1e6,
+    ))
 }
 
 /// One path under test; `host` selects the writegate route.

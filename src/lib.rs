@@ -3,7 +3,7 @@
 //! A request flows one way through these modules:
 //!
 //! ```text
-//! server (listener, connection) → proxy (the service) → route (which route)
+//! server (listener) → http1 (connection) → proxy (the service) → route (which route)
 //!     → key (what the write is about) → coalesce (the key's queue) → balance (which backend)
 //!     → upstream (pooled connection) → response
 //! ```
@@ -21,7 +21,8 @@
 //! - [`server`]: listeners, connection handling, timeouts and graceful shutdown.
 //! - [`tls`]: rustls configs for listeners and https backends.
 //! - [`admin`]: health and readiness endpoints on the admin listener.
-//! - [`http1`]: HTTP/1.1 on the wire for backend connections, run on the request's own task.
+//! - [`http1`]: HTTP/1.1 on the wire, both for client connections (one task each, no buffer while
+//!   idle) and for backend connections (driven by the request's own task).
 //! - [`error`]: the proxy's errors and their mapping to responses.
 //! - [`notify`]: systemd readiness notifications.
 //! - [`metrics`]: every metric name, described once.
