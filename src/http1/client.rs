@@ -342,14 +342,7 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    match framing {
-        Framing::Length(len) => {
-            use std::io::Write;
-            let _ = write!(out, "content-length: {len}\r\n");
-        }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Empty | Framing::UntilClose => {}
-    }
+    codec::framing_header(out, framing);
     out.extend_from_slice(b"\r\n");
 }
 

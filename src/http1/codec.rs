@@ -308,6 +308,18 @@ pub fn chunk_header(out: &mut Vec<u8>, len: usize) {
     let _ = write!(out, "{len:x}\r\n");
 }
 
+/// Writes the header line that announces `framing`, if it needs one.
+pub fn framing_header(out: &mut Vec<u8>, framing: Framing) {
+    use std::io::Write;
+    match framing {
+        Framing::Length(len) => {
+            let _ = write!(out, "content-length: {len}\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty | Framing::UntilClose => {}
+    }
+}
+
 /// The end of a chunked body (no trailers).
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 

@@ -621,7 +621,6 @@ fn encode_head(
     keep_alive: bool,
     version: Version,
 ) {
-    use std::io::Write;
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -642,13 +641,7 @@ fn encode_head(
         out.extend_from_slice(&http_date());
         out.extend_from_slice(b"\r\n");
     }
-    match framing {
-        Framing::Length(len) => {
-            let _ = write!(out, "content-length: {len}\r\n");
-        }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Empty | Framing::UntilClose => {}
-    }
+    codec::framing_header(out, framing);
     if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     } else if version == Version::HTTP_10 {
