@@ -163,40 +163,24 @@ impl Proxy {
                 "off"
             };
             tracing::info!(listener = %bound.config.name, %addr, tls, "listening");
-            let handshake_failures = metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => bound.config.name.clone());
+            let shared = Arc::new(ListenerShared {
+                index,
+                snapshots: Arc::clone(&snapshots),
+                builder: Arc::clone(&builder),
+                settings,
+                handshake_failures: metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => bound.config.name.clone()),
+            });
             tokio::spawn(accept_loop(
                 bound.listener,
                 stop_rx.clone(),
                 alive.clone(),
                 move |stream, peer, stop, alive| {
-                    let (snapshots, builder, settings) = (
-                        Arc::clone(&snapshots),
-                        Arc::clone(&builder),
-                        Arc::clone(&settings),
-                    );
-                    let handshake_failures = handshake_failures.clone();
-                    async move {
-                        let serve = Serve {
-                            snapshots,
-                            builder,
-                            settings,
-                            stop,
-                        };
-                        if serve.settings.tls.is_none() {
-                            serve.plain(stream, peer).await;
-                        } else {
-                            // Boxed: the handshake and the TLS stream are large, and a plain
-                            // connection's task should not reserve room for them.
-                            Box::pin(async {
-                                match serve.handshake(index, stream, peer).await {
-                                    Some(stream) => serve.tls(stream, peer).await,
-                                    None => handshake_failures.increment(1),
-                                }
-                            })
-                            .await;
-                        }
-                        drop(alive);
-                    }
+                    let serve = Serve {
+                        listener: Arc::clone(&shared),
+                        stop,
+                        _alive: alive,
+                    };
+                    serve.connection(stream, peer)
                 },
             ));
         }
@@ -241,32 +225,56 @@ impl Proxy {
 }
 
 /// What one client connection of a listener needs.
-struct Serve {
+/// What every connection of one listener shares.
+struct ListenerShared {
+    index: usize,
     snapshots: Arc<ArcSwap<Snapshot>>,
     builder: Arc<http2::Builder<TokioExecutor>>,
     settings: Arc<ListenerConfig>,
+    handshake_failures: metrics::Counter,
+}
+
+/// One client connection's hold on its listener, for the connection's whole life.
+///
+/// The connection futures below are plain functions returning `async` blocks where that keeps
+/// them small: an `async fn` keeps a second copy of its arguments, and an idle keep-alive
+/// connection's memory is mostly its task.
+struct Serve {
+    listener: Arc<ListenerShared>,
     stop: watch::Receiver<bool>,
+    /// Dropped when the connection ends: shutdown waits until every one is.
+    _alive: mpsc::Sender<()>,
 }
 
 impl Serve {
+    fn connection(self, stream: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
+        let tls = self.listener.settings.tls.is_some();
+        let conn = Arc::new(ClientConn::new(peer, tls));
+        async move {
+            if tls {
+                // Boxed: the handshake and the TLS stream are large, and a plain connection's
+                // task should not reserve room for them.
+                Box::pin(self.tls(stream, conn)).await
+            } else {
+                self.http1(stream, conn).await
+            }
+        }
+    }
+
     /// The TLS handshake, with the listener's current certificate (a reload changes it for new
     /// connections), bounded by `header_read_timeout`. Failures cost a debug line and the connection.
-    async fn handshake(
-        &self,
-        index: usize,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) -> Option<TlsStream<TcpStream>> {
-        let config = self
+    async fn handshake(&self, stream: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
+        let listener = &*self.listener;
+        let config = listener
             .snapshots
             .load()
             .config
             .listener_tls
-            .get(index)
+            .get(listener.index)
             .cloned()
             .flatten()?;
         let accept = TlsAcceptor::from(config).accept(stream);
-        match tokio::time::timeout(self.settings.header_read_timeout, accept).await {
+        match tokio::time::timeout(listener.settings.header_read_timeout, accept).await {
             Ok(Ok(stream)) => Some(stream),
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -279,13 +287,11 @@ impl Serve {
         }
     }
 
-    async fn plain(self, stream: TcpStream, peer: SocketAddr) {
-        let conn = Arc::new(ClientConn::new(peer, false));
-        self.http1(stream, conn).await;
-    }
-
-    async fn tls(self, stream: TlsStream<TcpStream>, peer: SocketAddr) {
-        let conn = Arc::new(ClientConn::new(peer, true));
+    async fn tls(self, stream: TcpStream, conn: Arc<ClientConn>) {
+        let Some(stream) = self.handshake(stream, conn.peer).await else {
+            self.listener.handshake_failures.increment(1);
+            return;
+        };
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             Box::pin(self.http2(stream, conn)).await;
         } else {
@@ -293,16 +299,17 @@ impl Serve {
         }
     }
 
-    async fn http1<I: ClientIo>(self, io: I, conn: Arc<ClientConn>) {
-        let service = ProxyService::new(Arc::clone(&self.snapshots), Arc::clone(&conn));
+    fn http1<I: ClientIo>(self, io: I, conn: Arc<ClientConn>) -> impl Future<Output = ()> + Send {
+        let settings = &self.listener.settings;
         let timeouts = Timeouts {
-            header_read: self.settings.header_read_timeout,
-            idle: self.settings.idle_timeout,
+            header_read: settings.header_read_timeout,
+            idle: settings.idle_timeout,
         };
-        match http1::server::serve(io, service, timeouts, self.stop.clone()).await {
-            Served::Closed => {}
+        let service = ProxyService::new(Arc::clone(&self.listener.snapshots), Arc::clone(&conn));
+        async move {
+            let serving = http1::server::serve(io, service, timeouts, self.stop.clone());
             // Boxed: hyper's HTTP/2 connection is large and rare here; HTTP/1.1 tasks stay small.
-            Served::Http2 { io, preface } => {
+            if let Served::Http2 { io, preface } = serving.await {
                 Box::pin(self.http2(Prefixed { preface, io }, conn)).await
             }
         }
@@ -312,12 +319,15 @@ impl Serve {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let service = ProxyService::new(self.snapshots, Arc::clone(&conn));
-        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        let service = ProxyService::new(Arc::clone(&self.listener.snapshots), Arc::clone(&conn));
+        let connection = self
+            .listener
+            .builder
+            .serve_connection(TokioIo::new(io), service);
         drive(
             connection,
             &conn.activity,
-            self.settings.idle_timeout,
+            self.listener.settings.idle_timeout,
             self.stop,
         )
         .await;

@@ -11,7 +11,7 @@
 //! closes after the response (RFC 9112 §6.3), so no second request can hide in its body. An
 //! HTTP/2 prior-knowledge preface on a new connection hands it to hyper's HTTP/2 server.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -106,39 +106,44 @@ enum NextRequest {
 
 /// Serves HTTP/1.1 requests on `io` until the client leaves, a timeout passes, the request says
 /// close, or `stop` flips.
-pub async fn serve<I: ClientIo>(
+///
+/// Not an `async fn`: those keep a second copy of their arguments for the whole call, and this
+/// future is most of an idle connection's memory. The shared wire is built before the first poll.
+pub fn serve<I: ClientIo>(
     io: I,
     service: ProxyService,
     timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
-) -> Served<I> {
+) -> impl Future<Output = Served<I>> + Send {
     let wire: SharedWire<I> = Arc::new(Mutex::new(Wire {
         io,
         buf: BytesMut::new(),
         decoder: Decoder::new(Framing::Empty),
         continue_owed: 0,
     }));
-    let mut first = true;
-    loop {
-        if *stop.borrow() {
-            return Served::Closed;
-        }
-        let head = match next_request(&wire, timeouts, &mut stop, first).await {
-            NextRequest::Ready(head) => head,
-            NextRequest::Close => return Served::Closed,
-            NextRequest::Reject(status, reason) => {
-                let _ = write_all(&wire, &rejection(status, reason)).await;
+    async move {
+        let mut first = true;
+        // The rejection is written after the loop, so that no request head is kept across it.
+        let rejected = loop {
+            if *stop.borrow() {
                 return Served::Closed;
             }
-            NextRequest::Http2 => return into_http2(wire),
+            let head = match next_request(&wire, timeouts, &mut stop, first).await {
+                NextRequest::Ready(head) => head,
+                NextRequest::Close => return Served::Closed,
+                NextRequest::Reject(status, reason) => break rejection(status, reason),
+                NextRequest::Http2 => return into_http2(wire),
+            };
+            first = false;
+            // One allocation per request holds all of its state, so that an idle connection's
+            // task stays small.
+            let exchange = Box::pin(exchange(&wire, service.clone(), head, &stop));
+            if !exchange.await {
+                return Served::Closed;
+            }
         };
-        first = false;
-        // One allocation per request holds all of its state, so that an idle connection's task
-        // stays small.
-        let exchange = Box::pin(exchange(&wire, service.clone(), head, &stop));
-        if !exchange.await {
-            return Served::Closed;
-        }
+        let _ = write_all(&wire, &rejected).await;
+        Served::Closed
     }
 }
 
@@ -187,32 +192,34 @@ fn into_http2<I>(wire: SharedWire<I>) -> Served<I> {
 }
 
 /// Waits for the next request head: bufferless while idle, then within `header_read`.
-async fn next_request<I: ClientIo>(
-    wire: &SharedWire<I>,
+fn next_request<'w, I: ClientIo>(
+    wire: &'w SharedWire<I>,
     timeouts: Timeouts,
-    stop: &mut watch::Receiver<bool>,
+    stop: &'w mut watch::Receiver<bool>,
     first: bool,
-) -> NextRequest {
+) -> impl Future<Output = NextRequest> + Send + 'w {
     let started = Instant::now();
     let head_deadline = started + timeouts.header_read;
-    if lock(wire).buf.is_empty() {
-        // Nothing pipelined: give the buffer back while the client thinks.
-        lock(wire).buf = BytesMut::new();
-        let idle_deadline = started + timeouts.idle.min(timeouts.header_read);
-        let readable = poll_fn(|cx| lock(wire).io.poll_idle_ready(cx));
-        tokio::select! {
-            biased;
-            _ = stop.changed() => return NextRequest::Close,
-            ready = tokio::time::timeout_at(idle_deadline, readable) => {
-                if !matches!(ready, Ok(Ok(()))) {
-                    return NextRequest::Close;
+    let idle_deadline = started + timeouts.idle.min(timeouts.header_read);
+    async move {
+        if lock(wire).buf.is_empty() {
+            // Nothing pipelined: give the buffer back while the client thinks.
+            lock(wire).buf = BytesMut::new();
+            let readable = poll_fn(|cx| lock(wire).io.poll_idle_ready(cx));
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return NextRequest::Close,
+                ready = tokio::time::timeout_at(idle_deadline, readable) => {
+                    if !matches!(ready, Ok(Ok(()))) {
+                        return NextRequest::Close;
+                    }
                 }
             }
         }
+        tokio::time::timeout_at(head_deadline, read_head(wire, first))
+            .await
+            .unwrap_or(NextRequest::Close)
     }
-    tokio::time::timeout_at(head_deadline, read_head(wire, first))
-        .await
-        .unwrap_or(NextRequest::Close)
 }
 
 async fn read_head<I: ClientIo>(wire: &SharedWire<I>, first: bool) -> NextRequest {
