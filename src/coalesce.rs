@@ -95,8 +95,9 @@ impl PartialEq for Fingerprint {
     }
 }
 
-/// Performs one write upstream; built by the proxy with everything the exchange needs.
-pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = SharedResponse> + Send>> + Send>;
+/// Performs one write upstream; built by the proxy with everything the exchange needs. Like any
+/// future it does nothing until polled, so building one sends nothing.
+pub type Job = Pin<Box<dyn Future<Output = SharedResponse> + Send>>;
 
 type Reply = (SharedResponse, Disposition);
 
@@ -108,7 +109,8 @@ struct Waiter {
 
 enum Entry {
     Write {
-        fingerprint: Box<Fingerprint>,
+        /// Only `dedupe` compares writes; the other modes skip building this.
+        fingerprint: Option<Box<Fingerprint>>,
         job: Job,
         waiters: Vec<Waiter>,
     },
@@ -236,7 +238,7 @@ impl Coalescer {
     pub async fn write(
         self: &Arc<Self>,
         key: Bytes,
-        fingerprint: Fingerprint,
+        fingerprint: Option<Fingerprint>,
         job: Job,
         settings: &CoalesceConfig,
     ) -> Result<Reply, Refusal> {
@@ -259,7 +261,7 @@ impl Coalescer {
                 queue.waiting += 1;
                 let (tx, rx) = oneshot::channel();
                 let joins_newest = mode == CoalesceMode::Dedupe
-                    && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: newest, .. }) if **newest == fingerprint);
+                    && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: Some(newest), .. }) if Some(&**newest) == fingerprint.as_ref());
                 match queue.queue.back_mut() {
                     Some(Entry::Write { waiters, .. }) if joins_newest => {
                         waiters.push(Waiter {
@@ -275,7 +277,7 @@ impl Coalescer {
                     }
                     _ => {
                         queue.queue.push_back(Entry::Write {
-                            fingerprint: Box::new(fingerprint),
+                            fingerprint: fingerprint.map(Box::new),
                             job,
                             waiters: vec![Waiter {
                                 id,
@@ -307,7 +309,7 @@ impl Coalescer {
             key,
             mode,
             began: Instant::now(),
-            exchange: Some(job()),
+            exchange: Some(job),
         };
         let response = match inline.exchange.as_mut() {
             Some(exchange) => exchange.await,
@@ -494,7 +496,7 @@ impl Coalescer {
                     mode,
                     done: false,
                 };
-                let response = job().await;
+                let response = job.await;
                 guard.done = true;
                 this.answer(waiters, response);
                 match this.finish_write(&key, mode, began.elapsed()) {
@@ -724,26 +726,17 @@ mod tests {
         }
     }
 
-    fn fingerprint(body: &'static [u8]) -> Fingerprint {
-        Fingerprint {
+    fn fingerprint(body: &'static [u8]) -> Option<Fingerprint> {
+        Some(Fingerprint {
             method: Method::PUT,
             uri: Uri::from_static("/k"),
             content_type: None,
             body: Bytes::from_static(body),
-        }
+        })
     }
 
     fn ok_job() -> Job {
-        Box::new(|| {
-            Box::pin(async {
-                SharedResponse {
-                    status: StatusCode::OK,
-                    headers: HeaderMap::new(),
-                    body: Bytes::new(),
-                    backend: None,
-                }
-            })
-        })
+        Box::pin(async { ok_reply() })
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -785,16 +778,9 @@ mod tests {
             ..settings(CoalesceMode::Serialize)
         };
         let (release, released) = oneshot::channel::<()>();
-        let held: Job = Box::new(move || {
-            Box::pin(async move {
-                let _ = released.await;
-                SharedResponse {
-                    status: StatusCode::OK,
-                    headers: HeaderMap::new(),
-                    body: Bytes::new(),
-                    backend: None,
-                }
-            })
+        let held: Job = Box::pin(async move {
+            let _ = released.await;
+            ok_reply()
         });
         let key = Bytes::from_static(b"k");
         let first = tokio::spawn({
@@ -825,7 +811,7 @@ mod tests {
         let coalescer = Coalescer::new("t");
         let s = settings(CoalesceMode::Serialize);
         let key = Bytes::from_static(b"k");
-        let boom = || -> Job { Box::new(|| Box::pin(async { panic!("injected failure") })) };
+        let boom = || -> Job { Box::pin(async { panic!("injected failure") }) };
         let spawn_write = |body: &'static [u8], job: Job| {
             let (c, s, key) = (Arc::clone(&coalescer), s.clone(), key.clone());
             tokio::spawn(async move { c.write(key, fingerprint(body), job, &s).await })
@@ -839,11 +825,9 @@ mod tests {
         assert_eq!(reply.status, StatusCode::OK, "the key was freed");
         // Behind a held write, a panicking job runs on the queue's task: its client gets 500.
         let (release, released) = oneshot::channel::<()>();
-        let held: Job = Box::new(move || {
-            Box::pin(async move {
-                let _ = released.await;
-                ok_reply()
-            })
+        let held: Job = Box::pin(async move {
+            let _ = released.await;
+            ok_reply()
         });
         let holder = spawn_write(b"3", held);
         while coalescer.active_keys() == 0 {

@@ -5,8 +5,9 @@
 //! [`UpstreamConn::poll_body`]. Every failure says whether any byte of the request was written, and
 //! a request that was not is handed back whole, so the caller can send it elsewhere.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -103,56 +104,62 @@ impl UpstreamConn {
     }
 
     /// Writes `request` and reads the response head.
-    pub async fn send(
+    ///
+    /// The head is encoded before the returned future is first polled. Not an `async fn`: those
+    /// keep a second copy of their arguments, and this future is part of every request's.
+    pub fn send(
         &mut self,
         request: Request<RequestBody>,
-    ) -> Result<ResponseHead, ExchangeFailure> {
+    ) -> impl Future<Output = Result<ResponseHead, ExchangeFailure>> + Send + '_ {
         let head_request = request.method() == Method::HEAD;
         let (parts, mut body) = request.into_parts();
         let framing = request_framing(&parts.method, &parts.headers, &body);
         self.out.clear();
         encode_head(&mut self.out, &parts, framing);
-        let first = match first_piece(&mut body).await {
-            Ok(first) => first,
-            Err(error) => {
-                return Err(ExchangeFailure {
-                    error: Http1Error::RequestBody(error),
-                    unsent: None,
-                })
+        async move {
+            let first = match first_piece(&mut body).await {
+                Ok(first) => first,
+                Err(error) => {
+                    return Err(ExchangeFailure {
+                        error: Http1Error::RequestBody(error),
+                        unsent: None,
+                    })
+                }
+            };
+            if let Some(data) = &first {
+                if data.len() <= COALESCE_BODY {
+                    encode_data(&mut self.out, framing, data);
+                }
             }
-        };
-        if let Some(data) = &first {
-            if data.len() <= COALESCE_BODY {
-                encode_data(&mut self.out, framing, data);
+            let ended = body.is_end_stream();
+            if ended && framing == Framing::Chunked {
+                self.out.extend_from_slice(codec::LAST_CHUNK);
             }
-        }
-        let ended = body.is_end_stream();
-        if ended && framing == Framing::Chunked {
-            self.out.extend_from_slice(codec::LAST_CHUNK);
-        }
-        match write_counted(&mut self.io, &self.out).await {
-            Ok(()) => {}
-            Err((error, 0)) => {
-                body.unread(first);
-                return Err(ExchangeFailure {
-                    error: error.into(),
-                    unsent: Some(Request::from_parts(parts, body)),
-                });
+            match write_counted(&mut self.io, &self.out).await {
+                Ok(()) => {}
+                Err((error, 0)) => {
+                    body.unread(first);
+                    return Err(ExchangeFailure {
+                        error: error.into(),
+                        unsent: Some(Request::from_parts(parts, body)),
+                    });
+                }
+                Err((error, _)) => return Err(sent_failure(error.into())),
             }
-            Err((error, _)) => return Err(sent_failure(error.into())),
+            if let Some(data) = first.filter(|d| d.len() > COALESCE_BODY) {
+                self.write_data(framing, &data)
+                    .await
+                    .map_err(sent_failure)?;
+            }
+            if !ended {
+                // Boxed: a body that was not all there at once is rarer, and larger anyway.
+                Box::pin(self.send_rest(&mut body, framing))
+                    .await
+                    .map_err(sent_failure)?;
+            }
+            self.io.flush().await.map_err(|e| sent_failure(e.into()))?;
+            self.read_head(head_request).await.map_err(sent_failure)
         }
-        if let Some(data) = first.filter(|d| d.len() > COALESCE_BODY) {
-            self.write_data(framing, &data)
-                .await
-                .map_err(sent_failure)?;
-        }
-        if !ended {
-            self.send_rest(&mut body, framing)
-                .await
-                .map_err(sent_failure)?;
-        }
-        self.io.flush().await.map_err(|e| sent_failure(e.into()))?;
-        self.read_head(head_request).await.map_err(sent_failure)
     }
 
     async fn send_rest(
@@ -207,9 +214,15 @@ impl UpstreamConn {
             if self.buf.is_empty() {
                 return Ok(None);
             }
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut slots);
-            let head_len = match response.parse(&self.buf) {
+            // Uninitialized: httparse fills what it parses, and zeroing 3 KiB per head is not free.
+            let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut []);
+            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut response,
+                &self.buf,
+                &mut slots,
+            );
+            let head_len = match parsed {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(httparse::Error::TooManyHeaders) => {

@@ -96,22 +96,23 @@ pub fn chunked_is_last<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
         .is_some_and(|t| trim(t).eq_ignore_ascii_case(b"chunked"))
 }
 
-/// Where one header's name and value lie in a message head.
+/// Where one header's name and value lie in a message head. (Offsets are `u32` to keep the
+/// per-parse array of these small; a head is at most [`MAX_HEAD`] bytes past its buffer's start.)
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HeaderSpan {
-    name: (usize, usize),
-    value: (usize, usize),
+    name: (u32, u32),
+    value: (u32, u32),
 }
 
 /// Records where httparse found each header in `buf`, so that the head can be frozen and shared.
 pub fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>], out: &mut [HeaderSpan]) -> usize {
     let base = buf.as_ptr() as usize;
     for (span, header) in out.iter_mut().zip(headers) {
-        let name = header.name.as_ptr() as usize - base;
-        let value = header.value.as_ptr() as usize - base;
+        let name = (header.name.as_ptr() as usize - base) as u32;
+        let value = (header.value.as_ptr() as usize - base) as u32;
         *span = HeaderSpan {
-            name: (name, name + header.name.len()),
-            value: (value, value + header.value.len()),
+            name: (name, name + header.name.len() as u32),
+            value: (value, value + header.value.len() as u32),
         };
     }
     headers.len().min(out.len())
@@ -122,9 +123,10 @@ pub fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>], out: &mut [Hea
 pub fn header_map(head: &Bytes, spans: &[HeaderSpan]) -> Result<HeaderMap, &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len());
     for span in spans {
-        let name = HeaderName::from_bytes(&head[span.name.0..span.name.1])
+        let (name, value) = (span.name, span.value);
+        let name = HeaderName::from_bytes(&head[name.0 as usize..name.1 as usize])
             .map_err(|_| "invalid header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(span.value.0..span.value.1))
+        let value = HeaderValue::from_maybe_shared(head.slice(value.0 as usize..value.1 as usize))
             .map_err(|_| "invalid header value")?;
         headers.append(name, value);
     }

@@ -18,6 +18,7 @@ use super::body::{ClientBody, RequestBody, RequestBodyError, ResponseBody};
 use super::dispatch::dispatch;
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
+use crate::config::CoalesceMode;
 use crate::error::ProxyError;
 use crate::route::Route;
 use crate::snapshot::Snapshot;
@@ -39,12 +40,12 @@ pub(super) async fn write(
     exchange: &mut Exchange<'_>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let body = buffer_body(body, route.max_body).await?;
-    let fingerprint = Fingerprint {
+    let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| Fingerprint {
         method: parts.method.clone(),
         uri: parts.uri.clone(),
         content_type: parts.headers.get(CONTENT_TYPE).cloned(),
         body: body.clone(),
-    };
+    });
     let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), parts, body);
     let (shared, disposition) = coalescer
         .write(key, fingerprint, job, &route.coalesce)
@@ -80,26 +81,24 @@ fn upstream_job(
     parts: Parts,
     body: Bytes,
 ) -> Job {
-    Box::new(move || {
-        Box::pin(async move {
-            let route = &snapshot.router.routes()[route_index];
-            let upstream = &snapshot.upstreams[route.upstream];
-            match exchange(route, upstream, &key, parts, body).await {
-                Ok(shared) => shared,
-                Err((error, backend)) => {
-                    tracing::warn!(
-                        route = &*route.name,
-                        upstream = &*upstream.name,
-                        backend = backend.as_deref(),
-                        error = %error,
-                        "coalesced write failed"
-                    );
-                    let mut shared = error.to_shared(Some(&route.name), Some(&upstream.name));
-                    shared.backend = backend;
-                    shared
-                }
+    Box::pin(async move {
+        let route = &snapshot.router.routes()[route_index];
+        let upstream = &snapshot.upstreams[route.upstream];
+        match exchange(route, upstream, &key, parts, body).await {
+            Ok(shared) => shared,
+            Err((error, backend)) => {
+                tracing::warn!(
+                    route = &*route.name,
+                    upstream = &*upstream.name,
+                    backend = backend.as_deref(),
+                    error = %error,
+                    "coalesced write failed"
+                );
+                let mut shared = error.to_shared(Some(&route.name), Some(&upstream.name));
+                shared.backend = backend;
+                shared
             }
-        })
+        }
     })
 }
 

@@ -7,6 +7,7 @@
 //! it is a GET, HEAD, PUT or DELETE whose body can be replayed (empty or buffered). Retries count
 //! against `retries` and the route's retry budget, so they cannot multiply an outage.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,89 +44,94 @@ impl From<ProxyError> for NotDispatched {
     }
 }
 
-pub(super) async fn dispatch(
-    route: &Route,
-    upstream: &Upstream,
+/// Sends `request` on `route` to a backend of `upstream` (chosen by `key` when the upstream hashes).
+/// Not an `async fn`, which would keep a second copy of the request for the whole exchange.
+#[allow(clippy::manual_async_fn)] // see the doc comment
+pub(super) fn dispatch<'a>(
+    route: &'a Route,
+    upstream: &'a Upstream,
     key: Option<KeyHash>,
     mut request: Request<RequestBody>,
-) -> Result<Dispatched, NotDispatched> {
-    let admission = admit(route, upstream).await?;
-    route.retry_budget.deposit();
-    let replay = Replay::capture(route, &request);
-    let mut tried = Vec::new();
-    let mut last_failure: Option<NotDispatched> = None;
-    loop {
-        let Some((index, member, inflight)) = upstream.pick(key, &tried) else {
-            // With nowhere left to retry, the client hears of the failure that really happened.
-            return Err(last_failure.unwrap_or(NotDispatched {
-                error: ProxyError::NoBackend,
-                backend: None,
-            }));
-        };
-        let backend = member.backend.shared_label();
-        let sent_at = std::time::Instant::now();
-        match member
-            .backend
-            .send(request, route.connect_timeout, route.response_timeout)
-            .await
-        {
-            Ok((head, conn)) => {
-                member.metrics.responded(head.status, sent_at.elapsed());
-                let outcome = if head.status.is_server_error() {
-                    Outcome::Failure
-                } else {
-                    Outcome::Success
-                };
-                upstream.record(index, outcome);
-                for permit in admission.iter().flatten() {
-                    permit.responded();
-                }
-                let lease = UpstreamLease {
-                    conn,
-                    inflight,
-                    admission,
-                };
-                return Ok(Dispatched {
-                    head,
-                    lease,
-                    backend,
-                });
-            }
-            Err(failure) => {
-                member.metrics.failed();
-                let error = classify_send_error(failure.error, route.max_body);
-                if !matches!(error, ProxyError::Upstream(_)) {
-                    // The client's body was too large or broke off: not the backend's fault.
-                    return Err(NotDispatched {
-                        error,
-                        backend: Some(backend),
+) -> impl Future<Output = Result<Dispatched, NotDispatched>> + Send + 'a {
+    async move {
+        let admission = admit(route, upstream).await?;
+        route.retry_budget.deposit();
+        let replay = Replay::capture(route, &request);
+        let mut tried = Vec::new();
+        let mut last_failure: Option<NotDispatched> = None;
+        loop {
+            let Some((index, member, inflight)) = upstream.pick(key, &tried) else {
+                // With nowhere left to retry, the client hears of the failure that really happened.
+                return Err(last_failure.unwrap_or(NotDispatched {
+                    error: ProxyError::NoBackend,
+                    backend: None,
+                }));
+            };
+            let backend = member.backend.shared_label();
+            let sent_at = std::time::Instant::now();
+            match member
+                .backend
+                .send(request, route.connect_timeout, route.response_timeout)
+                .await
+            {
+                Ok((head, conn)) => {
+                    member.metrics.responded(head.status, sent_at.elapsed());
+                    let outcome = if head.status.is_server_error() {
+                        Outcome::Failure
+                    } else {
+                        Outcome::Success
+                    };
+                    upstream.record(index, outcome);
+                    for permit in admission.iter().flatten() {
+                        permit.responded();
+                    }
+                    let lease = UpstreamLease {
+                        conn,
+                        inflight,
+                        admission,
+                    };
+                    return Ok(Dispatched {
+                        head,
+                        lease,
+                        backend,
                     });
                 }
-                upstream.record(index, Outcome::Failure);
-                let again = failure
-                    .unsent
-                    .or_else(|| replay.as_ref().map(Replay::request));
-                let allowed = tried.len() < route.retries as usize;
-                match again {
-                    Some(next) if allowed && route.retry_budget.withdraw() => {
-                        tracing::debug!(
-                            route = &*route.name,
-                            backend = &*backend,
-                            error = %error,
-                            "retrying on another backend"
-                        );
-                        tried.push(index);
-                        request = next;
-                        last_failure = Some(NotDispatched {
+                Err(failure) => {
+                    member.metrics.failed();
+                    let error = classify_send_error(failure.error, route.max_body);
+                    if !matches!(error, ProxyError::Upstream(_)) {
+                        // The client's body was too large or broke off: not the backend's fault.
+                        return Err(NotDispatched {
                             error,
                             backend: Some(backend),
                         });
                     }
-                    _ => {
-                        return Err(NotDispatched {
-                            error,
-                            backend: Some(backend),
-                        })
+                    upstream.record(index, Outcome::Failure);
+                    let again = failure
+                        .unsent
+                        .or_else(|| replay.as_deref().map(Replay::request));
+                    let allowed = tried.len() < route.retries as usize;
+                    match again {
+                        Some(next) if allowed && route.retry_budget.withdraw() => {
+                            tracing::debug!(
+                                route = &*route.name,
+                                backend = &*backend,
+                                error = %error,
+                                "retrying on another backend"
+                            );
+                            tried.push(index);
+                            request = next;
+                            last_failure = Some(NotDispatched {
+                                error,
+                                backend: Some(backend),
+                            });
+                        }
+                        _ => {
+                            return Err(NotDispatched {
+                                error,
+                                backend: Some(backend),
+                            })
+                        }
                     }
                 }
             }
@@ -176,7 +182,8 @@ pub(super) fn replayable(route: &Route, method: &Method) -> bool {
 }
 
 impl Replay {
-    fn capture(route: &Route, request: &Request<RequestBody>) -> Option<Replay> {
+    /// Boxed: only idempotent routes keep a copy, and the common future should not hold room for it.
+    fn capture(route: &Route, request: &Request<RequestBody>) -> Option<Box<Replay>> {
         if !replayable(route, request.method()) {
             return None;
         }
@@ -186,13 +193,13 @@ impl Replay {
             // A streamed body cannot be sent twice.
             RequestBody::Streaming { .. } => return None,
         };
-        Some(Replay {
+        Some(Box::new(Replay {
             method: request.method().clone(),
             uri: request.uri().clone(),
             version: request.version(),
             headers: request.headers().clone(),
             body,
-        })
+        }))
     }
 
     fn request(&self) -> Request<RequestBody> {

@@ -120,9 +120,14 @@ impl ProxyService {
     }
 
     /// Answers one request.
-    pub async fn handle(self, request: Request<ClientBody>) -> Response<ResponseBody> {
+    ///
+    /// Not an `async fn` (nor is `forward`): those keep a second copy of their arguments for the
+    /// whole request, and every byte of this future is allocated and moved per request.
+    pub fn handle(
+        self,
+        request: Request<ClientBody>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let started = Instant::now();
-        let _active = self.conn.activity.begin();
         let snapshot = self.snapshots.load_full();
         let method = request.method().clone();
         let logged_uri = snapshot
@@ -130,111 +135,120 @@ impl ProxyService {
             .log
             .access_log
             .then(|| request.uri().clone());
-        let mut exchange = Exchange::default();
-        let response = match self.forward(&snapshot, request, &mut exchange).await {
-            Ok(response) => response,
-            Err(error) => {
-                if error.fault() != Fault::Client {
-                    tracing::warn!(
-                        route = exchange.route.map(|r| &*r.name),
-                        upstream = exchange.upstream.map(|u| &*u.name),
-                        backend = exchange.backend.as_deref(),
-                        error = %error,
-                        "request failed"
-                    );
+        let (parts, body) = request.into_parts();
+        async move {
+            let _active = self.conn.activity.begin();
+            let mut exchange = Exchange::default();
+            let response = match self.forward(&snapshot, parts, body, &mut exchange).await {
+                Ok(response) => response,
+                Err(error) => {
+                    if error.fault() != Fault::Client {
+                        tracing::warn!(
+                            route = exchange.route.map(|r| &*r.name),
+                            upstream = exchange.upstream.map(|u| &*u.name),
+                            backend = exchange.backend.as_deref(),
+                            error = %error,
+                            "request failed"
+                        );
+                    }
+                    error.to_response(
+                        exchange.route.map(|r| &*r.name),
+                        exchange.upstream.map(|u| &*u.name),
+                    )
                 }
-                error.to_response(
-                    exchange.route.map(|r| &*r.name),
-                    exchange.upstream.map(|u| &*u.name),
-                )
+            };
+            let took = started.elapsed();
+            let route_metrics = exchange.route.map_or(&snapshot.unrouted, |r| &r.metrics);
+            route_metrics.record(&method, response.status(), took);
+            if let Some(uri) = logged_uri {
+                tracing::info!(
+                    target: "writegate::access",
+                    client = %self.conn.peer.ip(),
+                    method = %method,
+                    path = uri.path(),
+                    status = response.status().as_u16(),
+                    route = exchange.route.map_or("-", |r| &*r.name),
+                    backend = exchange.backend.as_deref().unwrap_or("-"),
+                    duration_us = took.as_micros() as u64,
+                );
             }
-        };
-        let took = started.elapsed();
-        let route_metrics = exchange.route.map_or(&snapshot.unrouted, |r| &r.metrics);
-        route_metrics.record(&method, response.status(), took);
-        if let Some(uri) = logged_uri {
-            tracing::info!(
-                target: "writegate::access",
-                client = %self.conn.peer.ip(),
-                method = %method,
-                path = uri.path(),
-                status = response.status().as_u16(),
-                route = exchange.route.map_or("-", |r| &*r.name),
-                backend = exchange.backend.as_deref().unwrap_or("-"),
-                duration_us = took.as_micros() as u64,
-            );
+            response
         }
-        response
     }
 
-    async fn forward<'s>(
-        &self,
+    #[allow(clippy::manual_async_fn)] // see `handle`
+    fn forward<'a, 's: 'a>(
+        &'a self,
         snapshot: &'s Arc<Snapshot>,
-        request: Request<ClientBody>,
-        exchange: &mut Exchange<'s>,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let (mut parts, body) = request.into_parts();
-        let route =
-            match snapshot
-                .router
-                .find(request_host(&parts), parts.uri.path(), &parts.method)
-            {
-                RouteMatch::Found(route) => route,
-                RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed),
-                RouteMatch::NotFound => return Err(ProxyError::NoRoute),
+        mut parts: Parts,
+        body: ClientBody,
+        exchange: &'a mut Exchange<'s>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
+        async move {
+            let route =
+                match snapshot
+                    .router
+                    .find(request_host(&parts), parts.uri.path(), &parts.method)
+                {
+                    RouteMatch::Found(route) => route,
+                    RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed),
+                    RouteMatch::NotFound => return Err(ProxyError::NoRoute),
+                };
+            exchange.route = Some(route);
+            let upstream = &snapshot.upstreams[route.upstream];
+            exchange.upstream = Some(upstream);
+            if declared_length(&parts).is_some_and(|len| len > route.max_body) {
+                return Err(ProxyError::BodyTooLarge {
+                    limit: route.max_body,
+                });
+            }
+            let key = match &route.key {
+                Some(rule) => request_key(rule, &parts)?,
+                None => None,
             };
-        exchange.route = Some(route);
-        let upstream = &snapshot.upstreams[route.upstream];
-        exchange.upstream = Some(upstream);
-        if declared_length(&parts).is_some_and(|len| len > route.max_body) {
-            return Err(ProxyError::BodyTooLarge {
-                limit: route.max_body,
-            });
-        }
-        let key = match &route.key {
-            Some(rule) => request_key(rule, &parts)?,
-            None => None,
-        };
-        let mut read_lock = None;
-        if let (Some(coalescer), Some(key)) = (&route.coalescer, key) {
-            let settings = &route.coalesce;
-            if settings.methods.contains(&parts.method) {
-                let key = Bytes::copy_from_slice(key);
-                self.rewrite_request(&mut parts)?;
-                // The rarer paths are boxed so that the common one's future stays small.
-                return Box::pin(coalesced::write(
-                    snapshot, route, coalescer, key, parts, body, exchange,
-                ))
-                .await;
+            let mut read_lock = None;
+            if let (Some(coalescer), Some(key)) = (&route.coalescer, key) {
+                let settings = &route.coalesce;
+                if settings.methods.contains(&parts.method) {
+                    let key = Bytes::copy_from_slice(key);
+                    self.rewrite_request(&mut parts)?;
+                    // The rarer paths are boxed so that the common one's future stays small.
+                    return Box::pin(coalesced::write(
+                        snapshot, route, coalescer, key, parts, body, exchange,
+                    ))
+                    .await;
+                }
+                if settings.order_reads
+                    && (parts.method == Method::GET || parts.method == Method::HEAD)
+                {
+                    let permit =
+                        Box::pin(coalescer.read(Bytes::copy_from_slice(key), settings)).await;
+                    read_lock = Some(permit.map_err(|r| ProxyError::refused(r, &route.name))?);
+                }
             }
-            if settings.order_reads && (parts.method == Method::GET || parts.method == Method::HEAD)
+            let key = key.and_then(|k| upstream.balancer.hash_key(k));
+            self.rewrite_request(&mut parts)?;
+            let body = if dispatch::replayable(route, &parts.method)
+                && !http_body::Body::is_end_stream(&body)
             {
-                let permit = Box::pin(coalescer.read(Bytes::copy_from_slice(key), settings)).await;
-                read_lock = Some(permit.map_err(|r| ProxyError::refused(r, &route.name))?);
-            }
+                // A retry after the bytes reached a backend must send the body again: keep a copy.
+                RequestBody::Full(Some(
+                    Box::pin(coalesced::buffer_body(body, route.max_body)).await?,
+                ))
+            } else {
+                RequestBody::streaming(body, route.max_body)
+            };
+            let request = Request::from_parts(parts, body);
+            let sent = dispatch::dispatch(route, upstream, key, request).await;
+            // A read holds its key until its response head is in: later writes go after it.
+            drop(read_lock);
+            let sent = sent.map_err(|failed| {
+                exchange.backend = failed.backend;
+                failed.error
+            })?;
+            exchange.backend = Some(sent.backend);
+            Ok(body::upstream_response(sent.head, sent.lease))
         }
-        let key = key.and_then(|k| upstream.balancer.hash_key(k));
-        self.rewrite_request(&mut parts)?;
-        let body = if dispatch::replayable(route, &parts.method)
-            && !http_body::Body::is_end_stream(&body)
-        {
-            // A retry after the bytes reached a backend must send the body again: keep a copy.
-            RequestBody::Full(Some(
-                Box::pin(coalesced::buffer_body(body, route.max_body)).await?,
-            ))
-        } else {
-            RequestBody::streaming(body, route.max_body)
-        };
-        let request = Request::from_parts(parts, body);
-        let sent = dispatch::dispatch(route, upstream, key, request).await;
-        // A read holds its key until its response head is in: later writes go after it.
-        drop(read_lock);
-        let sent = sent.map_err(|failed| {
-            exchange.backend = failed.backend;
-            failed.error
-        })?;
-        exchange.backend = Some(sent.backend);
-        Ok(body::upstream_response(sent.head, sent.lease))
     }
 
     /// Turns the client's request head into the one the backend receives.

@@ -6,6 +6,7 @@
 //! config reloads. A small LIFO stack per backend does all three: the most recently used connection
 //! is the one least likely to have been closed by the backend's idle timer.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,51 +89,55 @@ impl Backend {
     /// Sends `request` on a pooled or new connection and waits for the response head.
     ///
     /// On success the connection comes back with the response; hand it to [`Backend::reuse`] once the
-    /// response body has been read to its end.
-    pub async fn send(
+    /// response body has been read to its end. (Not an `async fn`, which would keep a second copy
+    /// of the request for the whole exchange.)
+    #[allow(clippy::manual_async_fn)] // see the doc comment
+    pub fn send(
         &self,
         mut request: Request<RequestBody>,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<(ResponseHead, UpstreamConn), SendFailure> {
-        loop {
-            let (mut conn, fresh) = match self.pool.take() {
-                Some(conn) => (conn, false),
-                // Boxed: connecting (TLS included) is rare, and its future would otherwise
-                // enlarge every request's future.
-                None => match Box::pin(self.connect(connect_timeout)).await {
-                    Ok(conn) => (conn, true),
-                    Err(error) => {
+    ) -> impl Future<Output = Result<(ResponseHead, UpstreamConn), SendFailure>> + Send + '_ {
+        async move {
+            loop {
+                let (mut conn, fresh) = match self.pool.take() {
+                    Some(conn) => (conn, false),
+                    // Boxed: connecting (TLS included) is rare, and its future would otherwise
+                    // enlarge every request's future.
+                    None => match Box::pin(self.connect(connect_timeout)).await {
+                        Ok(conn) => (conn, true),
+                        Err(error) => {
+                            return Err(SendFailure {
+                                error,
+                                unsent: Some(request),
+                            })
+                        }
+                    },
+                };
+                let exchange = conn.send(request);
+                match tokio::time::timeout(response_timeout, exchange).await {
+                    Err(_) => {
                         return Err(SendFailure {
-                            error,
-                            unsent: Some(request),
+                            error: SendError::ResponseTimeout,
+                            unsent: None,
                         })
                     }
-                },
-            };
-            let exchange = conn.send(request);
-            match tokio::time::timeout(response_timeout, exchange).await {
-                Err(_) => {
-                    return Err(SendFailure {
-                        error: SendError::ResponseTimeout,
-                        unsent: None,
-                    })
+                    Ok(Ok(head)) => return Ok((head, conn)),
+                    Ok(Err(failure)) => match failure.unsent {
+                        // A pooled connection closed under us before the request was written: the
+                        // request is handed back untouched, so another connection may carry it.
+                        Some(unsent) if !fresh => request = unsent,
+                        unsent => {
+                            return Err(SendFailure {
+                                error: SendError::Exchange {
+                                    sent: unsent.is_none(),
+                                    error: failure.error,
+                                },
+                                unsent,
+                            })
+                        }
+                    },
                 }
-                Ok(Ok(head)) => return Ok((head, conn)),
-                Ok(Err(failure)) => match failure.unsent {
-                    // A pooled connection closed under us before the request was written: the
-                    // request is handed back untouched, so another connection may carry it.
-                    Some(unsent) if !fresh => request = unsent,
-                    unsent => {
-                        return Err(SendFailure {
-                            error: SendError::Exchange {
-                                sent: unsent.is_none(),
-                                error: failure.error,
-                            },
-                            unsent,
-                        })
-                    }
-                },
             }
         }
     }
