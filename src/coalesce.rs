@@ -235,68 +235,72 @@ impl Coalescer {
     }
 
     /// Queues a write and waits for its response (or the response it was merged into).
-    pub async fn write(
-        self: &Arc<Self>,
+    /// (Not an `async fn`, which would keep a second copy of the job and fingerprint.)
+    #[allow(clippy::manual_async_fn)]
+    pub fn write<'a>(
+        self: &'a Arc<Self>,
         key: Bytes,
         fingerprint: Option<Fingerprint>,
         job: Job,
-        settings: &CoalesceConfig,
-    ) -> Result<Reply, Refusal> {
-        let mode = settings.mode;
-        // Decide under the shard lock; every await happens after it is released.
-        let plan = {
-            let mut map = self.shard(&key);
-            let queue = self.queue(&mut map, &key);
-            if queue.is_done() {
-                // Nothing waits or runs on this key: send now, from the client's own task.
-                queue.busy = Busy::Writing;
-                WritePlan::Now(job)
-            } else if queue.waiting >= settings.max_pending_per_key {
-                WritePlan::Refused(Refusal::QueueFull {
-                    retry_after: queue.retry_after(),
-                })
-            } else {
-                let id = queue.next_id;
-                queue.next_id += 1;
-                queue.waiting += 1;
-                let (tx, rx) = oneshot::channel();
-                let joins_newest = mode == CoalesceMode::Dedupe
-                    && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: Some(newest), .. }) if Some(&**newest) == fingerprint.as_ref());
-                match queue.queue.back_mut() {
-                    Some(Entry::Write { waiters, .. }) if joins_newest => {
-                        waiters.push(Waiter {
-                            id,
-                            tx,
-                            disposition: Disposition::Deduplicated,
-                        });
-                        WritePlan::Wait {
-                            id,
-                            rx,
-                            start: None,
-                        }
-                    }
-                    _ => {
-                        queue.queue.push_back(Entry::Write {
-                            fingerprint: fingerprint.map(Box::new),
-                            job,
-                            waiters: vec![Waiter {
+        settings: &'a CoalesceConfig,
+    ) -> impl Future<Output = Result<Reply, Refusal>> + Send + 'a {
+        async move {
+            let mode = settings.mode;
+            // Decide under the shard lock; every await happens after it is released.
+            let plan = {
+                let mut map = self.shard(&key);
+                let queue = self.queue(&mut map, &key);
+                if queue.is_done() {
+                    // Nothing waits or runs on this key: send now, from the client's own task.
+                    queue.busy = Busy::Writing;
+                    WritePlan::Now(job)
+                } else if queue.waiting >= settings.max_pending_per_key {
+                    WritePlan::Refused(Refusal::QueueFull {
+                        retry_after: queue.retry_after(),
+                    })
+                } else {
+                    let id = queue.next_id;
+                    queue.next_id += 1;
+                    queue.waiting += 1;
+                    let (tx, rx) = oneshot::channel();
+                    let joins_newest = mode == CoalesceMode::Dedupe
+                        && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: Some(newest), .. }) if Some(&**newest) == fingerprint.as_ref());
+                    match queue.queue.back_mut() {
+                        Some(Entry::Write { waiters, .. }) if joins_newest => {
+                            waiters.push(Waiter {
                                 id,
                                 tx,
-                                disposition: Disposition::Sent,
-                            }],
-                        });
-                        let start = self.dispatch(queue, mode, &key);
-                        WritePlan::Wait { id, rx, start }
+                                disposition: Disposition::Deduplicated,
+                            });
+                            WritePlan::Wait {
+                                id,
+                                rx,
+                                start: None,
+                            }
+                        }
+                        _ => {
+                            queue.queue.push_back(Entry::Write {
+                                fingerprint: fingerprint.map(Box::new),
+                                job,
+                                waiters: vec![Waiter {
+                                    id,
+                                    tx,
+                                    disposition: Disposition::Sent,
+                                }],
+                            });
+                            let start = self.dispatch(queue, mode, &key);
+                            WritePlan::Wait { id, rx, start }
+                        }
                     }
                 }
-            }
-        };
-        match plan {
-            WritePlan::Now(job) => Ok(self.write_now(key, job, mode).await),
-            WritePlan::Refused(refusal) => Err(refusal),
-            WritePlan::Wait { id, rx, start } => {
-                self.run(key.clone(), start, mode);
-                self.wait(key, id, rx, settings.max_wait).await
+            };
+            match plan {
+                WritePlan::Now(job) => Ok(self.write_now(key, job, mode).await),
+                WritePlan::Refused(refusal) => Err(refusal),
+                WritePlan::Wait { id, rx, start } => {
+                    self.run(key.clone(), start, mode);
+                    self.wait(key, id, rx, settings.max_wait).await
+                }
             }
         }
     }

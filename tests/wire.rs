@@ -342,6 +342,10 @@ async fn framing_the_proxy_cannot_trust_is_refused_with_a_reason() {
     let b = named_backend("b", std::time::Duration::ZERO).await;
     let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
     let many_headers: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
+    // Just over 64 KiB, so that it is all sent before the proxy answers (and closes).
+    let long_headers: String = (0..2)
+        .map(|i| format!("x-long{i}: {}\r\n", "v".repeat(32_800)))
+        .collect();
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
         (
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
@@ -362,6 +366,12 @@ async fn framing_the_proxy_cannot_trust_is_refused_with_a_reason() {
         ),
         (
             format!("GET / HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes(),
+            "HTTP/1.1 431",
+            "too large",
+        ),
+        (
+            // Few headers but over 64 KiB in all: refused however many reads bring it.
+            format!("GET / HTTP/1.1\r\nHost: x\r\n{long_headers}\r\n").into_bytes(),
             "HTTP/1.1 431",
             "too large",
         ),

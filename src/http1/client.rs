@@ -33,6 +33,20 @@ pub enum UpstreamStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl UpstreamStream {
+    /// Ready once a read would find data or the end of the stream; TLS cannot tell, so at once.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            UpstreamStream::Tcp(stream) => stream.poll_read_ready(cx),
+            UpstreamStream::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// A request on its way to a backend. Boxed: it passes through several futures (dispatch, retry,
+/// send), and each would otherwise hold room for it.
+pub type OutgoingRequest = Box<Request<RequestBody>>;
+
 /// Why an exchange with a backend failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Http1Error {
@@ -68,7 +82,7 @@ pub struct ResponseHead {
 #[derive(Debug)]
 pub struct ExchangeFailure {
     pub error: Http1Error,
-    pub unsent: Option<Request<RequestBody>>,
+    pub unsent: Option<OutgoingRequest>,
 }
 
 /// An open connection to a backend, with its read buffer.
@@ -109,15 +123,14 @@ impl UpstreamConn {
     /// keep a second copy of their arguments, and this future is part of every request's.
     pub fn send(
         &mut self,
-        request: Request<RequestBody>,
+        mut request: OutgoingRequest,
     ) -> impl Future<Output = Result<ResponseHead, ExchangeFailure>> + Send + '_ {
         let head_request = request.method() == Method::HEAD;
-        let (parts, mut body) = request.into_parts();
-        let framing = request_framing(&parts.method, &parts.headers, &body);
+        let framing = request_framing(request.method(), request.headers(), request.body());
         self.out.clear();
-        encode_head(&mut self.out, &parts, framing);
+        encode_head(&mut self.out, &request, framing);
         async move {
-            let first = match first_piece(&mut body).await {
+            let first = match first_piece(request.body_mut()).await {
                 Ok(first) => first,
                 Err(error) => {
                     return Err(ExchangeFailure {
@@ -131,21 +144,25 @@ impl UpstreamConn {
                     encode_data(&mut self.out, framing, data);
                 }
             }
-            let ended = body.is_end_stream();
+            let ended = request.body().is_end_stream();
             if ended && framing == Framing::Chunked {
                 self.out.extend_from_slice(codec::LAST_CHUNK);
             }
             match write_counted(&mut self.io, &self.out).await {
                 Ok(()) => {}
                 Err((error, 0)) => {
-                    body.unread(first);
+                    request.body_mut().unread(first);
                     return Err(ExchangeFailure {
                         error: error.into(),
-                        unsent: Some(Request::from_parts(parts, body)),
+                        unsent: Some(request),
                     });
                 }
                 Err((error, _)) => return Err(sent_failure(error.into())),
             }
+            // The head is on the wire. Its header values share the client's read buffer: let go
+            // of them, so that a slow backend does not keep that buffer alive.
+            let mut body = std::mem::replace(request.body_mut(), RequestBody::Full(None));
+            drop(request);
             if let Some(data) = first.filter(|d| d.len() > COALESCE_BODY) {
                 self.write_data(framing, &data)
                     .await
@@ -201,7 +218,15 @@ impl UpstreamConn {
             if self.buf.len() >= MAX_HEAD {
                 return Err(Http1Error::HeadTooLarge);
             }
-            let n = poll_fn(|cx| codec::poll_read_buf(&mut self.io, cx, &mut self.buf)).await?;
+            let n = poll_fn(|cx| {
+                codec::poll_read_when_ready(
+                    &mut self.io,
+                    cx,
+                    &mut self.buf,
+                    UpstreamStream::poll_read_ready,
+                )
+            })
+            .await?;
             if n == 0 {
                 return Err(Http1Error::ClosedBeforeHead);
             }
@@ -223,7 +248,8 @@ impl UpstreamConn {
                 &mut slots,
             );
             let head_len = match parsed {
-                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+                Ok(httparse::Status::Complete(_)) => return Err(Http1Error::HeadTooLarge),
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(httparse::Error::TooManyHeaders) => {
                     return Err(Http1Error::Malformed("too many headers"))
@@ -284,6 +310,13 @@ impl UpstreamConn {
         }
     }
 
+    /// Frees the read buffer while it holds nothing, for a stay in the pool.
+    pub fn release_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// Whether the connection holds no bytes past the response just read.
     pub fn is_clean(&self) -> bool {
         self.buf.is_empty()
@@ -336,17 +369,17 @@ fn request_framing(method: &Method, headers: &HeaderMap, body: &RequestBody) -> 
     Framing::Chunked
 }
 
-fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Framing) {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+fn encode_head(out: &mut Vec<u8>, request: &Request<RequestBody>, framing: Framing) {
+    out.extend_from_slice(request.method().as_str().as_bytes());
     out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(if target.is_empty() {
         b"/"
     } else {
         target.as_bytes()
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    for (name, value) in request.headers() {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
         }

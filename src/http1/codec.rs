@@ -17,6 +17,9 @@ const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
 /// Free space ensured in a read buffer before each read.
 const READ_SPACE: usize = 8 * 1024;
+/// The first read into an empty, unallocated buffer: most heads (and small bodies with them) fit,
+/// and a request in flight should not hold 8 KiB per side (nginx starts heads at 1 KiB).
+const FIRST_READ_SPACE: usize = 2 * 1024;
 
 /// How a message body is delimited on the wire (RFC 9112 §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,12 +335,32 @@ pub fn poll_read_buf<R: AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
     use std::future::Future;
-    if buf.capacity() - buf.len() < READ_SPACE / 4 {
+    if buf.capacity() == 0 {
+        buf.reserve(FIRST_READ_SPACE);
+    } else if buf.capacity() - buf.len() < READ_SPACE / 4 {
         buf.reserve(READ_SPACE);
     }
     let read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(io, buf));
     let n = ready!(read.poll(cx))?;
     Poll::Ready(Ok(n))
+}
+
+/// [`poll_read_buf`] for a connection that may wait long for its peer: while the buffer is empty
+/// it is released, and none is allocated until `ready` says a read will find data or the end of
+/// the stream. A slow backend or a client between requests then costs no buffer.
+pub fn poll_read_when_ready<R: AsyncRead + Unpin>(
+    io: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+    ready: impl FnOnce(&R, &mut Context<'_>) -> Poll<io::Result<()>>,
+) -> Poll<io::Result<usize>> {
+    if buf.is_empty() {
+        if buf.capacity() > 0 {
+            *buf = BytesMut::new();
+        }
+        ready!(ready(io, cx))?;
+    }
+    poll_read_buf(io, cx, buf)
 }
 
 #[cfg(test)]

@@ -16,4 +16,4 @@ pub mod client;
 pub mod codec;
 pub mod server;
 
-pub use client::{Http1Error, ResponseHead, UpstreamConn, UpstreamStream};
+pub use client::{Http1Error, OutgoingRequest, ResponseHead, UpstreamConn, UpstreamStream};

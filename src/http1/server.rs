@@ -262,15 +262,16 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     let head_len = match parsed.parse_with_uninit_headers(&w.buf, &mut slots) {
-        Ok(httparse::Status::Complete(len)) => len,
+        // A read can bring more than MAX_HEAD at once: the limit applies to the head, however read.
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
         Ok(httparse::Status::Partial) if w.buf.len() < MAX_HEAD => return None,
-        Ok(httparse::Status::Partial) if !w.buf.contains(&b'\n') => {
+        Ok(_) if !w.buf[..MAX_HEAD.min(w.buf.len())].contains(&b'\n') => {
             return Some(NextRequest::Reject(
                 StatusCode::URI_TOO_LONG,
                 "the request line is too long",
             ))
         }
-        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => {
             return Some(NextRequest::Reject(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "the request headers are too large",
@@ -416,7 +417,9 @@ async fn client_gone<I: ClientIo>(wire: &SharedWire<I>) {
             if !w.decoder.is_done() || w.buf.len() >= MAX_HEAD {
                 return Poll::Pending;
             }
-            match ready!(codec::poll_read_buf(&mut w.io, cx, &mut w.buf)) {
+            // No buffer while the backend works, unless the client sends something.
+            let read = codec::poll_read_when_ready(&mut w.io, cx, &mut w.buf, I::poll_idle_ready);
+            match ready!(read) {
                 Ok(0) | Err(_) => return Poll::Ready(()),
                 Ok(_) => {}
             }

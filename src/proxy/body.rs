@@ -1,14 +1,16 @@
-//! Request and response bodies as they pass through the proxy: streamed, never collected.
+//! Request and response bodies as they pass through the proxy: streamed, and collected only where
+//! a coalescing route must share them ([`read_whole`]).
 //!
 //! [`RequestBody`] enforces the route's `max_body` while streaming, so an oversized chunked upload is
 //! cut off at the limit. [`ResponseBody`] carries the backend connection and in-flight guard of an
 //! upstream response: when the body has been read to its end the connection goes back to the pool,
 //! and when it is dropped early the connection is closed and the in-flight count still falls.
 
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::VIA;
 use http::Response;
 use http_body::{Body, Frame, SizeHint};
@@ -20,6 +22,35 @@ use crate::http1::codec::Decoder;
 use crate::http1::server::H1Body;
 use crate::http1::{Http1Error, ResponseHead};
 use crate::upstream::{InflightGuard, UpstreamConn};
+
+/// Reads all of `body` into one `Bytes`; `Err(None)` once it passes `limit` bytes. A body that
+/// arrives in one piece (small writes do) is neither copied nor reallocated. Trailers are dropped.
+pub(super) async fn read_whole<B>(mut body: B, limit: usize) -> Result<Bytes, Option<B::Error>>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut whole = Bytes::new();
+    let mut joined = BytesMut::new();
+    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let Ok(data) = frame.map_err(Some)?.into_data() else {
+            continue;
+        };
+        if whole.len() + joined.len() + data.len() > limit {
+            return Err(None);
+        }
+        if whole.is_empty() && joined.is_empty() {
+            whole = data;
+        } else if !data.is_empty() {
+            joined.extend_from_slice(&std::mem::take(&mut whole));
+            joined.extend_from_slice(&data);
+        }
+    }
+    Ok(if joined.is_empty() {
+        whole
+    } else {
+        joined.freeze()
+    })
+}
 
 /// Why a request body stopped short.
 #[derive(Debug, thiserror::Error)]

@@ -6,15 +6,15 @@
 //! snapshot the request started with included), so it completes even when its clients have left.
 //! Its response is buffered too, so that every merged client can get a copy.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderName, CONTENT_TYPE};
 use http::request::Parts;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Limited};
 
-use super::body::{ClientBody, RequestBody, RequestBodyError, ResponseBody};
+use super::body::{read_whole, ClientBody, RequestBody, RequestBodyError, ResponseBody};
 use super::dispatch::dispatch;
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
@@ -30,36 +30,42 @@ pub const MAX_SHARED_RESPONSE: usize = 16 << 20;
 pub static X_WRITEGATE_COALESCE: HeaderName = HeaderName::from_static("x-writegate-coalesce");
 
 /// Queues the write `parts` + `body` on its key and answers with what its key's queue decided.
-pub(super) async fn write(
-    snapshot: &Arc<Snapshot>,
-    route: &Route,
-    coalescer: &Arc<Coalescer>,
+/// Not an `async fn` (nor is `exchange`): those keep a second copy of their arguments.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn write<'a, 's: 'a>(
+    snapshot: &'a Arc<Snapshot>,
+    route: &'s Route,
+    coalescer: &'a Arc<Coalescer>,
     key: Bytes,
     parts: Parts,
     body: ClientBody,
-    exchange: &mut Exchange<'_>,
-) -> Result<Response<ResponseBody>, ProxyError> {
-    let body = buffer_body(body, route.max_body).await?;
-    let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| Fingerprint {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        content_type: parts.headers.get(CONTENT_TYPE).cloned(),
-        body: body.clone(),
-    });
-    let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), parts, body);
-    let (shared, disposition) = coalescer
-        .write(key, fingerprint, job, &route.coalesce)
-        .await
-        .map_err(|refusal| ProxyError::refused(refusal, &route.name))?;
-    exchange.backend = shared.backend.clone();
-    Ok(into_response(shared, disposition))
+    exchange: &'a mut Exchange<'s>,
+) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
+    async move {
+        let body = buffer_body(body, route.max_body).await?;
+        let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| Fingerprint {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+            body: body.clone(),
+        });
+        let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), parts, body);
+        let (shared, disposition) = coalescer
+            .write(key, fingerprint, job, &route.coalesce)
+            .await
+            .map_err(|refusal| ProxyError::refused(refusal, &route.name))?;
+        exchange.backend = shared.backend.clone();
+        Ok(into_response(shared, disposition))
+    }
 }
 
 pub(super) async fn buffer_body(body: ClientBody, limit: u64) -> Result<Bytes, ProxyError> {
-    match RequestBody::streaming(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(RequestBodyError::TooLarge { .. }) => Err(ProxyError::BodyTooLarge { limit }),
-        Err(RequestBodyError::Client(_)) => Err(ProxyError::ClientBody),
+    match read_whole(RequestBody::streaming(body, limit), usize::MAX).await {
+        Ok(body) => Ok(body),
+        Err(Some(RequestBodyError::Client(_))) => Err(ProxyError::ClientBody),
+        Err(Some(RequestBodyError::TooLarge { .. }) | None) => {
+            Err(ProxyError::BodyTooLarge { limit })
+        }
     }
 }
 
@@ -103,32 +109,35 @@ fn upstream_job(
 }
 
 /// Sends a buffered write and buffers its response. Errors carry the backend, when one was chosen.
-async fn exchange(
-    route: &Route,
-    upstream: &Upstream,
-    key: &[u8],
+#[allow(clippy::manual_async_fn)]
+fn exchange<'a>(
+    route: &'a Route,
+    upstream: &'a Upstream,
+    key: &'a [u8],
     parts: Parts,
     body: Bytes,
-) -> Result<SharedResponse, (ProxyError, Option<Arc<str>>)> {
-    let request = Request::from_parts(parts, RequestBody::Full(Some(body)));
-    let sent = dispatch(route, upstream, upstream.balancer.hash_key(key), request)
+) -> impl Future<Output = Result<SharedResponse, (ProxyError, Option<Arc<str>>)>> + Send + 'a {
+    let request = Box::new(Request::from_parts(parts, RequestBody::Full(Some(body))));
+    async move {
+        let sent = dispatch(route, upstream, upstream.balancer.hash_key(key), request)
+            .await
+            .map_err(|failed| (failed.error, failed.backend))?;
+        let backend = sent.backend;
+        let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
+        let (head, body) = super::body::upstream_response(sent.head, sent.lease).into_parts();
+        // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
+        let collected = tokio::time::timeout(
+            route.response_timeout,
+            read_whole(body, MAX_SHARED_RESPONSE),
+        )
         .await
-        .map_err(|failed| (failed.error, failed.backend))?;
-    let backend = sent.backend;
-    let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
-    let (head, body) = super::body::upstream_response(sent.head, sent.lease).into_parts();
-    // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
-    let collected = tokio::time::timeout(
-        route.response_timeout,
-        Limited::new(body, MAX_SHARED_RESPONSE).collect(),
-    )
-    .await
-    .map_err(|_| fail(ProxyError::Upstream(SendError::ResponseTimeout)))?
-    .map_err(|_| fail(ProxyError::ResponseNotShareable))?;
-    Ok(SharedResponse {
-        status: head.status,
-        headers: head.headers,
-        body: collected.to_bytes(),
-        backend: Some(backend),
-    })
+        .map_err(|_| fail(ProxyError::Upstream(SendError::ResponseTimeout)))?
+        .map_err(|_| fail(ProxyError::ResponseNotShareable))?;
+        Ok(SharedResponse {
+            status: head.status,
+            headers: head.headers,
+            body: collected,
+            backend: Some(backend),
+        })
+    }
 }

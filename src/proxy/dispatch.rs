@@ -18,7 +18,7 @@ use super::classify_send_error;
 use crate::admission::AdmissionPermit;
 use crate::balance::KeyHash;
 use crate::error::ProxyError;
-use crate::http1::ResponseHead;
+use crate::http1::{OutgoingRequest, ResponseHead};
 use crate::route::Route;
 use crate::upstream::{Outcome, Upstream};
 
@@ -51,7 +51,7 @@ pub(super) fn dispatch<'a>(
     route: &'a Route,
     upstream: &'a Upstream,
     key: Option<KeyHash>,
-    mut request: Request<RequestBody>,
+    mut request: OutgoingRequest,
 ) -> impl Future<Output = Result<Dispatched, NotDispatched>> + Send + 'a {
     async move {
         let admission = admit(route, upstream).await?;
@@ -202,12 +202,12 @@ impl Replay {
         }))
     }
 
-    fn request(&self) -> Request<RequestBody> {
+    fn request(&self) -> OutgoingRequest {
         let mut request = Request::new(RequestBody::Full(self.body.clone()));
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers.clone();
-        request
+        Box::new(request)
     }
 }

@@ -134,7 +134,7 @@ impl ProxyService {
             .config
             .log
             .access_log
-            .then(|| request.uri().clone());
+            .then(|| Box::new(request.uri().clone()));
         let (parts, body) = request.into_parts();
         async move {
             let _active = self.conn.activity.begin();
@@ -238,7 +238,7 @@ impl ProxyService {
             } else {
                 RequestBody::streaming(body, route.max_body)
             };
-            let request = Request::from_parts(parts, body);
+            let request = Box::new(Request::from_parts(parts, body));
             let sent = dispatch::dispatch(route, upstream, key, request).await;
             // A read holds its key until its response head is in: later writes go after it.
             drop(read_lock);

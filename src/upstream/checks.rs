@@ -119,7 +119,7 @@ async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), Stri
             .map_err(|e| format!("request: {e}"))?;
         // The connection is dropped after the head: a check needs only the status.
         let head = conn
-            .send(request)
+            .send(Box::new(request))
             .await
             .map_err(|e| format!("exchange: {}", e.error))?;
         Ok::<StatusCode, String>(head.status)

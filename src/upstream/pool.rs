@@ -10,12 +10,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hyper::Request;
 use tokio::net::TcpStream;
 
 use super::Backend;
-use crate::http1::{Http1Error, ResponseHead, UpstreamStream};
-use crate::proxy::RequestBody;
+use crate::http1::{Http1Error, OutgoingRequest, ResponseHead, UpstreamStream};
 
 /// Idle connections kept per backend; more are closed when returned.
 const MAX_IDLE_PER_BACKEND: usize = 512;
@@ -41,7 +39,8 @@ impl Pool {
         None
     }
 
-    fn put(&self, conn: UpstreamConn) {
+    fn put(&self, mut conn: UpstreamConn) {
+        conn.release_buffer();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_BACKEND {
             idle.push((conn, Instant::now()));
@@ -82,7 +81,7 @@ impl SendError {
 #[derive(Debug)]
 pub struct SendFailure {
     pub error: SendError,
-    pub unsent: Option<Request<RequestBody>>,
+    pub unsent: Option<OutgoingRequest>,
 }
 
 impl Backend {
@@ -94,7 +93,7 @@ impl Backend {
     #[allow(clippy::manual_async_fn)] // see the doc comment
     pub fn send(
         &self,
-        mut request: Request<RequestBody>,
+        mut request: OutgoingRequest,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> impl Future<Output = Result<(ResponseHead, UpstreamConn), SendFailure>> + Send + '_ {
