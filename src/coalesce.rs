@@ -23,6 +23,7 @@
 //! before it is sent, under the shard lock, so a client told "503" can rely on its write not
 //! having been sent; a failed exchange is what every merged client receives.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -225,13 +226,20 @@ impl Coalescer {
         })
     }
 
-    /// Removes the key's state once it has nothing left.
-    fn forget_if_done(&self, map: &mut HashMap<Bytes, KeyQueue>, key: &Bytes) {
-        if map.get(key).is_some_and(KeyQueue::is_done) {
-            map.remove(key);
+    /// Runs `f` on `key`'s queue, if it has one, then removes the key's state if that left it with
+    /// nothing: one map lookup for both.
+    fn with_queue<T>(&self, key: &Bytes, f: impl FnOnce(&mut KeyQueue) -> T) -> Option<T> {
+        let mut map = self.shard(key);
+        let MapEntry::Occupied(mut entry) = map.entry(key.clone()) else {
+            return None;
+        };
+        let result = f(entry.get_mut());
+        if entry.get().is_done() {
+            entry.remove();
             self.active_keys.fetch_sub(1, Ordering::Relaxed);
             self.keys_gauge.decrement(1.0);
         }
+        Some(result)
     }
 
     /// Queues a write and waits for its response (or the response it was merged into).
@@ -535,21 +543,21 @@ impl Coalescer {
         mode: CoalesceMode,
         took: Duration,
     ) -> Option<Start> {
-        let mut map = self.shard(key);
-        let queue = map.get_mut(key)?;
-        queue.busy = Busy::Idle;
-        queue.last_service = took;
-        let next = self.dispatch(queue, mode, key);
-        self.forget_if_done(&mut map, key);
-        next
+        self.with_queue(key, |queue| {
+            queue.busy = Busy::Idle;
+            queue.last_service = took;
+            self.dispatch(queue, mode, key)
+        })
+        .flatten()
     }
 
     /// Removes a waiting client (timed out or gone) if its entry has not started.
     fn withdraw(&self, key: &Bytes, id: u64) -> Withdrawn {
-        let mut map = self.shard(key);
-        let Some(queue) = map.get_mut(key) else {
-            return Withdrawn::AlreadyStarted;
-        };
+        self.with_queue(key, |queue| self.withdraw_from(queue, id))
+            .unwrap_or(Withdrawn::AlreadyStarted)
+    }
+
+    fn withdraw_from(&self, queue: &mut KeyQueue, id: u64) -> Withdrawn {
         let mut found = false;
         let mut emptied = None;
         for (index, entry) in queue.queue.iter_mut().enumerate() {
@@ -582,26 +590,20 @@ impl Coalescer {
                 self.dropped.increment(1);
             }
         }
-        let retry_after = queue.retry_after();
-        self.forget_if_done(&mut map, key);
-        Withdrawn::Removed(retry_after)
+        Withdrawn::Removed(queue.retry_after())
     }
 
     /// Releases one read lock (a finished or abandoned read).
     fn release_read(self: &Arc<Self>, key: &Bytes, mode: CoalesceMode) {
-        let start = {
-            let mut map = self.shard(key);
-            let Some(queue) = map.get_mut(key) else {
-                return;
-            };
-            queue.busy = match queue.busy {
-                Busy::Reading(n) if n > 1 => Busy::Reading(n - 1),
-                _ => Busy::Idle,
-            };
-            let start = self.dispatch(queue, mode, key);
-            self.forget_if_done(&mut map, key);
-            start
-        };
+        let start = self
+            .with_queue(key, |queue| {
+                queue.busy = match queue.busy {
+                    Busy::Reading(n) if n > 1 => Busy::Reading(n - 1),
+                    _ => Busy::Idle,
+                };
+                self.dispatch(queue, mode, key)
+            })
+            .flatten();
         self.run(key.clone(), start, mode);
     }
 }

@@ -274,7 +274,7 @@ impl UpstreamConn {
                 continue;
             }
             let headers =
-                codec::header_map(&head, &spans[..count]).map_err(Http1Error::Malformed)?;
+                codec::header_map(&head, &spans[..count], 1).map_err(Http1Error::Malformed)?;
             let framing = response_framing(status, head_request, &headers)?;
             let keep_alive =
                 framing != Framing::UntilClose && codec::keeps_alive(version, &headers);

@@ -121,10 +121,15 @@ pub fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>], out: &mut [Hea
     headers.len().min(out.len())
 }
 
-/// The headers at `spans` of `head`. Values share the head's bytes; names of well-known headers
+/// The headers at `spans` of `head`, with room for `added` more (what the proxy adds), so that
+/// adding them does not grow the map. Values share the head's bytes; names of well-known headers
 /// allocate nothing.
-pub fn header_map(head: &Bytes, spans: &[HeaderSpan]) -> Result<HeaderMap, &'static str> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+pub fn header_map(
+    head: &Bytes,
+    spans: &[HeaderSpan],
+    added: usize,
+) -> Result<HeaderMap, &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + added);
     for span in spans {
         let (name, value) = (span.name, span.value);
         let name = HeaderName::from_bytes(&head[name.0 as usize..name.1 as usize])

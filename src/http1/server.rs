@@ -302,7 +302,8 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target_span)) else {
         return Some(bad_request("invalid request target"));
     };
-    let mut headers = match codec::header_map(&head, &spans[..count]) {
+    // Room for X-Forwarded-For/-Proto/-Host, Via and X-Request-Id.
+    let mut headers = match codec::header_map(&head, &spans[..count], 5) {
         Ok(headers) => headers,
         Err(reason) => return Some(bad_request(reason)),
     };

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use bytes::{BufMut, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -84,19 +84,21 @@ pub fn via_value(version: Version) -> HeaderValue {
 
 /// Adds `value` to a list header, keeping what earlier hops wrote (folded into one line).
 pub fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, value: &HeaderValue) {
-    let mut existing = headers.get_all(name).iter().peekable();
-    if existing.peek().is_none() {
-        headers.insert(name.clone(), value.clone());
-        return;
-    }
+    let mut existing = match headers.entry(name) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(value.clone());
+            return;
+        }
+        Entry::Occupied(existing) => existing,
+    };
     let mut joined = BytesMut::with_capacity(64);
-    for v in existing {
+    for v in existing.iter() {
         joined.put_slice(v.as_bytes());
         joined.put_slice(b", ");
     }
     joined.put_slice(value.as_bytes());
     if let Ok(v) = HeaderValue::from_maybe_shared(joined.freeze()) {
-        headers.insert(name.clone(), v);
+        existing.insert(v);
     }
 }
 

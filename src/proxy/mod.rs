@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, HOST, VIA};
+use http::header::{Entry, HeaderValue, CONTENT_LENGTH, HOST, VIA};
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -255,31 +255,33 @@ impl ProxyService {
     fn rewrite_request(&self, parts: &mut Parts) -> Result<(), ProxyError> {
         let headers = &mut parts.headers;
         headers::strip_hop_by_hop(headers);
-        if !headers.contains_key(HOST) {
+        let host = match headers.get(HOST) {
+            Some(host) => Some(host.clone()),
             // HTTP/2 and absolute-form requests carry the host in the URI.
-            match parts.uri.authority() {
+            None => match parts.uri.authority() {
                 Some(authority) => {
                     let value = HeaderValue::from_str(authority.as_str()).map_err(|_| {
                         ProxyError::BadRequest("the request authority is not a valid Host")
                     })?;
-                    headers.insert(HOST, value);
+                    headers.insert(HOST, value.clone());
+                    Some(value)
                 }
                 None if parts.version == Version::HTTP_11 => {
                     return Err(ProxyError::BadRequest(
                         "an HTTP/1.1 request needs a Host header",
                     ));
                 }
-                None => {}
-            }
-        }
-        if let Some(host) = headers.get(HOST).cloned() {
+                None => None,
+            },
+        };
+        if let Some(host) = host {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
         headers::append_to_list(headers, &X_FORWARDED_FOR, &self.conn.peer_ip);
         headers.insert(X_FORWARDED_PROTO.clone(), self.conn.scheme.clone());
         headers::append_to_list(headers, &VIA, &headers::via_value(parts.version));
-        if !headers.contains_key(&X_REQUEST_ID) {
-            headers.insert(X_REQUEST_ID.clone(), headers::new_request_id());
+        if let Entry::Vacant(id) = headers.entry(&X_REQUEST_ID) {
+            id.insert(headers::new_request_id());
         }
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
             let path = parts
