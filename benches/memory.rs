@@ -5,9 +5,12 @@
 //! then with 1,000 connections each holding a request in flight at a slow backend. Prints the RSS
 //! growth per connection. RSS is read from /proc (VmRSS of the process and its children).
 //!
+//! Rounds run on fresh processes and the end prints the medians: the figures move from run to run
+//! with what the allocators keep after the burst of connections.
+//!
 //! (9,000 rather than 10,000: HAProxy sizes its file descriptors from maxconn, and this machine
 //! allows 20,000 per process.) Run: `cargo bench --bench memory` (env: WG_BENCH_IDLE=9000,
-//! WG_BENCH_ACTIVE=1000).
+//! WG_BENCH_ACTIVE=1000, WG_BENCH_ROUNDS=3).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -247,46 +250,78 @@ async fn open(
 fn main() {
     let idle = env_or("WG_BENCH_IDLE", 9_000);
     let active = env_or("WG_BENCH_ACTIVE", 1_000);
+    let rounds = env_or("WG_BENCH_ROUNDS", 3).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async move {
         let backend = spawn_backend().await;
-        let dir = tempfile::tempdir().expect("dir");
-        println!("RSS growth per client connection ({idle} idle keep-alive, {active} with a request in flight)\n");
+        println!("RSS growth per client connection ({idle} idle keep-alive, {active} with a request in flight), {rounds} rounds\n");
+        // Per proxy name: (idle KiB, active KiB) of each round.
+        let mut results: Vec<(&'static str, Vec<f64>, Vec<f64>)> = Vec::new();
+        for round in 1..=rounds {
+            for (name, idle_kib, active_kib) in measure_round(backend, idle, active).await {
+                println!("  round {round} {name:<10} idle {idle_kib:.2} KiB   active {active_kib:.2} KiB");
+                match results.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some((_, idles, actives)) => {
+                        idles.push(idle_kib);
+                        actives.push(active_kib);
+                    }
+                    None => results.push((name, vec![idle_kib], vec![active_kib])),
+                }
+            }
+        }
+        println!("\nmedians over {rounds} rounds\n");
         println!("| proxy | idle: RSS growth per connection | active: RSS growth per connection |");
         println!("|---|---|---|");
-        let mut idle_growth = Vec::new();
-        for proxy in proxies(dir.path(), backend) {
-            // Warm up: allocators and pools settle before the baseline.
-            drop(open(proxy.addr, 100, "/", true).await);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let before = rss_kib(proxy.child.id());
-            let conns = open(proxy.addr, idle, "/", true).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            idle_growth.push(rss_kib(proxy.child.id()).saturating_sub(before) as f64 / idle as f64);
-            for c in &conns {
-                c.abort();
-            }
-        }
-        // Fresh processes for the active phase: memory kept from the idle phase would hide growth.
-        let mut active_growth = Vec::new();
-        let fresh = tempfile::tempdir().expect("dir");
-        let second = proxies(fresh.path(), backend);
-        for proxy in &second {
-            drop(open(proxy.addr, 100, "/", true).await);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let before = rss_kib(proxy.child.id());
-            let conns = open(proxy.addr, active, "/slow", false).await;
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            active_growth.push(rss_kib(proxy.child.id()).saturating_sub(before) as f64 / active as f64);
-            for c in &conns {
-                c.abort();
-            }
-        }
-        for ((proxy, idle_kib), active_kib) in second.iter().zip(idle_growth).zip(active_growth) {
-            println!("| {} | {idle_kib:.2} KiB | {active_kib:.2} KiB |", proxy.name);
+        for (name, idles, actives) in &results {
+            println!("| {name} | {:.2} KiB | {:.2} KiB |", median(idles), median(actives));
         }
     });
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One round on fresh processes: each proxy's idle and active RSS growth per connection, in KiB.
+async fn measure_round(
+    backend: SocketAddr,
+    idle: usize,
+    active: usize,
+) -> Vec<(&'static str, f64, f64)> {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut idle_growth = Vec::new();
+    for proxy in proxies(dir.path(), backend) {
+        // Warm up: allocators and pools settle before the baseline.
+        drop(open(proxy.addr, 100, "/", true).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(proxy.child.id());
+        let conns = open(proxy.addr, idle, "/", true).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        idle_growth.push(rss_kib(proxy.child.id()).saturating_sub(before) as f64 / idle as f64);
+        for c in &conns {
+            c.abort();
+        }
+    }
+    // Fresh processes for the active phase: memory kept from the idle phase would hide growth.
+    let fresh = tempfile::tempdir().expect("dir");
+    let second = proxies(fresh.path(), backend);
+    let mut rows = Vec::new();
+    for (proxy, idle_kib) in second.iter().zip(idle_growth) {
+        drop(open(proxy.addr, 100, "/", true).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(proxy.child.id());
+        let conns = open(proxy.addr, active, "/slow", false).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let active_kib = rss_kib(proxy.child.id()).saturating_sub(before) as f64 / active as f64;
+        rows.push((proxy.name, idle_kib, active_kib));
+        for c in &conns {
+            c.abort();
+        }
+    }
+    rows
 }
