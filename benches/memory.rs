@@ -1,7 +1,8 @@
 //! Memory per client connection: writegate against nginx and HAProxy (when installed).
 //!
 //! For each proxy (one worker each): RSS of its processes before, then with 9,000 idle
-//! keep-alive connections open (each has served one request, as real keep-alive clients have),
+//! keep-alive connections open (each has served one request, as real keep-alive clients have;
+//! they arrive with at most 256 in their first request at once),
 //! then with 1,000 connections each holding a request in flight at a slow backend. Prints the RSS
 //! growth per connection. RSS is read from /proc (VmRSS of the process and its children).
 //!
@@ -16,6 +17,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -211,9 +213,17 @@ async fn open(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut held = Vec::with_capacity(n);
     let (tx, mut ready) = tokio::sync::mpsc::channel::<()>(n.max(1));
+    // Idle connections arrive over time, as real keep-alive clients do: at most this many are in
+    // their first request at once. (All at once would measure a burst of thousands of concurrent
+    // requests, and what the allocator keeps after it, not idle connections.)
+    let arriving = Arc::new(tokio::sync::Semaphore::new(if wait { 256 } else { n.max(1) }));
     for _ in 0..n {
         let tx = tx.clone();
+        let arriving = Arc::clone(&arriving);
         held.push(tokio::spawn(async move {
+            let Ok(permit) = arriving.acquire_owned().await else {
+                return;
+            };
             let Ok(stream) = TcpStream::connect(addr).await else {
                 return;
             };
@@ -232,10 +242,12 @@ async fn open(
                 if let Ok(r) = response.await {
                     let _ = r.into_body().collect().await;
                 }
+                drop(permit);
                 let _ = tx.send(()).await;
                 std::future::pending::<()>().await; // keep the connection idle and open
                 drop(sender);
             } else {
+                drop(permit);
                 let _ = tx.send(()).await;
                 let _ = response.await;
             }
