@@ -216,7 +216,11 @@ async fn open(
     // Idle connections arrive over time, as real keep-alive clients do: at most this many are in
     // their first request at once. (All at once would measure a burst of thousands of concurrent
     // requests, and what the allocator keeps after it, not idle connections.)
-    let arriving = Arc::new(tokio::sync::Semaphore::new(if wait { 256 } else { n.max(1) }));
+    let arriving = Arc::new(tokio::sync::Semaphore::new(if wait {
+        256
+    } else {
+        n.max(1)
+    }));
     for _ in 0..n {
         let tx = tx.clone();
         let arriving = Arc::clone(&arriving);

@@ -8,7 +8,7 @@
 use std::fmt;
 
 use http::header::{HeaderName, COOKIE};
-use http::request::Parts;
+use http::Request;
 
 /// Where a route finds its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,17 +57,17 @@ impl KeySource {
     }
 
     /// The raw key bytes, or `None` when the source is absent or empty.
-    pub fn extract<'a>(&self, parts: &'a Parts) -> Option<&'a [u8]> {
+    pub fn extract<'a, B>(&self, request: &'a Request<B>) -> Option<&'a [u8]> {
+        let (uri, headers) = (request.uri(), request.headers());
         let value: &[u8] = match self {
-            KeySource::Header(name) => parts.headers.get(name)?.as_bytes(),
-            KeySource::Query(name) => query_param(parts.uri.query()?, name)?,
-            KeySource::Cookie(name) => parts
-                .headers
+            KeySource::Header(name) => headers.get(name)?.as_bytes(),
+            KeySource::Query(name) => query_param(uri.query()?, name)?,
+            KeySource::Cookie(name) => headers
                 .get_all(COOKIE)
                 .iter()
                 .find_map(|header| cookie(header.as_bytes(), name.as_bytes()))?,
-            KeySource::Path => parts.uri.path().as_bytes(),
-            KeySource::PathSegment(n) => parts.uri.path().split('/').nth(*n)?.as_bytes(),
+            KeySource::Path => uri.path().as_bytes(),
+            KeySource::PathSegment(n) => uri.path().split('/').nth(*n)?.as_bytes(),
         };
         (!value.is_empty()).then_some(value)
     }
@@ -121,18 +121,17 @@ pub struct KeyRule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::Request;
 
-    fn parts(uri: &str, headers: &[(&str, &[u8])]) -> Parts {
+    fn parts(uri: &str, headers: &[(&str, &[u8])]) -> Request<()> {
         let mut builder = Request::builder().uri(uri);
         for (name, value) in headers {
             builder = builder.header(*name, http::HeaderValue::from_bytes(value).unwrap());
         }
-        builder.body(()).unwrap().into_parts().0
+        builder.body(()).unwrap()
     }
 
-    fn key<'a>(source: &str, parts: &'a Parts) -> Option<&'a [u8]> {
-        KeySource::parse(source).unwrap().extract(parts)
+    fn key<'a>(source: &str, request: &'a Request<()>) -> Option<&'a [u8]> {
+        KeySource::parse(source).unwrap().extract(request)
     }
 
     #[test]

@@ -124,6 +124,17 @@ impl RequestBody {
         }
     }
 
+    /// Caps a streamed body at `limit` bytes (the route's `max_body`, known once it is chosen).
+    pub fn limit_to(&mut self, max: u64) {
+        if let RequestBody::Streaming {
+            remaining, limit, ..
+        } = self
+        {
+            *remaining = max;
+            *limit = max;
+        }
+    }
+
     /// The body's length when known before it is read.
     pub fn exact_len(&self) -> Option<u64> {
         if self.is_end_stream() {

@@ -14,12 +14,13 @@ use http::header::{HeaderName, CONTENT_TYPE};
 use http::request::Parts;
 use http::{Request, Response};
 
-use super::body::{read_whole, ClientBody, RequestBody, RequestBodyError, ResponseBody};
+use super::body::{read_whole, RequestBody, RequestBodyError, ResponseBody};
 use super::dispatch::dispatch;
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
 use crate::config::CoalesceMode;
 use crate::error::ProxyError;
+use crate::http1::OutgoingRequest;
 use crate::route::Route;
 use crate::snapshot::Snapshot;
 use crate::upstream::{SendError, Upstream};
@@ -37,11 +38,11 @@ pub(super) fn write<'a, 's: 'a>(
     route: &'s Route,
     coalescer: &'a Arc<Coalescer>,
     key: Bytes,
-    parts: Parts,
-    body: ClientBody,
+    request: OutgoingRequest,
     exchange: &'a mut Exchange<'s>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
     async move {
+        let (parts, body) = (*request).into_parts();
         let body = buffer_body(body, route.max_body).await?;
         let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| Fingerprint {
             method: parts.method.clone(),
@@ -59,8 +60,9 @@ pub(super) fn write<'a, 's: 'a>(
     }
 }
 
-pub(super) async fn buffer_body(body: ClientBody, limit: u64) -> Result<Bytes, ProxyError> {
-    match read_whole(RequestBody::streaming(body, limit), usize::MAX).await {
+/// Reads a body capped at `limit` (see [`RequestBody::limit_to`]) into memory.
+pub(super) async fn buffer_body(body: RequestBody, limit: u64) -> Result<Bytes, ProxyError> {
+    match read_whole(body, usize::MAX).await {
         Ok(body) => Ok(body),
         Err(Some(RequestBodyError::Client(_))) => Err(ProxyError::ClientBody),
         Err(Some(RequestBodyError::TooLarge { .. }) | None) => {

@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{Entry, HeaderValue, CONTENT_LENGTH, HOST, VIA};
 use http::request::Parts;
-use http::{Method, Request, Response, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 pub use body::{ClientBody, RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
@@ -30,7 +30,7 @@ pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 
 use crate::error::{Fault, ProxyError};
-use crate::http1::Http1Error;
+use crate::http1::{Http1Error, OutgoingRequest};
 use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
@@ -135,11 +135,12 @@ impl ProxyService {
             .log
             .access_log
             .then(|| Box::new(request.uri().clone()));
-        let (parts, body) = request.into_parts();
+        // Boxed once, here: the request passes through several futures on its way to a backend.
+        let request = Box::new(request.map(|body| RequestBody::streaming(body, u64::MAX)));
         async move {
             let _active = self.conn.activity.begin();
             let mut exchange = Exchange::default();
-            let response = match self.forward(&snapshot, parts, body, &mut exchange).await {
+            let response = match self.forward(&snapshot, request, &mut exchange).await {
                 Ok(response) => response,
                 Err(error) => {
                     if error.fault() != Fault::Client {
@@ -180,46 +181,46 @@ impl ProxyService {
     fn forward<'a, 's: 'a>(
         &'a self,
         snapshot: &'s Arc<Snapshot>,
-        mut parts: Parts,
-        body: ClientBody,
+        mut request: OutgoingRequest,
         exchange: &'a mut Exchange<'s>,
     ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
         async move {
-            let route =
-                match snapshot
-                    .router
-                    .find(request_host(&parts), parts.uri.path(), &parts.method)
-                {
-                    RouteMatch::Found(route) => route,
-                    RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed),
-                    RouteMatch::NotFound => return Err(ProxyError::NoRoute),
-                };
+            let route = match snapshot.router.find(
+                request_host(&request),
+                request.uri().path(),
+                request.method(),
+            ) {
+                RouteMatch::Found(route) => route,
+                RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed),
+                RouteMatch::NotFound => return Err(ProxyError::NoRoute),
+            };
             exchange.route = Some(route);
             let upstream = &snapshot.upstreams[route.upstream];
             exchange.upstream = Some(upstream);
-            if declared_length(&parts).is_some_and(|len| len > route.max_body) {
+            if declared_length(request.headers()).is_some_and(|len| len > route.max_body) {
                 return Err(ProxyError::BodyTooLarge {
                     limit: route.max_body,
                 });
             }
+            request.body_mut().limit_to(route.max_body);
             let key = match &route.key {
-                Some(rule) => request_key(rule, &parts)?,
+                Some(rule) => request_key(rule, &request)?,
                 None => None,
             };
             let mut read_lock = None;
             if let (Some(coalescer), Some(key)) = (&route.coalescer, key) {
                 let settings = &route.coalesce;
-                if settings.methods.contains(&parts.method) {
+                if settings.methods.contains(request.method()) {
                     let key = Bytes::copy_from_slice(key);
-                    self.rewrite_request(&mut parts)?;
+                    self.rewrite_request(&mut request)?;
                     // The rarer paths are boxed so that the common one's future stays small.
                     return Box::pin(coalesced::write(
-                        snapshot, route, coalescer, key, parts, body, exchange,
+                        snapshot, route, coalescer, key, request, exchange,
                     ))
                     .await;
                 }
                 if settings.order_reads
-                    && (parts.method == Method::GET || parts.method == Method::HEAD)
+                    && (request.method() == Method::GET || request.method() == Method::HEAD)
                 {
                     let permit =
                         Box::pin(coalescer.read(Bytes::copy_from_slice(key), settings)).await;
@@ -227,18 +228,15 @@ impl ProxyService {
                 }
             }
             let key = key.and_then(|k| upstream.balancer.hash_key(k));
-            self.rewrite_request(&mut parts)?;
-            let body = if dispatch::replayable(route, &parts.method)
-                && !http_body::Body::is_end_stream(&body)
+            self.rewrite_request(&mut request)?;
+            if dispatch::replayable(route, request.method())
+                && !http_body::Body::is_end_stream(request.body())
             {
                 // A retry after the bytes reached a backend must send the body again: keep a copy.
-                RequestBody::Full(Some(
-                    Box::pin(coalesced::buffer_body(body, route.max_body)).await?,
-                ))
-            } else {
-                RequestBody::streaming(body, route.max_body)
-            };
-            let request = Box::new(Request::from_parts(parts, body));
+                let body = std::mem::replace(request.body_mut(), RequestBody::Full(None));
+                let copy = Box::pin(coalesced::buffer_body(body, route.max_body)).await?;
+                *request.body_mut() = RequestBody::Full(Some(copy));
+            }
             let sent = dispatch::dispatch(route, upstream, key, request).await;
             // A read holds its key until its response head is in: later writes go after it.
             drop(read_lock);
@@ -252,7 +250,16 @@ impl ProxyService {
     }
 
     /// Turns the client's request head into the one the backend receives.
-    fn rewrite_request(&self, parts: &mut Parts) -> Result<(), ProxyError> {
+    fn rewrite_request(&self, request: &mut Request<RequestBody>) -> Result<(), ProxyError> {
+        // Rewritten as parts (disjoint fields), moved out and back: no allocation.
+        let taken = std::mem::replace(request, Request::new(RequestBody::Full(None)));
+        let (mut parts, body) = taken.into_parts();
+        let rewritten = self.rewrite_parts(&mut parts);
+        *request = Request::from_parts(parts, body);
+        rewritten
+    }
+
+    fn rewrite_parts(&self, parts: &mut Parts) -> Result<(), ProxyError> {
         let headers = &mut parts.headers;
         headers::strip_hop_by_hop(headers);
         let host = match headers.get(HOST) {
@@ -308,10 +315,10 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 }
 
 /// The request's host without port: from the URI (HTTP/2, absolute-form) or the Host header.
-fn request_host(parts: &Parts) -> Option<&str> {
-    let raw = match parts.uri.host() {
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
+    let raw = match request.uri().host() {
         Some(host) => host,
-        None => parts.headers.get(HOST)?.to_str().ok()?,
+        None => request.headers().get(HOST)?.to_str().ok()?,
     };
     Some(strip_port(raw))
 }
@@ -324,8 +331,11 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// The request's key under `rule`; `None` only when the route balances keyless requests anyway.
-fn request_key<'p>(rule: &KeyRule, parts: &'p Parts) -> Result<Option<&'p [u8]>, ProxyError> {
-    match rule.source.extract(parts) {
+fn request_key<'r, B>(
+    rule: &KeyRule,
+    request: &'r Request<B>,
+) -> Result<Option<&'r [u8]>, ProxyError> {
+    match rule.source.extract(request) {
         Some(key) if key.len() > rule.max_length => Err(ProxyError::KeyTooLong {
             key_source: rule.source.clone(),
             limit: rule.max_length,
@@ -336,14 +346,8 @@ fn request_key<'p>(rule: &KeyRule, parts: &'p Parts) -> Result<Option<&'p [u8]>,
     }
 }
 
-fn declared_length(parts: &Parts) -> Option<u64> {
-    parts
-        .headers
-        .get(CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// A failed exchange may really be the client's fault: its body was too large or broke off.
