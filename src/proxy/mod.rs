@@ -1,9 +1,10 @@
 //! The proxy service: one request's path through writegate.
 //!
-//! route → (admission, coalescing: later issues) → balancer → upstream → response. The service
-//! loads the snapshot once per request and uses it to the end. Every request gets exactly one
-//! response: a backend's, or one built from a [`ProxyError`]. Nothing here retries a request whose
-//! bytes may have reached a backend.
+//! route → key → coalescing (`coalesced`, on routes that coalesce) → admission, balancer and
+//! retries (`dispatch`) → upstream → response. The service loads the snapshot once per request
+//! and uses it to the end. Every request gets exactly one response: a backend's, or one built from
+//! a [`ProxyError`]. Nothing here retries a request whose bytes may have reached a backend unless
+//! the route says it is idempotent.
 
 mod body;
 mod coalesced;
