@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{Entry, HeaderValue, CONTENT_LENGTH, HOST, VIA};
-use http::request::Parts;
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
@@ -252,29 +251,20 @@ impl ProxyService {
 
     /// Turns the client's request head into the one the backend receives.
     fn rewrite_request(&self, request: &mut Request<RequestBody>) -> Result<(), ProxyError> {
-        // Rewritten as parts (disjoint fields), moved out and back: no allocation.
-        let taken = std::mem::replace(request, Request::new(RequestBody::Full(None)));
-        let (mut parts, body) = taken.into_parts();
-        let rewritten = self.rewrite_parts(&mut parts);
-        *request = Request::from_parts(parts, body);
-        rewritten
-    }
-
-    fn rewrite_parts(&self, parts: &mut Parts) -> Result<(), ProxyError> {
-        let headers = &mut parts.headers;
-        headers::strip_hop_by_hop(headers);
-        let host = match headers.get(HOST) {
+        let version = request.version();
+        headers::strip_hop_by_hop(request.headers_mut());
+        let host = match request.headers().get(HOST) {
             Some(host) => Some(host.clone()),
             // HTTP/2 and absolute-form requests carry the host in the URI.
-            None => match parts.uri.authority() {
+            None => match request.uri().authority() {
                 Some(authority) => {
                     let value = HeaderValue::from_str(authority.as_str()).map_err(|_| {
                         ProxyError::BadRequest("the request authority is not a valid Host")
                     })?;
-                    headers.insert(HOST, value.clone());
+                    request.headers_mut().insert(HOST, value.clone());
                     Some(value)
                 }
-                None if parts.version == Version::HTTP_11 => {
+                None if version == Version::HTTP_11 => {
                     return Err(ProxyError::BadRequest(
                         "an HTTP/1.1 request needs a Host header",
                     ));
@@ -282,24 +272,25 @@ impl ProxyService {
                 None => None,
             },
         };
+        let headers = request.headers_mut();
         if let Some(host) = host {
             headers.insert(X_FORWARDED_HOST.clone(), host);
         }
         headers::append_to_list(headers, &X_FORWARDED_FOR, &self.conn.peer_ip);
         headers.insert(X_FORWARDED_PROTO.clone(), self.conn.scheme.clone());
-        headers::append_to_list(headers, &VIA, &headers::via_value(parts.version));
+        headers::append_to_list(headers, &VIA, &headers::via_value(version));
         if let Entry::Vacant(id) = headers.entry(&X_REQUEST_ID) {
             id.insert(headers::new_request_id());
         }
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let path = parts
-                .uri
+        let uri = request.uri();
+        if uri.scheme().is_some() || uri.authority().is_some() {
+            let path = uri
                 .path_and_query()
                 .cloned()
                 .ok_or(ProxyError::BadRequest("the request has no path"))?;
-            parts.uri = Uri::from(path);
+            *request.uri_mut() = Uri::from(path);
         }
-        parts.version = Version::HTTP_11;
+        *request.version_mut() = Version::HTTP_11;
         Ok(())
     }
 }
