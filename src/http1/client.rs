@@ -273,11 +273,11 @@ impl UpstreamConn {
             if status.is_informational() {
                 continue;
             }
-            let headers =
+            let (mut headers, connection) =
                 codec::header_map(&head, &spans[..count], 1).map_err(Http1Error::Malformed)?;
-            let framing = response_framing(status, head_request, &headers)?;
+            let framing = response_framing(status, head_request, &mut headers)?;
             let keep_alive =
-                framing != Framing::UntilClose && codec::keeps_alive(version, &headers);
+                framing != Framing::UntilClose && codec::keeps_alive(version, connection);
             return Ok(Some(ResponseHead {
                 status,
                 version,
@@ -405,17 +405,23 @@ fn encode_data(out: &mut Vec<u8>, framing: Framing, data: &[u8]) {
 fn response_framing(
     status: StatusCode,
     head_request: bool,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
 ) -> Result<Framing, Http1Error> {
-    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok(Framing::Empty);
-    }
-    if headers.contains_key(TRANSFER_ENCODING) {
+    // Hop-by-hop: the proxy frames the body itself toward the client.
+    let chunked = headers.contains_key(TRANSFER_ENCODING).then(|| {
         let codings = headers
             .get_all(TRANSFER_ENCODING)
             .iter()
             .map(HeaderValue::as_bytes);
-        return Ok(if codec::chunked_is_last(codings) {
+        let chunked = codec::chunked_is_last(codings);
+        headers.remove(TRANSFER_ENCODING);
+        chunked
+    });
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Empty);
+    }
+    if let Some(chunked) = chunked {
+        return Ok(if chunked {
             Framing::Chunked
         } else {
             Framing::UntilClose

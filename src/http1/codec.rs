@@ -4,7 +4,7 @@ use std::io;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION};
+use http::header::{HeaderName, HeaderValue, CONNECTION, TRANSFER_ENCODING};
 use http::{HeaderMap, Version};
 use tokio::io::AsyncRead;
 
@@ -84,13 +84,6 @@ pub fn trim(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
-/// True when the comma-separated header `values` contain `token` (ASCII case-insensitive).
-pub fn has_token<'a>(values: impl Iterator<Item = &'a [u8]>, token: &[u8]) -> bool {
-    values
-        .flat_map(|v| v.split(|&b| b == b','))
-        .any(|t| trim(t).eq_ignore_ascii_case(token))
-}
-
 /// True when `chunked` is the last transfer coding of `values`.
 pub fn chunked_is_last<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
     values
@@ -121,38 +114,102 @@ pub fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>], out: &mut [Hea
     headers.len().min(out.len())
 }
 
-/// The headers at `spans` of `head`, with room for `added` more (what the proxy adds), so that
-/// adding them does not grow the map. Values share the head's bytes; names of well-known headers
-/// allocate nothing.
+/// What a message's `Connection` header said. The header itself, and the other hop-by-hop
+/// headers, are not kept in the message's header map: they belong to the connection it came on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnectionOptions {
+    pub close: bool,
+    pub keep_alive: bool,
+}
+
+/// True for headers that belong to one connection (RFC 9110 §7.6.1), and `Upgrade`: the proxy
+/// does not tunnel protocol switches. A match on the length first: this runs for every header.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    match name.len() {
+        2 => name == "te",
+        7 => name == "trailer" || name == "upgrade",
+        10 => name == "connection" || name == "keep-alive",
+        16 => name == "proxy-connection",
+        17 => name == "transfer-encoding",
+        18 => name == "proxy-authenticate",
+        19 => name == "proxy-authorization",
+        _ => false,
+    }
+}
+
+/// The end-to-end headers at `spans` of `head`, with room for `added` more (what the proxy adds),
+/// so that adding them does not grow the map. Values share the head's bytes; names of well-known
+/// headers allocate nothing. Hop-by-hop headers are left out, and so are the headers that
+/// `Connection` names, except `Transfer-Encoding`: framing reads it, then removes it.
 pub fn header_map(
     head: &Bytes,
     spans: &[HeaderSpan],
     added: usize,
-) -> Result<HeaderMap, &'static str> {
+) -> Result<(HeaderMap, ConnectionOptions), &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len() + added);
+    let mut options = ConnectionOptions::default();
+    let mut names_others = false;
     for span in spans {
         let (name, value) = (span.name, span.value);
         let name = HeaderName::from_bytes(&head[name.0 as usize..name.1 as usize])
             .map_err(|_| "invalid header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value.0 as usize..value.1 as usize))
-            .map_err(|_| "invalid header value")?;
-        headers.append(name, value);
+        let value = value.0 as usize..value.1 as usize;
+        if name == CONNECTION {
+            names_others |= options.add(&head[value]);
+        } else if !is_hop_by_hop(&name) || name == TRANSFER_ENCODING {
+            let value = HeaderValue::from_maybe_shared(head.slice(value))
+                .map_err(|_| "invalid header value")?;
+            headers.append(name, value);
+        }
     }
-    Ok(headers)
+    if names_others {
+        remove_connection_named(&mut headers, head, spans);
+    }
+    Ok((headers, options))
 }
 
-/// Whether a message of `version` with `headers` lets its connection carry another message.
-pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let tokens = || {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .map(HeaderValue::as_bytes)
-    };
+impl ConnectionOptions {
+    /// Notes the options of one `Connection` value; true when it names some other header.
+    fn add(&mut self, value: &[u8]) -> bool {
+        let mut names_others = false;
+        for token in value.split(|&b| b == b',').map(trim) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() {
+                names_others = true;
+            }
+        }
+        names_others
+    }
+}
+
+/// Removes the headers that a `Connection` header names (rare: most name none).
+fn remove_connection_named(headers: &mut HeaderMap, head: &[u8], spans: &[HeaderSpan]) {
+    for span in spans {
+        let name = &head[span.name.0 as usize..span.name.1 as usize];
+        if !name.eq_ignore_ascii_case(b"connection") {
+            continue;
+        }
+        let value = &head[span.value.0 as usize..span.value.1 as usize];
+        for token in value.split(|&b| b == b',').map(trim) {
+            if let Ok(named) = HeaderName::from_bytes(token) {
+                if named != TRANSFER_ENCODING {
+                    headers.remove(named);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a message of `version` with `options` lets its connection carry another message.
+pub fn keeps_alive(version: Version, options: ConnectionOptions) -> bool {
     if version == Version::HTTP_10 {
-        has_token(tokens(), b"keep-alive")
+        options.keep_alive
     } else {
-        !has_token(tokens(), b"close")
+        !options.close
     }
 }
 
@@ -314,20 +371,37 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, FramingError> {
 
 /// Writes the chunked-encoding frame header for `len` bytes of data.
 pub fn chunk_header(out: &mut Vec<u8>, len: usize) {
-    use std::io::Write;
-    let _ = write!(out, "{len:x}\r\n");
+    push_digits(out, len as u64, 16);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the header line that announces `framing`, if it needs one.
 pub fn framing_header(out: &mut Vec<u8>, framing: Framing) {
-    use std::io::Write;
     match framing {
         Framing::Length(len) => {
-            let _ = write!(out, "content-length: {len}\r\n");
+            out.extend_from_slice(b"content-length: ");
+            push_digits(out, len, 10);
+            out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Empty | Framing::UntilClose => {}
     }
+}
+
+/// Appends `n` in `radix` (10 or 16, lowercase). `write!` costs a formatter round trip per message.
+fn push_digits(out: &mut Vec<u8>, mut n: u64, radix: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = [0u8; 20];
+    let mut start = text.len();
+    loop {
+        start -= 1;
+        text[start] = DIGITS[(n % radix) as usize];
+        n /= radix;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&text[start..]);
 }
 
 /// The end of a chunked body (no trailers).
@@ -437,9 +511,34 @@ mod tests {
 
     #[test]
     fn tokens_are_found_case_insensitively() {
-        assert!(has_token([&b"keep-alive, Close"[..]].into_iter(), b"close"));
-        assert!(!has_token([&b"closed"[..]].into_iter(), b"close"));
+        let options = |value: &[u8]| {
+            let mut options = ConnectionOptions::default();
+            let names_others = options.add(value);
+            (options.close, options.keep_alive, names_others)
+        };
+        assert_eq!(options(b"keep-alive, Close"), (true, true, false));
+        assert_eq!(options(b"closed"), (false, false, true));
+        assert_eq!(options(b" , x-hop ,"), (false, false, true));
         assert!(chunked_is_last([&b"gzip, Chunked"[..]].into_iter()));
         assert!(!chunked_is_last([&b"chunked, gzip"[..]].into_iter()));
+    }
+
+    #[test]
+    fn framing_lines_spell_their_numbers() {
+        let line = |framing| {
+            let mut out = Vec::new();
+            framing_header(&mut out, framing);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(line(Framing::Length(0)), "content-length: 0\r\n");
+        assert_eq!(line(Framing::Length(1907)), "content-length: 1907\r\n");
+        assert_eq!(
+            line(Framing::Length(u64::MAX)),
+            format!("content-length: {}\r\n", u64::MAX)
+        );
+        let mut out = Vec::new();
+        chunk_header(&mut out, 0x1f0a);
+        chunk_header(&mut out, 0);
+        assert_eq!(out, b"1f0a\r\n0\r\n");
     }
 }

@@ -303,15 +303,15 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
         return Some(bad_request("invalid request target"));
     };
     // Room for X-Forwarded-For/-Proto/-Host, Via and X-Request-Id.
-    let mut headers = match codec::header_map(&head, &spans[..count], 5) {
-        Ok(headers) => headers,
+    let (mut headers, connection) = match codec::header_map(&head, &spans[..count], 5) {
+        Ok(parsed) => parsed,
         Err(reason) => return Some(bad_request(reason)),
     };
     let (framing, mut keep_alive) = match request_framing(version, &mut headers) {
         Ok(framing) => framing,
         Err((status, reason)) => return Some(NextRequest::Reject(status, reason)),
     };
-    keep_alive &= codec::keeps_alive(version, &headers);
+    keep_alive &= codec::keeps_alive(version, connection);
     let expects_continue = headers
         .get(EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -389,6 +389,8 @@ fn request_framing(
                 "transfer codings other than chunked are not supported",
             ));
         }
+        // The proxy frames the body itself toward the backend.
+        headers.remove(TRANSFER_ENCODING);
         // With both, Transfer-Encoding wins and the connection closes after the response.
         let both = headers.remove(CONTENT_LENGTH).is_some();
         return Ok((Framing::Chunked, !both));

@@ -267,7 +267,7 @@ pub fn upstream_response(head: ResponseHead, lease: UpstreamLease) -> Response<R
     *response.status_mut() = head.status;
     *response.headers_mut() = head.headers;
     let headers = response.headers_mut();
-    headers::strip_hop_by_hop(headers);
+    // The HTTP/1 codec has left the hop-by-hop headers out of the map.
     headers::append_to_list(headers, &VIA, &headers::via_value(head.version));
     response
 }

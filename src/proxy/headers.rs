@@ -1,9 +1,11 @@
 //! Header rewriting between client and backend.
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1: the fixed list plus every header the `Connection` header
-//! names) belong to one connection and are removed in both directions. Toward the backend the proxy
-//! adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host`, `Via` (appended) and an
-//! `x-request-id` when the client sent none. `Host` is kept as the client sent it.
+//! names) belong to one connection and are removed in both directions: the HTTP/1 codec leaves
+//! them out of the maps it builds, and [`strip_hop_by_hop`] cleans maps from elsewhere (HTTP/2).
+//! Toward the backend the proxy adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
+//! `X-Forwarded-Host`, `Via` (appended) and an `x-request-id` when the client sent none. `Host` is
+//! kept as the client sent it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -12,62 +14,31 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+use crate::http1::codec::{self, is_hop_by_hop};
+
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    // Not hop-by-hop by the RFC, but the proxy does not tunnel protocol switches.
-    header::UPGRADE,
-];
-
 /// Removes hop-by-hop headers, including the ones `Connection` lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds which are present: most messages carry none or one, and a
-    // removal attempt per listed name costs a hash lookup each.
-    let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    if present & 1 != 0 {
-        // Allocates only when Connection names a header that is present and not listed above.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|token| {
-                !token.is_empty()
-                    && !HOP_BY_HOP
-                        .iter()
-                        .any(|h| h.as_str().eq_ignore_ascii_case(token))
-                    && headers.contains_key(*token)
-            })
-            .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    let named = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|token| HeaderName::from_bytes(codec::trim(token)).ok());
+    doomed.extend(named);
+    for name in doomed {
+        headers.remove(name);
     }
 }
 

@@ -252,7 +252,10 @@ impl ProxyService {
     /// Turns the client's request head into the one the backend receives.
     fn rewrite_request(&self, request: &mut Request<RequestBody>) -> Result<(), ProxyError> {
         let version = request.version();
-        headers::strip_hop_by_hop(request.headers_mut());
+        if version >= Version::HTTP_2 {
+            // The HTTP/1 codec leaves hop-by-hop headers out of its maps; hyper's may hold some.
+            headers::strip_hop_by_hop(request.headers_mut());
+        }
         let host = match request.headers().get(HOST) {
             Some(host) => Some(host.clone()),
             // HTTP/2 and absolute-form requests carry the host in the URI.
