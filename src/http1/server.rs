@@ -31,7 +31,8 @@ use tokio::time::Instant;
 use super::codec::{
     self, Decoded, Decoder, Framing, FramingError, HeaderSpan, MAX_HEAD, MAX_HEADERS,
 };
-use crate::proxy::{ClientBody, ProxyService, ResponseBody};
+use crate::http1::OutgoingRequest;
+use crate::proxy::{ClientBody, ProxyService, RequestBody, ResponseBody};
 
 /// The start of every HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -92,12 +93,11 @@ fn lock<I>(wire: &Mutex<Wire<I>>) -> MutexGuard<'_, Wire<I>> {
 
 /// A parsed request head, and what the connection must do around it.
 struct Head {
-    request: Request<ClientBody>,
+    /// Boxed here, where it is built: the proxy keeps it boxed on its way to a backend.
+    request: OutgoingRequest,
     keep_alive: bool,
 }
 
-// Returned once per request, by value: boxing the head would cost an allocation instead.
-#[allow(clippy::large_enum_variant)]
 enum NextRequest {
     Ready(Head),
     Close,
@@ -158,12 +158,20 @@ async fn exchange<I: ClientIo>(
 ) -> bool {
     let head_only = head.request.method() == Method::HEAD;
     let version = head.request.version();
-    // Biased: the service runs first in each poll, so that once it has read the whole body the
-    // watch below starts reading the socket in the same poll.
-    let response = tokio::select! {
-        biased;
-        response = service.handle(head.request) => response,
-        () = client_gone(wire) => return false,
+    // The service runs first in each poll, so that once it has read the whole body the watch
+    // for the client leaving starts reading the socket in the same poll. (Not `select!`, which
+    // moves the service's future around several times per request.)
+    let handled = {
+        // Scoped, so that the response writing below reuses this future's space.
+        let mut handling = std::pin::pin!(service.handle(head.request));
+        poll_fn(|cx| match handling.as_mut().poll(cx) {
+            Poll::Ready(response) => Poll::Ready(Some(response)),
+            Poll::Pending => poll_client_gone(wire, cx).map(|()| None),
+        })
+        .await
+    };
+    let Some(response) = handled else {
+        return false;
     };
     let body_read = lock(wire).decoder.is_done();
     let keep_alive = head.keep_alive && body_read && !*stop.borrow();
@@ -331,7 +339,10 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     } else {
         H1Body { wire: Some(shared) }
     };
-    let mut request = Request::new(ClientBody::H1(body));
+    let mut request = Box::new(Request::new(RequestBody::streaming(
+        ClientBody::H1(body),
+        u64::MAX,
+    )));
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = version;
@@ -411,24 +422,21 @@ fn request_framing(
 
 /// Completes if the client closes the connection while its request is in progress. Bytes it
 /// pipelines meanwhile are kept for the next request.
-async fn client_gone<I: ClientIo>(wire: &SharedWire<I>) {
-    poll_fn(|cx| {
-        let mut guard = lock(wire);
-        let w = &mut *guard;
-        loop {
-            // While the body is being read, its reader notices a close itself.
-            if !w.decoder.is_done() || w.buf.len() >= MAX_HEAD {
-                return Poll::Pending;
-            }
-            // No buffer while the backend works, unless the client sends something.
-            let read = codec::poll_read_when_ready(&mut w.io, cx, &mut w.buf, I::poll_idle_ready);
-            match ready!(read) {
-                Ok(0) | Err(_) => return Poll::Ready(()),
-                Ok(_) => {}
-            }
+fn poll_client_gone<I: ClientIo>(wire: &SharedWire<I>, cx: &mut Context<'_>) -> Poll<()> {
+    let mut guard = lock(wire);
+    let w = &mut *guard;
+    loop {
+        // While the body is being read, its reader notices a close itself.
+        if !w.decoder.is_done() || w.buf.len() >= MAX_HEAD {
+            return Poll::Pending;
         }
-    })
-    .await
+        // No buffer while the backend works, unless the client sends something.
+        let read = codec::poll_read_when_ready(&mut w.io, cx, &mut w.buf, I::poll_idle_ready);
+        match ready!(read) {
+            Ok(0) | Err(_) => return Poll::Ready(()),
+            Ok(_) => {}
+        }
+    }
 }
 
 /// The request body, read from the client connection as it is polled.

@@ -125,7 +125,7 @@ impl ProxyService {
     /// whole request, and every byte of this future is allocated and moved per request.
     pub fn handle(
         self,
-        request: Request<ClientBody>,
+        request: OutgoingRequest,
     ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let started = Instant::now();
         let snapshot = self.snapshots.load_full();
@@ -135,8 +135,6 @@ impl ProxyService {
             .log
             .access_log
             .then(|| Box::new(request.uri().clone()));
-        // Boxed once, here: the request passes through several futures on its way to a backend.
-        let request = Box::new(request.map(|body| RequestBody::streaming(body, u64::MAX)));
         async move {
             let _active = self.conn.activity.begin();
             let mut exchange = Exchange::default();
@@ -305,7 +303,8 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.handle(request.map(ClientBody::H2)).await) })
+        let request = request.map(|body| RequestBody::streaming(ClientBody::H2(body), u64::MAX));
+        Box::pin(async move { Ok(this.handle(Box::new(request)).await) })
     }
 }
 
