@@ -128,7 +128,7 @@ mod tests {
             Balancer::LeastConn,
             Default::default(),
         );
-        let (_, member, guard) = upstream.pick(None, &[]).unwrap();
+        let (_, member, guard) = upstream.pick(None, &[], 0).unwrap();
         assert_eq!(member.backend.inflight(), 1);
         assert_eq!(upstream.inflight.load(Ordering::Relaxed), 1);
         drop(guard);

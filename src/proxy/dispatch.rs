@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Uri, Version};
@@ -20,7 +21,7 @@ use crate::balance::KeyHash;
 use crate::error::ProxyError;
 use crate::http1::{OutgoingRequest, ResponseHead};
 use crate::route::Route;
-use crate::upstream::{Outcome, Upstream};
+use crate::upstream::{clock_ms, ms_at, Outcome, Upstream};
 
 /// A response head from a backend, with what must be held until its body is read.
 pub(super) struct Dispatched {
@@ -60,7 +61,9 @@ pub(super) fn dispatch<'a>(
         let mut tried = Vec::new();
         let mut last_failure: Option<NotDispatched> = None;
         loop {
-            let Some((index, member, inflight)) = upstream.pick(key, &tried) else {
+            // One clock read serves the pick, the pool and the response timeout.
+            let sent_at = Instant::now();
+            let Some((index, member, inflight)) = upstream.pick(key, &tried, ms_at(sent_at)) else {
                 // With nowhere left to retry, the client hears of the failure that really happened.
                 return Err(last_failure.unwrap_or(NotDispatched {
                     error: ProxyError::NoBackend,
@@ -68,20 +71,25 @@ pub(super) fn dispatch<'a>(
                 }));
             };
             let backend = member.backend.shared_label();
-            let sent_at = std::time::Instant::now();
             match member
                 .backend
-                .send(request, route.connect_timeout, route.response_timeout)
+                .send(
+                    request,
+                    route.connect_timeout,
+                    route.response_timeout,
+                    sent_at,
+                )
                 .await
             {
                 Ok((head, conn)) => {
-                    member.metrics.responded(head.status, sent_at.elapsed());
+                    let responded = Instant::now();
+                    member.metrics.responded(head.status, responded - sent_at);
                     let outcome = if head.status.is_server_error() {
                         Outcome::Failure
                     } else {
                         Outcome::Success
                     };
-                    upstream.record(index, outcome);
+                    upstream.record(index, outcome, ms_at(responded));
                     for permit in admission.iter().flatten() {
                         permit.responded();
                     }
@@ -106,7 +114,7 @@ pub(super) fn dispatch<'a>(
                             backend: Some(backend),
                         });
                     }
-                    upstream.record(index, Outcome::Failure);
+                    upstream.record(index, Outcome::Failure, clock_ms());
                     let again = failure
                         .unsent
                         .or_else(|| replay.as_deref().map(Replay::request));

@@ -34,7 +34,7 @@ use crate::http1::{Http1Error, OutgoingRequest};
 use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
-use crate::upstream::{clock_ms, SendError, Upstream};
+use crate::upstream::{clock_ms, ms_at, SendError, Upstream};
 
 /// What the proxy knows about one client connection; shared by its requests.
 #[derive(Debug)]
@@ -92,7 +92,17 @@ impl ConnActivity {
 
 struct ActiveRequest<'a>(&'a ConnActivity);
 
+impl ActiveRequest<'_> {
+    /// The request is answered; `now` is the time the caller has just read.
+    fn end(self, now: Instant) {
+        self.0.idle_since_ms.store(ms_at(now), Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for ActiveRequest<'_> {
+    /// The request was cancelled (its client left).
     fn drop(&mut self) {
         self.0.idle_since_ms.store(clock_ms(), Ordering::Relaxed);
         self.0.active.fetch_sub(1, Ordering::Relaxed);
@@ -136,7 +146,7 @@ impl ProxyService {
             .access_log
             .then(|| Box::new(request.uri().clone()));
         async move {
-            let _active = self.conn.activity.begin();
+            let active = self.conn.activity.begin();
             let mut exchange = Exchange::default();
             let response = match self.forward(&snapshot, request, &mut exchange).await {
                 Ok(response) => response,
@@ -156,7 +166,9 @@ impl ProxyService {
                     )
                 }
             };
-            let took = started.elapsed();
+            let ended = Instant::now();
+            active.end(ended);
+            let took = ended - started;
             let route_metrics = exchange.route.map_or(&snapshot.unrouted, |r| &r.metrics);
             route_metrics.record(&method, response.status(), took);
             if let Some(uri) = logged_uri {

@@ -19,7 +19,7 @@ use crate::admission::Limiter;
 use crate::balance::{Balancer, KeyHash};
 use crate::config::OutlierConfig;
 use crate::metrics::BackendMetrics;
-pub use health::{clock_ms, Health, Outcome};
+pub use health::{clock_ms, ms_at, Health, Outcome};
 pub use pool::{SendError, SendFailure, UpstreamConn};
 
 /// Live state of one backend address, shared by every snapshot that lists it.
@@ -185,13 +185,13 @@ impl Upstream {
 
     /// Chooses a usable backend for the next request (by `key` on a consistent-hash upstream),
     /// avoiding the members in `tried`, and counts it as in flight; `None` when no backend is
-    /// usable. Returns the member's index.
+    /// usable. Returns the member's index. `now` is [`clock_ms`] as the caller last read it.
     pub fn pick(
         &self,
         key: Option<KeyHash>,
         tried: &[usize],
+        now: u64,
     ) -> Option<(usize, &Member, InflightGuard)> {
-        let now = clock_ms();
         let usable = |m: usize| !tried.contains(&m) && self.members[m].usable(now);
         let pick = self.balancer.pick(
             &self.members,
@@ -208,12 +208,11 @@ impl Upstream {
     }
 
     /// Records how an exchange with member `index` went, ejecting it when outlier detection says
-    /// so and `max_ejection_percent` allows.
-    pub fn record(&self, index: usize, outcome: Outcome) {
+    /// so and `max_ejection_percent` allows. `now` is [`clock_ms`] as the caller last read it.
+    pub fn record(&self, index: usize, outcome: Outcome, now: u64) {
         if self.outlier.consecutive_failures == 0 {
             return;
         }
-        let now = clock_ms();
         let member = &self.members[index];
         let Some(duration) = member.backend.health.record(outcome, &self.outlier, now) else {
             return;

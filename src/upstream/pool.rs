@@ -29,10 +29,10 @@ pub(super) struct Pool {
 }
 
 impl Pool {
-    fn take(&self) -> Option<UpstreamConn> {
+    fn take(&self, now: Instant) -> Option<UpstreamConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some((mut conn, since)) = idle.pop() {
-            if since.elapsed() < POOL_IDLE_TIMEOUT && conn.is_usable() {
+            if now.saturating_duration_since(since) < POOL_IDLE_TIMEOUT && conn.is_usable() {
                 return Some(conn);
             }
         }
@@ -88,23 +88,25 @@ impl Backend {
     /// Sends `request` on a pooled or new connection and waits for the response head.
     ///
     /// On success the connection comes back with the response; hand it to [`Backend::reuse`] once the
-    /// response body has been read to its end. (Not an `async fn`, which would keep a second copy
-    /// of the request for the whole exchange.)
+    /// response body has been read to its end. `now` is the time the caller last read; the
+    /// response timeout runs from then. (Not an `async fn`, which would keep a second copy of the
+    /// request for the whole exchange.)
     #[allow(clippy::manual_async_fn)] // see the doc comment
     pub fn send(
         &self,
         mut request: OutgoingRequest,
         connect_timeout: Duration,
         response_timeout: Duration,
+        now: Instant,
     ) -> impl Future<Output = Result<(ResponseHead, UpstreamConn), SendFailure>> + Send + '_ {
         async move {
             loop {
-                let (mut conn, fresh) = match self.pool.take() {
-                    Some(conn) => (conn, false),
+                let (mut conn, sent_at) = match self.pool.take(now) {
+                    Some(conn) => (conn, None),
                     // Boxed: connecting (TLS included) is rare, and its future would otherwise
                     // enlarge every request's future.
                     None => match Box::pin(self.connect(connect_timeout)).await {
-                        Ok(conn) => (conn, true),
+                        Ok(conn) => (conn, Some(Instant::now())),
                         Err(error) => {
                             return Err(SendFailure {
                                 error,
@@ -113,8 +115,10 @@ impl Backend {
                         }
                     },
                 };
+                let fresh = sent_at.is_some();
+                let deadline = sent_at.unwrap_or(now) + response_timeout;
                 let exchange = conn.send(request);
-                match tokio::time::timeout(response_timeout, exchange).await {
+                match tokio::time::timeout_at(deadline.into(), exchange).await {
                     Err(_) => {
                         return Err(SendFailure {
                             error: SendError::ResponseTimeout,
