@@ -248,6 +248,8 @@ async fn dedupe_merges_only_identical_pending_writes() {
     for r in replies {
         let reply = bounded("reply", r).await.unwrap();
         assert_eq!(reply.status, 200);
+        // Shared replies carry the backend's headers, Via included.
+        assert_eq!(reply.headers["via"], "1.1 writegate");
         hows.push(how(&reply).to_string());
     }
     assert_eq!(

@@ -134,6 +134,12 @@ async fn response_hop_by_hop_headers_are_stripped() {
             .insert("connection", "x-internal".parse().unwrap());
         r.headers_mut().insert("x-internal", "1".parse().unwrap());
         r.headers_mut().insert("x-public", "1".parse().unwrap());
+        r.headers_mut()
+            .insert("keep-alive", "timeout=5".parse().unwrap());
+        r.headers_mut().append("via", "1.0 origin".parse().unwrap());
+        r.headers_mut().append("via", "1.1 cache".parse().unwrap());
+        r.headers_mut()
+            .insert("date", "Mon, 01 Jan 2024 00:00:00 GMT".parse().unwrap());
         r
     })
     .await;
@@ -141,7 +147,17 @@ async fn response_hop_by_hop_headers_are_stripped() {
     let reply = get(proxy.addr, "/").await;
     assert_eq!(reply.status, 200);
     assert!(!reply.headers.contains_key("x-internal"));
+    assert!(!reply.headers.contains_key("keep-alive"));
     assert_eq!(reply.headers["x-public"], "1");
+    let vias: Vec<_> = reply.headers.get_all("via").iter().collect();
+    assert_eq!(vias, ["1.0 origin, 1.1 cache, 1.1 writegate"]);
+    let dates: Vec<_> = reply.headers.get_all("date").iter().collect();
+    assert_eq!(
+        dates,
+        ["Mon, 01 Jan 2024 00:00:00 GMT"],
+        "the backend's Date is kept"
+    );
+    assert_eq!(&reply.body[..], b"ok");
     proxy.shutdown().await;
 }
 
@@ -186,6 +202,9 @@ async fn h2c_clients_are_proxied_to_http1_backends() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["via"], "1.1 writegate");
+    assert!(response.headers().contains_key("date"));
+    assert!(!response.headers().contains_key("connection"));
     let got = b.last();
     assert_eq!(got.uri, "/kv/a?x=1", "the backend gets origin form");
     assert_eq!(

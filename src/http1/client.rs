@@ -12,15 +12,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::codec::{
-    self, Decoded, Decoder, Framing, FramingError, HeaderSpan, MAX_HEAD, MAX_HEADERS,
-};
+use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
+use super::fields::{self, HeadFacts, HeaderSpan, RawHeaders};
 use crate::proxy::{RequestBody, RequestBodyError};
 
 /// Body data up to this size is copied next to the head so that both leave in one write.
@@ -72,7 +71,8 @@ pub enum Http1Error {
 pub struct ResponseHead {
     pub status: StatusCode,
     pub version: Version,
-    pub headers: HeaderMap,
+    /// The end-to-end header lines, as received.
+    pub headers: RawHeaders,
     pub framing: Framing,
     /// Whether the connection may carry another request once this body has been read.
     pub keep_alive: bool,
@@ -268,16 +268,14 @@ impl UpstreamConn {
                 Version::HTTP_11
             };
             let mut spans = [HeaderSpan::default(); MAX_HEADERS];
-            let count = codec::header_spans(&self.buf, response.headers, &mut spans);
+            let count = fields::header_spans(&self.buf, response.headers, &mut spans);
             let head = self.buf.split_to(head_len).freeze();
             if status.is_informational() {
                 continue;
             }
-            let (mut headers, connection) =
-                codec::header_map(&head, &spans[..count], 1).map_err(Http1Error::Malformed)?;
-            let framing = response_framing(status, head_request, &mut headers)?;
-            let keep_alive =
-                framing != Framing::UntilClose && codec::keeps_alive(version, connection);
+            let (headers, facts) = RawHeaders::new(head, &spans[..count]);
+            let framing = response_framing(status, head_request, &facts)?;
+            let keep_alive = framing != Framing::UntilClose && facts.keeps_alive(version);
             return Ok(Some(ResponseHead {
                 status,
                 version,
@@ -405,33 +403,19 @@ fn encode_data(out: &mut Vec<u8>, framing: Framing, data: &[u8]) {
 fn response_framing(
     status: StatusCode,
     head_request: bool,
-    headers: &mut HeaderMap,
+    facts: &HeadFacts,
 ) -> Result<Framing, Http1Error> {
-    // Hop-by-hop: the proxy frames the body itself toward the client.
-    let chunked = headers.contains_key(TRANSFER_ENCODING).then(|| {
-        let codings = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .map(HeaderValue::as_bytes);
-        let chunked = codec::chunked_is_last(codings);
-        headers.remove(TRANSFER_ENCODING);
-        chunked
-    });
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    if let Some(chunked) = chunked {
+    if let Some(chunked) = facts.chunked_last {
         return Ok(if chunked {
             Framing::Chunked
         } else {
             Framing::UntilClose
         });
     }
-    let lengths = headers
-        .get_all(CONTENT_LENGTH)
-        .iter()
-        .map(HeaderValue::as_bytes);
-    Ok(match codec::content_length(lengths)? {
+    Ok(match facts.content_length? {
         Some(len) => Framing::Length(len),
         None => Framing::UntilClose,
     })

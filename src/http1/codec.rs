@@ -4,8 +4,6 @@ use std::io;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, TRANSFER_ENCODING};
-use http::{HeaderMap, Version};
 use tokio::io::AsyncRead;
 
 /// Longest message head accepted (request or status line and headers).
@@ -32,7 +30,7 @@ pub enum Framing {
 }
 
 /// Why a message could not be read.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
 pub enum FramingError {
     #[error("invalid Content-Length")]
     BadLength,
@@ -46,18 +44,15 @@ pub enum FramingError {
     ChunkLineTooLong,
 }
 
-/// Parses every Content-Length value; several are allowed only when they agree.
-pub fn content_length<'a>(
-    values: impl Iterator<Item = &'a [u8]>,
-) -> Result<Option<u64>, FramingError> {
-    let mut found = None;
-    for value in values {
-        for part in value.split(|&b| b == b',') {
-            let len = parse_decimal(trim(part)).ok_or(FramingError::BadLength)?;
-            match found {
-                Some(previous) if previous != len => return Err(FramingError::ConflictingLengths),
-                _ => found = Some(len),
-            }
+/// Adds one Content-Length header value to the length `found` so far; several values (in one line
+/// or more) are allowed only when they agree.
+pub fn content_length(found: Option<u64>, value: &[u8]) -> Result<Option<u64>, FramingError> {
+    let mut found = found;
+    for part in value.split(|&b| b == b',') {
+        let len = parse_decimal(trim(part)).ok_or(FramingError::BadLength)?;
+        match found {
+            Some(previous) if previous != len => return Err(FramingError::ConflictingLengths),
+            _ => found = Some(len),
         }
     }
     Ok(found)
@@ -90,127 +85,6 @@ pub fn chunked_is_last<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
         .flat_map(|v| v.split(|&b| b == b','))
         .last()
         .is_some_and(|t| trim(t).eq_ignore_ascii_case(b"chunked"))
-}
-
-/// Where one header's name and value lie in a message head. (Offsets are `u32` to keep the
-/// per-parse array of these small; a head is at most [`MAX_HEAD`] bytes past its buffer's start.)
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HeaderSpan {
-    name: (u32, u32),
-    value: (u32, u32),
-}
-
-/// Records where httparse found each header in `buf`, so that the head can be frozen and shared.
-pub fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>], out: &mut [HeaderSpan]) -> usize {
-    let base = buf.as_ptr() as usize;
-    for (span, header) in out.iter_mut().zip(headers) {
-        let name = (header.name.as_ptr() as usize - base) as u32;
-        let value = (header.value.as_ptr() as usize - base) as u32;
-        *span = HeaderSpan {
-            name: (name, name + header.name.len() as u32),
-            value: (value, value + header.value.len() as u32),
-        };
-    }
-    headers.len().min(out.len())
-}
-
-/// What a message's `Connection` header said. The header itself, and the other hop-by-hop
-/// headers, are not kept in the message's header map: they belong to the connection it came on.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ConnectionOptions {
-    pub close: bool,
-    pub keep_alive: bool,
-}
-
-/// True for headers that belong to one connection (RFC 9110 §7.6.1), and `Upgrade`: the proxy
-/// does not tunnel protocol switches. A match on the length first: this runs for every header.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    let name = name.as_str();
-    match name.len() {
-        2 => name == "te",
-        7 => name == "trailer" || name == "upgrade",
-        10 => name == "connection" || name == "keep-alive",
-        16 => name == "proxy-connection",
-        17 => name == "transfer-encoding",
-        18 => name == "proxy-authenticate",
-        19 => name == "proxy-authorization",
-        _ => false,
-    }
-}
-
-/// The end-to-end headers at `spans` of `head`, with room for `added` more (what the proxy adds),
-/// so that adding them does not grow the map. Values share the head's bytes; names of well-known
-/// headers allocate nothing. Hop-by-hop headers are left out, and so are the headers that
-/// `Connection` names, except `Transfer-Encoding`: framing reads it, then removes it.
-pub fn header_map(
-    head: &Bytes,
-    spans: &[HeaderSpan],
-    added: usize,
-) -> Result<(HeaderMap, ConnectionOptions), &'static str> {
-    let mut headers = HeaderMap::with_capacity(spans.len() + added);
-    let mut options = ConnectionOptions::default();
-    let mut names_others = false;
-    for span in spans {
-        let (name, value) = (span.name, span.value);
-        let name = HeaderName::from_bytes(&head[name.0 as usize..name.1 as usize])
-            .map_err(|_| "invalid header name")?;
-        let value = value.0 as usize..value.1 as usize;
-        if name == CONNECTION {
-            names_others |= options.add(&head[value]);
-        } else if !is_hop_by_hop(&name) || name == TRANSFER_ENCODING {
-            let value = HeaderValue::from_maybe_shared(head.slice(value))
-                .map_err(|_| "invalid header value")?;
-            headers.append(name, value);
-        }
-    }
-    if names_others {
-        remove_connection_named(&mut headers, head, spans);
-    }
-    Ok((headers, options))
-}
-
-impl ConnectionOptions {
-    /// Notes the options of one `Connection` value; true when it names some other header.
-    fn add(&mut self, value: &[u8]) -> bool {
-        let mut names_others = false;
-        for token in value.split(|&b| b == b',').map(trim) {
-            if token.eq_ignore_ascii_case(b"close") {
-                self.close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                self.keep_alive = true;
-            } else if !token.is_empty() {
-                names_others = true;
-            }
-        }
-        names_others
-    }
-}
-
-/// Removes the headers that a `Connection` header names (rare: most name none).
-fn remove_connection_named(headers: &mut HeaderMap, head: &[u8], spans: &[HeaderSpan]) {
-    for span in spans {
-        let name = &head[span.name.0 as usize..span.name.1 as usize];
-        if !name.eq_ignore_ascii_case(b"connection") {
-            continue;
-        }
-        let value = &head[span.value.0 as usize..span.value.1 as usize];
-        for token in value.split(|&b| b == b',').map(trim) {
-            if let Ok(named) = HeaderName::from_bytes(token) {
-                if named != TRANSFER_ENCODING {
-                    headers.remove(named);
-                }
-            }
-        }
-    }
-}
-
-/// Whether a message of `version` with `options` lets its connection carry another message.
-pub fn keeps_alive(version: Version, options: ConnectionOptions) -> bool {
-    if version == Version::HTTP_10 {
-        options.keep_alive
-    } else {
-        !options.close
-    }
 }
 
 /// Decodes one message body from a read buffer, a piece at a time.
@@ -500,25 +374,20 @@ mod tests {
 
     #[test]
     fn content_lengths_must_agree() {
-        let one = |v: &'static [u8]| content_length([v].into_iter());
+        let one = |v: &[u8]| content_length(None, v);
         assert_eq!(one(b"42"), Ok(Some(42)));
         assert_eq!(one(b"7, 7"), Ok(Some(7)));
         assert_eq!(one(b"7, 8"), Err(FramingError::ConflictingLengths));
+        assert_eq!(
+            content_length(Some(7), b"8"),
+            Err(FramingError::ConflictingLengths)
+        );
         assert_eq!(one(b"+7"), Err(FramingError::BadLength));
         assert_eq!(one(b""), Err(FramingError::BadLength));
-        assert_eq!(content_length(std::iter::empty()), Ok(None));
     }
 
     #[test]
-    fn tokens_are_found_case_insensitively() {
-        let options = |value: &[u8]| {
-            let mut options = ConnectionOptions::default();
-            let names_others = options.add(value);
-            (options.close, options.keep_alive, names_others)
-        };
-        assert_eq!(options(b"keep-alive, Close"), (true, true, false));
-        assert_eq!(options(b"closed"), (false, false, true));
-        assert_eq!(options(b" , x-hop ,"), (false, false, true));
+    fn chunked_is_found_case_insensitively() {
         assert!(chunked_is_last([&b"gzip, Chunked"[..]].into_iter()));
         assert!(!chunked_is_last([&b"chunked, gzip"[..]].into_iter()));
     }

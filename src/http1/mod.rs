@@ -1,19 +1,21 @@
 //! HTTP/1.1 on the wire, written for the proxy's hot path.
 //!
 //! Client connections and backend connections alike are served here for HTTP/1.1 (hyper still
-//! serves HTTP/2 clients and the admin listener). hyper's HTTP/1 client runs each backend connection on its own task and hands requests and
-//! responses over channels; for a proxy that is two task switches and several allocations per
-//! request. Here a backend connection is a plain value: the client's task writes the request on it,
-//! reads the response head, and streams the response body straight from its read buffer, then puts
-//! the connection back in the pool. Parsing is httparse's (as in hyper); head bytes are shared,
-//! not copied, into header values.
+//! serves HTTP/2 clients and the admin listener). hyper's HTTP/1 client runs each backend
+//! connection on its own task and hands requests and responses over channels; for a proxy that is
+//! two task switches and several allocations per request. Here a backend connection is a plain
+//! value: the client's task writes the request on it, reads the response head, and streams the
+//! response body straight from its read buffer, then puts the connection back in the pool. Parsing
+//! is httparse's (as in hyper); head bytes are shared, not copied, into header values.
 //!
 //! - [`codec`]: message framing (Content-Length, chunked, until close) and the body decoder.
+//! - [`fields`]: a head's header lines: hop-by-hop ones read and dropped, the rest passed on.
 //! - [`client`]: one keep-alive connection to a backend.
 //! - [`server`]: one client connection, from accept to close, holding no buffer while idle.
 
 pub mod client;
 pub mod codec;
+pub mod fields;
 pub mod server;
 
 pub use client::{Http1Error, OutgoingRequest, ResponseHead, UpstreamConn, UpstreamStream};

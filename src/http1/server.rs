@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
+use http::header::{HeaderValue, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -28,11 +28,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::codec::{
-    self, Decoded, Decoder, Framing, FramingError, HeaderSpan, MAX_HEAD, MAX_HEADERS,
-};
+use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
+use super::fields::{self, HeadFacts, HeaderSpan};
 use crate::http1::OutgoingRequest;
-use crate::proxy::{ClientBody, ProxyService, RequestBody, ResponseBody};
+use crate::proxy::{ClientBody, PendingHeaders, ProxyService, RequestBody, ResponseBody};
 
 /// The start of every HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -305,21 +304,21 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     let target_start = target.as_ptr() as usize - w.buf.as_ptr() as usize;
     let target_span = target_start..target_start + target.len();
     let mut spans = [HeaderSpan::default(); MAX_HEADERS];
-    let count = codec::header_spans(&w.buf, parsed.headers, &mut spans);
+    let count = fields::header_spans(&w.buf, parsed.headers, &mut spans);
     let head = w.buf.split_to(head_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target_span)) else {
         return Some(bad_request("invalid request target"));
     };
     // Room for X-Forwarded-For/-Proto/-Host, Via and X-Request-Id.
-    let (mut headers, connection) = match codec::header_map(&head, &spans[..count], 5) {
+    let (mut headers, facts) = match fields::header_map(&head, &spans[..count], 5) {
         Ok(parsed) => parsed,
         Err(reason) => return Some(bad_request(reason)),
     };
-    let (framing, mut keep_alive) = match request_framing(version, &mut headers) {
+    let (framing, mut keep_alive) = match request_framing(version, &mut headers, &facts) {
         Ok(framing) => framing,
         Err((status, reason)) => return Some(NextRequest::Reject(status, reason)),
     };
-    keep_alive &= codec::keeps_alive(version, connection);
+    keep_alive &= facts.keeps_alive(version);
     let expects_continue = headers
         .get(EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -371,28 +370,25 @@ fn parse_reason(error: httparse::Error) -> &'static str {
 fn request_framing(
     version: Version,
     headers: &mut HeaderMap,
+    facts: &HeadFacts,
 ) -> Result<(Framing, bool), (StatusCode, &'static str)> {
-    if headers.contains_key(TRANSFER_ENCODING) {
+    if let Some(chunked_last) = facts.chunked_last {
         if version == Version::HTTP_10 {
             return Err((
                 StatusCode::BAD_REQUEST,
                 "Transfer-Encoding in an HTTP/1.0 request",
             ));
         }
-        let codings = || {
-            headers
-                .get_all(TRANSFER_ENCODING)
-                .iter()
-                .map(HeaderValue::as_bytes)
-        };
-        if !codec::chunked_is_last(codings()) {
+        if !chunked_last {
             return Err((
                 StatusCode::BAD_REQUEST,
                 "Transfer-Encoding must end with chunked",
             ));
         }
-        let only_chunked = codings()
-            .flat_map(|v| v.split(|&b| b == b','))
+        let only_chunked = headers
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .all(|t| codec::trim(t).eq_ignore_ascii_case(b"chunked"));
         if !only_chunked {
             return Err((
@@ -406,11 +402,7 @@ fn request_framing(
         let both = headers.remove(CONTENT_LENGTH).is_some();
         return Ok((Framing::Chunked, !both));
     }
-    let lengths = headers
-        .get_all(CONTENT_LENGTH)
-        .iter()
-        .map(HeaderValue::as_bytes);
-    match codec::content_length(lengths) {
+    match facts.content_length {
         Ok(Some(len)) => Ok((Framing::Length(len), true)),
         Ok(None) => Ok((Framing::Empty, true)),
         Err(FramingError::ConflictingLengths) => {
@@ -573,14 +565,13 @@ async fn write_response<I: ClientIo>(
         }
     };
     let keep_alive = reply.keep_alive && framing != Framing::UntilClose;
-    encode_head(
-        out,
-        status,
-        &parts.headers,
-        framing,
-        keep_alive,
-        reply.version,
-    );
+    let pending = body.take_pending_headers();
+    let fields = ResponseFields {
+        map: &parts.headers,
+        pending: pending.as_ref(),
+    };
+    encode_head(out, status, fields, framing, keep_alive, reply.version);
+    drop(pending);
     let mut ended = no_body || body.is_end_stream();
     loop {
         // Gather what the body has ready, so that a small response leaves in one write.
@@ -636,10 +627,16 @@ async fn take_piece<I: ClientIo>(
     Ok(body.is_end_stream())
 }
 
+/// The header lines of a response: its map, and a backend's lines not yet in it.
+struct ResponseFields<'a> {
+    map: &'a HeaderMap,
+    pending: Option<&'a PendingHeaders>,
+}
+
 fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: ResponseFields<'_>,
     framing: Framing,
     keep_alive: bool,
     version: Version,
@@ -649,17 +646,36 @@ fn encode_head(
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
-        let framing_header = name == CONTENT_LENGTH || name == TRANSFER_ENCODING;
-        if name == CONNECTION || (framing_header && framing != Framing::Empty) {
-            continue;
+    let mut has_date = fields.map.contains_key(DATE);
+    for (name, value) in fields.map {
+        if !written_by_codec(name.as_str().as_bytes(), framing) {
+            header_line(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+    }
+    if let Some(pending) = fields.pending {
+        has_date |= pending.lines.has_date();
+        let mut backend_via = false;
+        for (name, value) in pending.lines.iter() {
+            if name.eq_ignore_ascii_case(b"via") {
+                backend_via = true;
+            } else if !written_by_codec(name, framing) {
+                header_line(out, name, value);
+            }
+        }
+        // The backend's Via values and the proxy's, folded into one line.
+        out.extend_from_slice(b"via: ");
+        if backend_via {
+            for (name, value) in pending.lines.iter() {
+                if name.eq_ignore_ascii_case(b"via") {
+                    out.extend_from_slice(value);
+                    out.extend_from_slice(b", ");
+                }
+            }
+        }
+        out.extend_from_slice(pending.via().as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !headers.contains_key(DATE) {
+    if !has_date {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(&http_date());
         out.extend_from_slice(b"\r\n");
@@ -671,6 +687,23 @@ fn encode_head(
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Headers this server writes itself: `Connection`, and the framing ones unless there is no body.
+fn written_by_codec(name: &[u8], framing: Framing) -> bool {
+    match name.len() {
+        10 => name.eq_ignore_ascii_case(b"connection"),
+        14 => framing != Framing::Empty && name.eq_ignore_ascii_case(b"content-length"),
+        17 => framing != Framing::Empty && name.eq_ignore_ascii_case(b"transfer-encoding"),
+        _ => false,
+    }
 }
 
 /// A complete response refusing a malformed request, in the proxy's one-line error format.
@@ -687,7 +720,11 @@ fn rejection(status: StatusCode, reason: &str) -> Vec<u8> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     let framing = Framing::Length(text.len() as u64);
-    encode_head(&mut out, status, &headers, framing, false, Version::HTTP_11);
+    let fields = ResponseFields {
+        map: &headers,
+        pending: None,
+    };
+    encode_head(&mut out, status, fields, framing, false, Version::HTTP_11);
     out.extend_from_slice(text.as_bytes());
     out
 }

@@ -11,14 +11,15 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http::header::VIA;
-use http::Response;
+use http::header::{HeaderValue, VIA};
+use http::{Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::headers;
 use crate::admission::AdmissionPermit;
 use crate::http1::codec::Decoder;
+use crate::http1::fields::RawHeaders;
 use crate::http1::server::H1Body;
 use crate::http1::{Http1Error, ResponseHead};
 use crate::upstream::{InflightGuard, UpstreamConn};
@@ -227,6 +228,9 @@ pub struct ResponseBody {
 }
 
 #[derive(Debug)]
+// `Full` is for the proxy's own responses; boxing the common variant would cost an allocation per
+// response.
+#[allow(clippy::large_enum_variant)]
 enum ResponseKind {
     Full(Option<Bytes>),
     Upstream {
@@ -234,7 +238,24 @@ enum ResponseKind {
         keep_alive: bool,
         /// Present until the body ends; holds the connection the body is read from.
         lease: Option<UpstreamLease>,
+        /// The backend's header lines, until they are written or moved into the map.
+        pending: Option<PendingHeaders>,
     },
+}
+
+/// A backend response's end-to-end header lines, not yet in the response's `HeaderMap`. The
+/// HTTP/1 server writes them as they came; [`complete_headers`] builds the map for everyone else.
+#[derive(Debug)]
+pub struct PendingHeaders {
+    pub lines: RawHeaders,
+    /// The backend's HTTP version, named in the `Via` value the proxy adds.
+    pub version: Version,
+}
+
+impl PendingHeaders {
+    pub fn via(&self) -> HeaderValue {
+        headers::via_value(self.version)
+    }
 }
 
 /// The backend connection and in-flight count held by a response that is still streaming.
@@ -254,25 +275,47 @@ impl UpstreamLease {
     }
 }
 
-/// The client's response for a backend's response head: hop-by-hop headers go, `Via` grows, and
-/// the body streams from the backend connection held by `lease`.
+/// The client's response for a backend's response head, its body streaming from the backend
+/// connection held by `lease`. Its header lines stay pending (the codec has dropped the hop-by-hop
+/// ones): a consumer other than the HTTP/1 server calls [`complete_headers`] first.
 pub fn upstream_response(head: ResponseHead, lease: UpstreamLease) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody {
         kind: ResponseKind::Upstream {
             decoder: Decoder::new(head.framing),
             keep_alive: head.keep_alive,
             lease: Some(lease),
+            pending: Some(PendingHeaders {
+                lines: head.headers,
+                version: head.version,
+            }),
         },
     });
     *response.status_mut() = head.status;
-    *response.headers_mut() = head.headers;
-    let headers = response.headers_mut();
-    // The HTTP/1 codec has left the hop-by-hop headers out of the map.
-    headers::append_to_list(headers, &VIA, &headers::via_value(head.version));
     response
 }
 
+/// Moves a backend response's pending header lines into its `HeaderMap`, `Via` appended.
+pub fn complete_headers(response: &mut Response<ResponseBody>) {
+    let Some(pending) = response.body_mut().take_pending_headers() else {
+        return;
+    };
+    let mut headers = pending.lines.to_map(response.headers().len() + 1);
+    for (name, value) in response.headers() {
+        headers.append(name.clone(), value.clone());
+    }
+    headers::append_to_list(&mut headers, &VIA, &pending.via());
+    *response.headers_mut() = headers;
+}
+
 impl ResponseBody {
+    /// The backend's header lines not yet in the response's map, if any; see [`PendingHeaders`].
+    pub fn take_pending_headers(&mut self) -> Option<PendingHeaders> {
+        match &mut self.kind {
+            ResponseKind::Upstream { pending, .. } => pending.take(),
+            ResponseKind::Full(_) => None,
+        }
+    }
+
     pub fn full(data: Bytes) -> ResponseBody {
         ResponseBody {
             kind: ResponseKind::Full(Some(data)),
@@ -300,6 +343,7 @@ impl Body for ResponseBody {
                 decoder,
                 keep_alive,
                 lease,
+                ..
             } => {
                 let Some(held) = lease else {
                     return Poll::Ready(None);
@@ -351,6 +395,7 @@ impl Drop for ResponseBody {
             decoder,
             keep_alive,
             lease,
+            ..
         } = &mut self.kind
         {
             if decoder.is_done() {

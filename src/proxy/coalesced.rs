@@ -126,7 +126,9 @@ fn exchange<'a>(
             .map_err(|failed| (failed.error, failed.backend))?;
         let backend = sent.backend;
         let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
-        let (head, body) = super::body::upstream_response(sent.head, sent.lease).into_parts();
+        let mut response = super::body::upstream_response(sent.head, sent.lease);
+        super::body::complete_headers(&mut response);
+        let (head, body) = response.into_parts();
         // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
         let collected = tokio::time::timeout(
             route.response_timeout,

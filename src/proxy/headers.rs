@@ -14,7 +14,8 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
-use crate::http1::codec::{self, is_hop_by_hop};
+use crate::http1::codec;
+use crate::http1::fields::is_hop_by_hop;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

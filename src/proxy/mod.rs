@@ -25,7 +25,9 @@ use http::header::{Entry, HeaderValue, CONTENT_LENGTH, HOST, VIA};
 use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-pub use body::{ClientBody, RequestBody, RequestBodyError, ResponseBody, UpstreamLease};
+pub use body::{
+    ClientBody, PendingHeaders, RequestBody, RequestBodyError, ResponseBody, UpstreamLease,
+};
 pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
 use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 
@@ -129,7 +131,8 @@ impl ProxyService {
         ProxyService { snapshots, conn }
     }
 
-    /// Answers one request.
+    /// Answers one request. A backend's header lines may still be pending in the response's body
+    /// (written as they came by the HTTP/1 server); see [`body::complete_headers`].
     ///
     /// Not an `async fn` (nor is `forward`): those keep a second copy of their arguments for the
     /// whole request, and every byte of this future is allocated and moved per request.
@@ -316,7 +319,11 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let this = self.clone();
         let request = request.map(|body| RequestBody::streaming(ClientBody::H2(body), u64::MAX));
-        Box::pin(async move { Ok(this.handle(Box::new(request)).await) })
+        Box::pin(async move {
+            let mut response = this.handle(Box::new(request)).await;
+            body::complete_headers(&mut response);
+            Ok(response)
+        })
     }
 }
 
