@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admin::AdminService;
 use crate::config::{Config, ListenerConfig};
 use crate::http1;
-use crate::http1::server::{ClientIo, Served, Timeouts};
+use crate::http1::server::{ClientIo, Served, StopSignal, Timeouts};
 use crate::proxy::{ClientConn, ConnActivity, ProxyService};
 use crate::reload::{ReloadState, Reloader, Triggers};
 use crate::snapshot::Snapshot;
@@ -132,6 +132,7 @@ impl Proxy {
     /// Serves until `shutdown` completes, then drains connections.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_http1 = Arc::new(StopSignal::default());
         let checks = HealthChecks::start(&self.snapshots.load());
         // Without reloads the first set of health checks runs until shutdown.
         let _checks = if let Some(triggers) = self.reload {
@@ -169,6 +170,7 @@ impl Proxy {
                 builder: Arc::clone(&builder),
                 settings,
                 handshake_failures: metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => bound.config.name.clone()),
+                stop_http1: Arc::clone(&stop_http1),
             });
             tokio::spawn(accept_loop(
                 bound.listener,
@@ -215,6 +217,7 @@ impl Proxy {
             "shutting down: no new connections, finishing in-flight requests"
         );
         let _ = stop_tx.send(true);
+        stop_http1.stop();
         match tokio::time::timeout(deadline, drained.recv()).await {
             Ok(_) => tracing::info!("shutdown complete"),
             Err(_) => {
@@ -232,6 +235,8 @@ struct ListenerShared {
     builder: Arc<http2::Builder<TokioExecutor>>,
     settings: Arc<ListenerConfig>,
     handshake_failures: metrics::Counter,
+    /// Stops HTTP/1.1 connections (HTTP/2 ones and the accept loops watch `stop`).
+    stop_http1: Arc<StopSignal>,
 }
 
 /// One client connection's hold on its listener, for the connection's whole life.
@@ -307,7 +312,8 @@ impl Serve {
         };
         let service = ProxyService::new(Arc::clone(&self.listener.snapshots), Arc::clone(&conn));
         async move {
-            let serving = http1::server::serve(io, service, timeouts, self.stop.clone());
+            let stop = Arc::clone(&self.listener.stop_http1);
+            let serving = http1::server::serve(io, service, timeouts, stop);
             // Boxed: hyper's HTTP/2 connection is large and rare here; HTTP/1.1 tasks stay small.
             if let Served::Http2 { io, preface } = serving.await {
                 Box::pin(self.http2(Prefixed { preface, io }, conn)).await

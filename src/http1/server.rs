@@ -11,12 +11,14 @@
 //! closes after the response (RFC 9112 §6.3), so no second request can hide in its body. An
 //! HTTP/2 prior-knowledge preface on a new connection hands it to hyper's HTTP/2 server.
 
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -25,7 +27,6 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
@@ -113,7 +114,7 @@ pub fn serve<I: ClientIo>(
     io: I,
     service: ProxyService,
     timeouts: Timeouts,
-    mut stop: watch::Receiver<bool>,
+    stop: Arc<StopSignal>,
 ) -> impl Future<Output = Served<I>> + Send {
     let wire: SharedWire<I> = Arc::new(Mutex::new(Wire {
         io,
@@ -122,10 +123,14 @@ pub fn serve<I: ClientIo>(
         continue_owed: 0,
     }));
     async move {
+        let mut stop = StopWatch {
+            signal: stop,
+            registered: None,
+        };
         let mut first = true;
         // The rejection is written after the loop, so that no request head is kept across it.
         let rejected = loop {
-            if *stop.borrow() {
+            if stop.signal.is_stopped() {
                 return Served::Closed;
             }
             let head = match next_request(&wire, timeouts, &mut stop, first).await {
@@ -137,7 +142,7 @@ pub fn serve<I: ClientIo>(
             first = false;
             // One allocation per request holds all of its state, so that an idle connection's
             // task stays small.
-            let exchange = Box::pin(exchange(&wire, service.clone(), head, &stop));
+            let exchange = Box::pin(exchange(&wire, service.clone(), head, &stop.signal));
             if !exchange.await {
                 return Served::Closed;
             }
@@ -153,7 +158,7 @@ async fn exchange<I: ClientIo>(
     wire: &SharedWire<I>,
     service: ProxyService,
     head: Head,
-    stop: &watch::Receiver<bool>,
+    stop: &StopSignal,
 ) -> bool {
     let head_only = head.request.method() == Method::HEAD;
     let version = head.request.version();
@@ -173,7 +178,7 @@ async fn exchange<I: ClientIo>(
         return false;
     };
     let body_read = lock(wire).decoder.is_done();
-    let keep_alive = head.keep_alive && body_read && !*stop.borrow();
+    let keep_alive = head.keep_alive && body_read && !stop.is_stopped();
     let reply = Reply {
         version,
         head_only,
@@ -199,11 +204,82 @@ fn into_http2<I>(wire: SharedWire<I>) -> Served<I> {
     }
 }
 
+/// How the server tells its HTTP/1.1 connections to stop: a flag, and a wake-up for each
+/// connection waiting for its next request. (A `watch` receiver would register a waiter for every
+/// request; here a connection registers once.)
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    stopped: AtomicBool,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    next_id: u64,
+    wakers: HashMap<u64, Waker>,
+}
+
+impl StopSignal {
+    /// Flips the flag and wakes every connection waiting for a request; they close.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut self.waiting().wakers);
+        wakers.into_values().for_each(Waker::wake);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One connection's registration with a [`StopSignal`], removed when dropped.
+struct StopWatch {
+    signal: Arc<StopSignal>,
+    registered: Option<(u64, Waker)>,
+}
+
+impl StopWatch {
+    /// Ready once the server stops. Registers the task's waker the first time (and again only if
+    /// the task's waker changes).
+    fn poll_stopped(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !matches!(&self.registered, Some((_, w)) if w.will_wake(cx.waker())) {
+            let mut waiting = self.signal.waiting();
+            let id = match &self.registered {
+                Some((id, _)) => *id,
+                None => {
+                    waiting.next_id += 1;
+                    waiting.next_id
+                }
+            };
+            waiting.wakers.insert(id, cx.waker().clone());
+            self.registered = Some((id, cx.waker().clone()));
+        }
+        // Checked after registering, so that a stop between the two still wakes this task.
+        if self.signal.is_stopped() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        if let Some((id, _)) = self.registered.take() {
+            self.signal.waiting().wakers.remove(&id);
+        }
+    }
+}
+
 /// Waits for the next request head: bufferless while idle, then within `header_read`.
 fn next_request<'w, I: ClientIo>(
     wire: &'w SharedWire<I>,
     timeouts: Timeouts,
-    stop: &'w mut watch::Receiver<bool>,
+    stop: &'w mut StopWatch,
     first: bool,
 ) -> impl Future<Output = NextRequest> + Send + 'w {
     let started = Instant::now();
@@ -214,14 +290,15 @@ fn next_request<'w, I: ClientIo>(
             // Nothing pipelined: give the buffer back while the client thinks.
             lock(wire).buf = BytesMut::new();
             let readable = poll_fn(|cx| lock(wire).io.poll_idle_ready(cx));
-            tokio::select! {
-                biased;
-                _ = stop.changed() => return NextRequest::Close,
-                ready = tokio::time::timeout_at(idle_deadline, readable) => {
-                    if !matches!(ready, Ok(Ok(()))) {
-                        return NextRequest::Close;
-                    }
+            let mut readable = std::pin::pin!(tokio::time::timeout_at(idle_deadline, readable));
+            let woken = poll_fn(|cx| {
+                if stop.poll_stopped(cx).is_ready() {
+                    return Poll::Ready(false);
                 }
+                readable.as_mut().poll(cx).map(|r| matches!(r, Ok(Ok(()))))
+            });
+            if !woken.await {
+                return NextRequest::Close;
             }
         }
         tokio::time::timeout_at(head_deadline, read_head(wire, first))
