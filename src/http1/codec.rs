@@ -79,14 +79,6 @@ pub fn trim(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
-/// True when `chunked` is the last transfer coding of `values`.
-pub fn chunked_is_last<'a>(values: impl Iterator<Item = &'a [u8]>) -> bool {
-    values
-        .flat_map(|v| v.split(|&b| b == b','))
-        .last()
-        .is_some_and(|t| trim(t).eq_ignore_ascii_case(b"chunked"))
-}
-
 /// Decodes one message body from a read buffer, a piece at a time.
 #[derive(Debug)]
 pub struct Decoder {
@@ -384,12 +376,6 @@ mod tests {
         );
         assert_eq!(one(b"+7"), Err(FramingError::BadLength));
         assert_eq!(one(b""), Err(FramingError::BadLength));
-    }
-
-    #[test]
-    fn chunked_is_found_case_insensitively() {
-        assert!(chunked_is_last([&b"gzip, Chunked"[..]].into_iter()));
-        assert!(!chunked_is_last([&b"chunked, gzip"[..]].into_iter()));
     }
 
     #[test]

@@ -311,8 +311,11 @@ mod tests {
             parse(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\ncontent-length: 8\r\n\r\n");
         let (_, facts) = RawHeaders::new(head, &spans);
         assert_eq!(facts.content_length, Err(FramingError::ConflictingLengths));
-        let (head, spans) = parse(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nDate: x\r\n\r\n");
+        let (head, spans) = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nDate: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        );
         let (_, facts) = RawHeaders::new(head, &spans);
+        assert_eq!(facts.chunked_last, Some(false));
         assert_eq!(facts.content_length, Ok(None));
         assert!(facts.has_date && facts.keeps_alive(Version::HTTP_10));
     }
