@@ -248,18 +248,6 @@ async fn http11_request_without_host_is_400() {
     proxy.shutdown().await;
 }
 
-/// Sends raw bytes and returns everything the proxy writes back before closing.
-async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    bounded("proxy to answer and close", stream.read_to_end(&mut out))
-        .await
-        .ok();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
     let b = named_backend("b", Duration::ZERO).await;
@@ -280,12 +268,13 @@ async fn malformed_requests_get_4xx_and_the_proxy_keeps_serving() {
         ),
     ];
     for (bytes, expected) in cases {
-        let reply = raw_exchange(proxy.addr, bytes).await;
+        let (reply, _) = raw_exchange(proxy.addr, bytes).await;
         assert!(reply.starts_with(expected), "{bytes:?} got {reply:?}");
     }
     let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
     assert!(raw_exchange(proxy.addr, long_uri.as_bytes())
         .await
+        .0
         .starts_with("HTTP/1.1 414"));
     assert_eq!(b.count(), 0);
     assert_eq!(get(proxy.addr, "/still-alive").await.status, 200);
@@ -299,7 +288,7 @@ async fn conflicting_framing_cannot_smuggle_a_request() {
     // with no stale Content-Length, and the client connection must close after the reply.
     let b = named_backend("b", Duration::ZERO).await;
     let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
-    let reply = raw_exchange(
+    let (reply, _) = raw_exchange(
         proxy.addr,
         b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
     )

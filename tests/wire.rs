@@ -263,26 +263,16 @@ impl http_body::Body for Pieces {
     }
 }
 
-/// Writes `bytes` to the proxy and reads until it closes the connection.
-async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    bounded("proxy to answer and close", stream.read_to_end(&mut out))
-        .await
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_and_http10_closes() {
     let b = named_backend("b", std::time::Duration::ZERO).await;
     let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
-    let reply = raw_exchange(
+    let (reply, read) = raw_exchange(
         proxy.addr,
         b"POST /1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\naPOST /2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nb\r\n0\r\n\r\nGET /3 HTTP/1.0\r\nHost: x\r\n\r\n",
     )
     .await;
+    read.unwrap();
     assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 3, "{reply}");
     let uris: Vec<String> = b
         .received
@@ -377,7 +367,8 @@ async fn framing_the_proxy_cannot_trust_is_refused_with_a_reason() {
         ),
     ];
     for (bytes, status, reason) in cases {
-        let reply = raw_exchange(proxy.addr, &bytes).await;
+        let (reply, read) = raw_exchange(proxy.addr, &bytes).await;
+        read.unwrap();
         assert!(reply.starts_with(status), "{reply}");
         assert!(reply.contains(reason), "{reply}");
     }

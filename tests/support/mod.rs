@@ -518,3 +518,14 @@ pub fn req(method: Method, path: &str, body: &'static [u8]) -> Request<Full<Byte
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     send(addr, req(Method::GET, path, b"")).await
 }
+
+/// Writes `bytes` to the proxy on a new connection and reads until the proxy closes it: what came
+/// back, and how the read ended (a reset after a rejection is an error, with the reply kept).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> (String, std::io::Result<usize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let ended = bounded("proxy to answer and close", stream.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), ended)
+}
