@@ -79,7 +79,10 @@ impl ConnActivity {
 
     fn begin(&self) -> ActiveRequest<'_> {
         self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveRequest(self)
+        ActiveRequest {
+            activity: self,
+            ended: None,
+        }
     }
 
     /// How long the connection has had no request in progress; `None` while one is.
@@ -92,22 +95,19 @@ impl ConnActivity {
     }
 }
 
-struct ActiveRequest<'a>(&'a ConnActivity);
-
-impl ActiveRequest<'_> {
-    /// The request is answered; `now` is the time the caller has just read.
-    fn end(self, now: Instant) {
-        self.0.idle_since_ms.store(ms_at(now), Ordering::Relaxed);
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-        std::mem::forget(self);
-    }
+/// A request in progress on a connection, until dropped.
+struct ActiveRequest<'a> {
+    activity: &'a ConnActivity,
+    /// When the request was answered, if the caller has read the clock for it anyway.
+    ended: Option<Instant>,
 }
 
 impl Drop for ActiveRequest<'_> {
-    /// The request was cancelled (its client left).
     fn drop(&mut self) {
-        self.0.idle_since_ms.store(clock_ms(), Ordering::Relaxed);
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        // A cancelled request (its client left) has no end time yet.
+        let now = self.ended.map_or_else(clock_ms, ms_at);
+        self.activity.idle_since_ms.store(now, Ordering::Relaxed);
+        self.activity.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -149,7 +149,7 @@ impl ProxyService {
             .access_log
             .then(|| Box::new(request.uri().clone()));
         async move {
-            let active = self.conn.activity.begin();
+            let mut active = self.conn.activity.begin();
             let mut exchange = Exchange::default();
             let response = match self.forward(&snapshot, request, &mut exchange).await {
                 Ok(response) => response,
@@ -170,7 +170,8 @@ impl ProxyService {
                 }
             };
             let ended = Instant::now();
-            active.end(ended);
+            active.ended = Some(ended);
+            drop(active);
             let took = ended - started;
             let route_metrics = exchange.route.map_or(&snapshot.unrouted, |r| &r.metrics);
             route_metrics.record(&method, response.status(), took);
