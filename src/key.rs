@@ -7,8 +7,9 @@
 
 use std::fmt;
 
-use http::header::{HeaderName, COOKIE};
-use http::Request;
+use http::header::HeaderName;
+
+use crate::proxy::RequestHead;
 
 /// Where a route finds its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,15 +58,14 @@ impl KeySource {
     }
 
     /// The raw key bytes, or `None` when the source is absent or empty.
-    pub fn extract<'a, B>(&self, request: &'a Request<B>) -> Option<&'a [u8]> {
-        let (uri, headers) = (request.uri(), request.headers());
+    pub fn extract<'a>(&self, head: &'a RequestHead) -> Option<&'a [u8]> {
+        let (uri, headers) = (&head.uri, &head.headers);
         let value: &[u8] = match self {
-            KeySource::Header(name) => headers.get(name)?.as_bytes(),
+            KeySource::Header(name) => headers.get(name.as_str())?,
             KeySource::Query(name) => query_param(uri.query()?, name)?,
             KeySource::Cookie(name) => headers
-                .get_all(COOKIE)
-                .iter()
-                .find_map(|header| cookie(header.as_bytes(), name.as_bytes()))?,
+                .get_all("cookie")
+                .find_map(|header| cookie(header, name.as_bytes()))?,
             KeySource::Path => uri.path().as_bytes(),
             KeySource::PathSegment(n) => uri.path().split('/').nth(*n)?.as_bytes(),
         };
@@ -122,16 +122,42 @@ pub struct KeyRule {
 mod tests {
     use super::*;
 
-    fn parts(uri: &str, headers: &[(&str, &[u8])]) -> Request<()> {
-        let mut builder = Request::builder().uri(uri);
+    use crate::http1::fields::request_lines;
+    use crate::proxy::ClientHeaders;
+    use http::{HeaderMap, HeaderValue, Method, Uri, Version};
+
+    /// The same request as an HTTP/2 client's map and as an HTTP/1 client's lines.
+    fn parts(uri: &str, headers: &[(&str, &[u8])]) -> [RequestHead; 2] {
+        let mut map = HeaderMap::new();
+        let mut text = format!("GET {uri} HTTP/1.1\r\n").into_bytes();
         for (name, value) in headers {
-            builder = builder.header(*name, http::HeaderValue::from_bytes(value).unwrap());
+            let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+            map.append(name.clone(), HeaderValue::from_bytes(value).unwrap());
+            text.extend_from_slice(name.as_str().to_ascii_uppercase().as_bytes());
+            text.extend_from_slice(b": ");
+            text.extend_from_slice(value);
+            text.extend_from_slice(b"\r\n");
         }
-        builder.body(()).unwrap()
+        text.extend_from_slice(b"\r\n");
+        let head = |headers| RequestHead {
+            method: Method::GET,
+            uri: Uri::try_from(uri).unwrap(),
+            version: Version::HTTP_11,
+            headers,
+            forwarding: None,
+        };
+        [
+            head(ClientHeaders::Map(map)),
+            head(ClientHeaders::Lines(request_lines(text.into()))),
+        ]
     }
 
-    fn key<'a>(source: &str, request: &'a Request<()>) -> Option<&'a [u8]> {
-        KeySource::parse(source).unwrap().extract(request)
+    /// The key from both forms of the request, which must agree.
+    fn key<'a>(source: &str, request: &'a [RequestHead; 2]) -> Option<&'a [u8]> {
+        let source = KeySource::parse(source).unwrap();
+        let [from_map, from_lines] = request.each_ref().map(|head| source.extract(head));
+        assert_eq!(from_map, from_lines, "{source}");
+        from_map
     }
 
     #[test]

@@ -244,6 +244,62 @@ async fn bodies_of_unknown_length_are_sent_chunked() {
     proxy.shutdown().await;
 }
 
+#[tokio::test]
+async fn request_heads_reach_the_backend_as_sent_plus_forwarding_lines() {
+    static SCRIPT: &[Answer] = &[Answer(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        false,
+    )];
+    let b = scripted_backend(SCRIPT).await;
+    let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
+    let requests: [&[u8]; 2] = [
+        b"PUT /kv/a?v=1 HTTP/1.1\r\nHost: kv.example\r\nX-Mixed-Case: One\r\n\
+          Content-Length: 2\r\nX-Forwarded-For: 203.0.113.7\r\nConnection: close\r\n\r\nhi",
+        // Absolute form: the backend gets origin form, and the URI's host as Host.
+        b"GET http://abs.example:81/kv/b HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ];
+    for bytes in requests {
+        let (reply, _) = raw_exchange(proxy.addr, bytes).await;
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+    let seen: Vec<String> = b
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    let first = &seen[0];
+    assert!(
+        first.starts_with("PUT /kv/a?v=1 HTTP/1.1\r\nHost: kv.example\r\nX-Mixed-Case: One\r\n"),
+        "names keep their case, lines their order: {first}"
+    );
+    assert!(
+        first.contains("\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.1\r\n"),
+        "{first}"
+    );
+    assert!(
+        first.contains("\r\nX-Forwarded-Host: kv.example\r\n"),
+        "{first}"
+    );
+    assert!(
+        first.ends_with("\r\ncontent-length: 2\r\n\r\nhi"),
+        "{first}"
+    );
+    assert!(
+        !first.to_ascii_lowercase().contains("connection"),
+        "{first}"
+    );
+    let second = &seen[1];
+    assert!(
+        second.starts_with(
+            "GET /kv/b HTTP/1.1\r\nHost: abs.example:81\r\nX-Forwarded-Host: abs.example:81\r\n"
+        ),
+        "{second}"
+    );
+    proxy.shutdown().await;
+}
+
 /// A body of several pieces and no declared length.
 struct Pieces(std::collections::VecDeque<&'static str>);
 

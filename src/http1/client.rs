@@ -12,15 +12,15 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Request, StatusCode, Version};
+use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
 use super::fields::{self, HeadFacts, HeaderSpan, RawHeaders};
-use crate::proxy::{RequestBody, RequestBodyError};
+use crate::proxy::headers;
+use crate::proxy::{OutgoingRequest, ProxyRequest, RequestBody, RequestBodyError, RequestHead};
 
 /// Body data up to this size is copied next to the head so that both leave in one write.
 const COALESCE_BODY: usize = 16 * 1024;
@@ -41,10 +41,6 @@ impl UpstreamStream {
         }
     }
 }
-
-/// A request on its way to a backend. Boxed: it passes through several futures (dispatch, retry,
-/// send), and each would otherwise hold room for it.
-pub type OutgoingRequest = Box<Request<RequestBody>>;
 
 /// Why an exchange with a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,12 +121,12 @@ impl UpstreamConn {
         &mut self,
         mut request: OutgoingRequest,
     ) -> impl Future<Output = Result<ResponseHead, ExchangeFailure>> + Send + '_ {
-        let head_request = request.method() == Method::HEAD;
-        let framing = request_framing(request.method(), request.headers(), request.body());
+        let head_request = request.head.method == Method::HEAD;
+        let framing = request_framing(&request);
         self.out.clear();
-        encode_head(&mut self.out, &request, framing);
+        encode_head(&mut self.out, &request.head, framing);
         async move {
-            let first = match first_piece(request.body_mut()).await {
+            let first = match first_piece(&mut request.body).await {
                 Ok(first) => first,
                 Err(error) => {
                     return Err(ExchangeFailure {
@@ -144,14 +140,14 @@ impl UpstreamConn {
                     encode_data(&mut self.out, framing, data);
                 }
             }
-            let ended = request.body().is_end_stream();
+            let ended = request.body.is_end_stream();
             if ended && framing == Framing::Chunked {
                 self.out.extend_from_slice(codec::LAST_CHUNK);
             }
             match write_counted(&mut self.io, &self.out).await {
                 Ok(()) => {}
                 Err((error, 0)) => {
-                    request.body_mut().unread(first);
+                    request.body.unread(first);
                     return Err(ExchangeFailure {
                         error: error.into(),
                         unsent: Some(request),
@@ -161,7 +157,7 @@ impl UpstreamConn {
             }
             // The head is on the wire. Its header values share the client's read buffer: let go
             // of them, so that a slow backend does not keep that buffer alive.
-            let mut body = std::mem::replace(request.body_mut(), RequestBody::Full(None));
+            let mut body = std::mem::replace(&mut request.body, RequestBody::Full(None));
             drop(request);
             if let Some(data) = first.filter(|d| d.len() > COALESCE_BODY) {
                 self.write_data(framing, &data)
@@ -353,11 +349,12 @@ async fn write_counted(io: &mut UpstreamStream, bytes: &[u8]) -> Result<(), (io:
     Ok(())
 }
 
-fn request_framing(method: &Method, headers: &HeaderMap, body: &RequestBody) -> Framing {
-    if let Some(len) = body.exact_len() {
+fn request_framing(request: &ProxyRequest) -> Framing {
+    let head = &request.head;
+    if let Some(len) = request.body.exact_len() {
         let needs_length = len > 0
-            || headers.contains_key(CONTENT_LENGTH)
-            || matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+            || matches!(head.method, Method::POST | Method::PUT | Method::PATCH)
+            || head.headers.get("content-length").is_some();
         return if needs_length {
             Framing::Length(len)
         } else {
@@ -367,25 +364,17 @@ fn request_framing(method: &Method, headers: &HeaderMap, body: &RequestBody) -> 
     Framing::Chunked
 }
 
-fn encode_head(out: &mut Vec<u8>, request: &Request<RequestBody>, framing: Framing) {
-    out.extend_from_slice(request.method().as_str().as_bytes());
+fn encode_head(out: &mut Vec<u8>, head: &RequestHead, framing: Framing) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
-    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(if target.is_empty() {
         b"/"
     } else {
         target.as_bytes()
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in request.headers() {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    headers::encode(out, &head.headers, head.forwarding.as_ref());
     codec::framing_header(out, framing);
     out.extend_from_slice(b"\r\n");
 }

@@ -2,10 +2,10 @@
 //! they say about framing, and the end-to-end rest, as a `HeaderMap` or as the received lines.
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1: the fixed list plus every header `Connection` names) are
-//! read here and never passed on. A request's headers become a `HeaderMap`, which routing, keys and
-//! rewriting need; a backend response's stay as spans of the received head and are written to the
-//! client as they came (a map is built only for HTTP/2 clients and coalesced writes), since
-//! building a map costs more than the rest of handling the response.
+//! read here and never passed on. The end-to-end rest stay spans of the received head
+//! ([`RawHeaders`]) and are written to the other side as they came: building a `HeaderMap` and
+//! serializing it again costs more than the rest of handling a small message. A map is built only
+//! where one is needed (responses to HTTP/2 clients, coalesced writes).
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -94,6 +94,8 @@ pub struct HeadFacts {
     pub keep_alive: bool,
     /// With `Transfer-Encoding`: whether `chunked` is its last coding.
     pub chunked_last: Option<bool>,
+    /// `Transfer-Encoding` names some coding besides `chunked` (on any of its lines).
+    pub other_codings: bool,
     /// Every `Content-Length` value, which must agree.
     pub content_length: Result<Option<u64>, FramingError>,
     pub has_date: bool,
@@ -107,6 +109,7 @@ impl Default for HeadFacts {
             close: false,
             keep_alive: false,
             chunked_last: None,
+            other_codings: false,
             content_length: Ok(None),
             has_date: false,
             names_others: false,
@@ -126,8 +129,13 @@ impl HeadFacts {
                 }
             }
             Role::TransferEncoding => {
-                let last = value.split(|&b| b == b',').next_back().map(codec::trim);
-                self.chunked_last = Some(last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked")));
+                let mut last = None;
+                for coding in value.split(|&b| b == b',').map(codec::trim) {
+                    let chunked = coding.eq_ignore_ascii_case(b"chunked");
+                    self.other_codings |= !chunked;
+                    last = Some(chunked);
+                }
+                self.chunked_last = Some(last == Some(true));
             }
             Role::Connection => {
                 self.add_connection_options(value);
@@ -160,38 +168,6 @@ impl HeadFacts {
     }
 }
 
-/// The end-to-end headers at `spans` of `head` as a map, with room for `added` more (what the proxy
-/// adds), so that adding them does not grow the map. Values share the head's bytes; names of
-/// well-known headers allocate nothing. `Transfer-Encoding` stays for the request's framing to
-/// check, which then removes it.
-pub fn header_map(
-    head: &Bytes,
-    spans: &[HeaderSpan],
-    added: usize,
-) -> Result<(HeaderMap, HeadFacts), &'static str> {
-    let mut headers = HeaderMap::with_capacity(spans.len() + added);
-    let mut facts = HeadFacts::default();
-    for span in spans {
-        let name = span.name(head);
-        if !facts.note(role(name), span.value(head)) {
-            continue;
-        }
-        let name = HeaderName::from_bytes(name).map_err(|_| "invalid header name")?;
-        let value = span.value;
-        let value = HeaderValue::from_maybe_shared(head.slice(value.0 as usize..value.1 as usize))
-            .map_err(|_| "invalid header value")?;
-        headers.append(name, value);
-    }
-    if facts.names_others {
-        for named in connection_named(head, spans) {
-            if let Ok(named) = HeaderName::from_bytes(named) {
-                headers.remove(named);
-            }
-        }
-    }
-    Ok((headers, facts))
-}
-
 /// The headers a `Connection` header names (rare: most name none). Framing headers are the
 /// codec's to handle, whatever `Connection` says.
 fn connection_named<'h>(head: &'h [u8], spans: &[HeaderSpan]) -> Vec<&'h [u8]> {
@@ -206,7 +182,7 @@ fn connection_named<'h>(head: &'h [u8], spans: &[HeaderSpan]) -> Vec<&'h [u8]> {
         .collect()
 }
 
-/// A backend response's end-to-end header lines, as received (names in the backend's case).
+/// A message's end-to-end header lines, as received (names in the sender's case).
 #[derive(Debug, Clone)]
 pub struct RawHeaders {
     head: Bytes,
@@ -247,6 +223,13 @@ impl RawHeaders {
         self.has_date
     }
 
+    /// Leaves out the lines named `name` (any case).
+    pub fn remove(&mut self, name: &str) {
+        let head = &self.head;
+        self.lines
+            .retain(|line| !line.name(head).eq_ignore_ascii_case(name.as_bytes()));
+    }
+
     /// The lines as (name, value) pairs.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
         self.lines
@@ -272,6 +255,17 @@ impl RawHeaders {
     }
 }
 
+/// The end-to-end lines of `head`, a whole request head.
+#[cfg(test)]
+pub(crate) fn request_lines(head: Bytes) -> RawHeaders {
+    let mut slots = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut slots);
+    assert!(request.parse(&head).is_ok_and(|s| s.is_complete()));
+    let mut spans = [HeaderSpan::default(); 32];
+    let count = header_spans(&head, request.headers, &mut spans);
+    RawHeaders::new(head.clone(), &spans[..count]).0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,17 +286,20 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: t=5\r\n\
               Transfer-Encoding: gzip, chunked\r\nContent-Length: 7\r\nX-Public: 2\r\n\r\n",
         );
-        let (raw, facts) = RawHeaders::new(head.clone(), &spans);
+        let (mut raw, facts) = RawHeaders::new(head, &spans);
         assert!(facts.close && !facts.keeps_alive(Version::HTTP_11));
         assert_eq!(facts.chunked_last, Some(true));
+        assert!(facts.other_codings, "gzip is named besides chunked");
         assert_eq!(facts.content_length, Ok(Some(7)));
         let names: Vec<&[u8]> = raw.iter().map(|(name, _)| name).collect();
         assert_eq!(names, [&b"Content-Length"[..], b"X-Public"]);
-        let (map, _) = header_map(&head, &spans, 0).unwrap();
+        let map = raw.to_map(0);
         let mut names: Vec<&str> = map.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
-        assert_eq!(names, ["content-length", "transfer-encoding", "x-public"]);
-        assert_eq!(raw.to_map(0).len(), 2);
+        assert_eq!(names, ["content-length", "x-public"]);
+        raw.remove("content-length");
+        let names: Vec<&[u8]> = raw.iter().map(|(name, _)| name).collect();
+        assert_eq!(names, [&b"X-Public"[..]]);
     }
 
     #[test]
@@ -318,5 +315,11 @@ mod tests {
         assert_eq!(facts.chunked_last, Some(false));
         assert_eq!(facts.content_length, Ok(None));
         assert!(facts.has_date && facts.keeps_alive(Version::HTTP_10));
+        let (head, spans) = parse(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let (_, facts) = RawHeaders::new(head, &spans);
+        assert_eq!(facts.chunked_last, Some(true));
+        assert!(!facts.other_codings);
     }
 }

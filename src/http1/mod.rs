@@ -6,7 +6,8 @@
 //! two task switches and several allocations per request. Here a backend connection is a plain
 //! value: the client's task writes the request on it, reads the response head, and streams the
 //! response body straight from its read buffer, then puts the connection back in the pool. Parsing
-//! is httparse's (as in hyper); head bytes are shared, not copied, into header values.
+//! is httparse's (as in hyper); header lines stay spans of the received head and are written on as
+//! they came, with no `HeaderMap` in between.
 //!
 //! - [`codec`]: message framing (Content-Length, chunked, until close) and the body decoder.
 //! - [`fields`]: a head's header lines: hop-by-hop ones read and dropped, the rest passed on.
@@ -18,4 +19,4 @@ pub mod codec;
 pub mod fields;
 pub mod server;
 
-pub use client::{Http1Error, OutgoingRequest, ResponseHead, UpstreamConn, UpstreamStream};
+pub use client::{Http1Error, ResponseHead, UpstreamConn, UpstreamStream};

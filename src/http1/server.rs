@@ -22,17 +22,19 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::header::{HeaderValue, DATE};
+use http::{HeaderMap, Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
-use super::fields::{self, HeadFacts, HeaderSpan};
-use crate::http1::OutgoingRequest;
-use crate::proxy::{ClientBody, PendingHeaders, ProxyService, RequestBody, ResponseBody};
+use super::fields::{self, HeadFacts, HeaderSpan, RawHeaders};
+use crate::proxy::{
+    ClientBody, ClientHeaders, OutgoingRequest, PendingHeaders, ProxyRequest, ProxyService,
+    RequestBody, RequestHead, ResponseBody,
+};
 
 /// The start of every HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -160,8 +162,8 @@ async fn exchange<I: ClientIo>(
     head: Head,
     stop: &StopSignal,
 ) -> bool {
-    let head_only = head.request.method() == Method::HEAD;
-    let version = head.request.version();
+    let head_only = head.request.head.method == Method::HEAD;
+    let version = head.request.head.version;
     // The service runs first in each poll, so that once it has read the whole body the watch
     // for the client leaving starts reading the socket in the same poll. (Not `select!`, which
     // moves the service's future around several times per request.)
@@ -386,22 +388,18 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target_span)) else {
         return Some(bad_request("invalid request target"));
     };
-    // Room for X-Forwarded-For/-Proto/-Host, Via and X-Request-Id.
-    let (mut headers, facts) = match fields::header_map(&head, &spans[..count], 5) {
-        Ok(parsed) => parsed,
-        Err(reason) => return Some(bad_request(reason)),
-    };
-    let (framing, mut keep_alive) = match request_framing(version, &mut headers, &facts) {
+    let (mut headers, facts) = RawHeaders::new(head, &spans[..count]);
+    let (framing, mut keep_alive) = match request_framing(version, &facts) {
         Ok(framing) => framing,
         Err((status, reason)) => return Some(NextRequest::Reject(status, reason)),
     };
     keep_alive &= facts.keeps_alive(version);
-    let expects_continue = headers
-        .get(EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let expects_continue = headers.iter().any(|(name, value)| {
+        name.eq_ignore_ascii_case(b"expect") && value.eq_ignore_ascii_case(b"100-continue")
+    });
     if expects_continue {
         // Answered here, when the body is first read; the backend is not asked.
-        headers.remove(EXPECT);
+        headers.remove("expect");
     }
     w.continue_owed =
         if expects_continue && version == Version::HTTP_11 && framing != Framing::Empty {
@@ -415,14 +413,16 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     } else {
         H1Body { wire: Some(shared) }
     };
-    let mut request = Box::new(Request::new(RequestBody::streaming(
-        ClientBody::H1(body),
-        u64::MAX,
-    )));
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = headers;
+    let request = Box::new(ProxyRequest {
+        head: RequestHead {
+            method,
+            uri,
+            version,
+            headers: ClientHeaders::Lines(headers),
+            forwarding: None,
+        },
+        body: RequestBody::streaming(ClientBody::H1(body), u64::MAX),
+    });
     Some(NextRequest::Ready(Head {
         request,
         keep_alive,
@@ -446,7 +446,6 @@ fn parse_reason(error: httparse::Error) -> &'static str {
 /// The body's framing, and false when the connection must close after this request.
 fn request_framing(
     version: Version,
-    headers: &mut HeaderMap,
     facts: &HeadFacts,
 ) -> Result<(Framing, bool), (StatusCode, &'static str)> {
     if let Some(chunked_last) = facts.chunked_last {
@@ -462,21 +461,15 @@ fn request_framing(
                 "Transfer-Encoding must end with chunked",
             ));
         }
-        let only_chunked = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .all(|t| codec::trim(t).eq_ignore_ascii_case(b"chunked"));
-        if !only_chunked {
+        if facts.other_codings {
             return Err((
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer codings other than chunked are not supported",
             ));
         }
-        // The proxy frames the body itself toward the backend.
-        headers.remove(TRANSFER_ENCODING);
-        // With both, Transfer-Encoding wins and the connection closes after the response.
-        let both = headers.remove(CONTENT_LENGTH).is_some();
+        // With both, Transfer-Encoding wins and the connection closes after the response. (The
+        // proxy frames the body itself toward the backend: neither header is passed on.)
+        let both = facts.content_length != Ok(None);
         return Ok((Framing::Chunked, !both));
     }
     match facts.content_length {

@@ -10,17 +10,16 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderName, CONTENT_TYPE};
-use http::request::Parts;
-use http::{Request, Response};
+use http::header::{HeaderName, HeaderValue};
+use http::Response;
 
 use super::body::{read_whole, RequestBody, RequestBodyError, ResponseBody};
 use super::dispatch::dispatch;
+use super::request::{OutgoingRequest, ProxyRequest, RequestHead};
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
 use crate::config::CoalesceMode;
 use crate::error::ProxyError;
-use crate::http1::OutgoingRequest;
 use crate::route::Route;
 use crate::snapshot::Snapshot;
 use crate::upstream::{SendError, Upstream};
@@ -30,7 +29,7 @@ pub const MAX_SHARED_RESPONSE: usize = 16 << 20;
 
 pub static X_WRITEGATE_COALESCE: HeaderName = HeaderName::from_static("x-writegate-coalesce");
 
-/// Queues the write `parts` + `body` on its key and answers with what its key's queue decided.
+/// Queues the write `request` on its key and answers with what its key's queue decided.
 /// Not an `async fn` (nor is `exchange`): those keep a second copy of their arguments.
 #[allow(clippy::manual_async_fn)]
 pub(super) fn write<'a, 's: 'a>(
@@ -42,15 +41,18 @@ pub(super) fn write<'a, 's: 'a>(
     exchange: &'a mut Exchange<'s>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
     async move {
-        let (parts, body) = (*request).into_parts();
+        let ProxyRequest { head, body } = *request;
         let body = buffer_body(body, route.max_body).await?;
         let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| Fingerprint {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            content_type: parts.headers.get(CONTENT_TYPE).cloned(),
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            content_type: head
+                .headers
+                .get("content-type")
+                .and_then(|value| HeaderValue::from_bytes(value).ok()),
             body: body.clone(),
         });
-        let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), parts, body);
+        let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), head, body);
         let (shared, disposition) = coalescer
             .write(key, fingerprint, job, &route.coalesce)
             .await
@@ -86,13 +88,13 @@ fn upstream_job(
     snapshot: Arc<Snapshot>,
     route_index: usize,
     key: Bytes,
-    parts: Parts,
+    head: RequestHead,
     body: Bytes,
 ) -> Job {
     Box::pin(async move {
         let route = &snapshot.router.routes()[route_index];
         let upstream = &snapshot.upstreams[route.upstream];
-        match exchange(route, upstream, &key, parts, body).await {
+        match exchange(route, upstream, &key, head, body).await {
             Ok(shared) => shared,
             Err((error, backend)) => {
                 tracing::warn!(
@@ -116,10 +118,13 @@ fn exchange<'a>(
     route: &'a Route,
     upstream: &'a Upstream,
     key: &'a [u8],
-    parts: Parts,
+    head: RequestHead,
     body: Bytes,
 ) -> impl Future<Output = Result<SharedResponse, (ProxyError, Option<Arc<str>>)>> + Send + 'a {
-    let request = Box::new(Request::from_parts(parts, RequestBody::Full(Some(body))));
+    let request: OutgoingRequest = Box::new(ProxyRequest {
+        head,
+        body: RequestBody::Full(Some(body)),
+    });
     async move {
         let sent = dispatch(route, upstream, upstream.balancer.hash_key(key), request)
             .await

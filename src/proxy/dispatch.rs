@@ -12,14 +12,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::Method;
 
 use super::body::{RequestBody, UpstreamLease};
 use super::classify_send_error;
+use super::request::{OutgoingRequest, ProxyRequest, RequestHead};
 use crate::admission::AdmissionPermit;
 use crate::balance::KeyHash;
 use crate::error::ProxyError;
-use crate::http1::{OutgoingRequest, ResponseHead};
+use crate::http1::ResponseHead;
 use crate::route::Route;
 use crate::upstream::{clock_ms, ms_at, Outcome, Upstream};
 
@@ -171,10 +172,7 @@ async fn admit(
 
 /// A copy of an idempotent request, kept to send again after its bytes may have reached a backend.
 struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
+    head: RequestHead,
     body: Option<Bytes>,
 }
 
@@ -191,31 +189,26 @@ pub(super) fn replayable(route: &Route, method: &Method) -> bool {
 
 impl Replay {
     /// Boxed: only idempotent routes keep a copy, and the common future should not hold room for it.
-    fn capture(route: &Route, request: &Request<RequestBody>) -> Option<Box<Replay>> {
-        if !replayable(route, request.method()) {
+    fn capture(route: &Route, request: &ProxyRequest) -> Option<Box<Replay>> {
+        if !replayable(route, &request.head.method) {
             return None;
         }
-        let body = match request.body() {
+        let body = match &request.body {
             RequestBody::Full(data) => data.clone(),
             RequestBody::Streaming { inner, .. } if http_body::Body::is_end_stream(inner) => None,
             // A streamed body cannot be sent twice.
             RequestBody::Streaming { .. } => return None,
         };
         Some(Box::new(Replay {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            version: request.version(),
-            headers: request.headers().clone(),
+            head: request.head.clone(),
             body,
         }))
     }
 
     fn request(&self) -> OutgoingRequest {
-        let mut request = Request::new(RequestBody::Full(self.body.clone()));
-        *request.method_mut() = self.method.clone();
-        *request.uri_mut() = self.uri.clone();
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers.clone();
-        Box::new(request)
+        Box::new(ProxyRequest {
+            head: self.head.clone(),
+            body: RequestBody::Full(self.body.clone()),
+        })
     }
 }

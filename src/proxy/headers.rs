@@ -2,10 +2,11 @@
 //!
 //! Hop-by-hop headers (RFC 9110 §7.6.1: the fixed list plus every header the `Connection` header
 //! names) belong to one connection and are removed in both directions: the HTTP/1 codec leaves
-//! them out of the maps it builds, and [`strip_hop_by_hop`] cleans maps from elsewhere (HTTP/2).
-//! Toward the backend the proxy adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
-//! `X-Forwarded-Host`, `Via` (appended) and an `x-request-id` when the client sent none. `Host` is
-//! kept as the client sent it.
+//! them out of what it parses, and [`strip_hop_by_hop`] cleans maps from elsewhere (HTTP/2).
+//! Toward the backend the proxy adds `X-Forwarded-For` (appended to the client's, folded into one
+//! line), `X-Forwarded-Proto` and `X-Forwarded-Host` (replacing the client's), `Via` (appended)
+//! and an `X-Request-Id` when the client sent none: see [`Forwarding`]. `Host` is kept as the
+//! client sent it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -14,13 +15,9 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+use super::request::ClientHeaders;
 use crate::http1::codec;
 use crate::http1::fields::is_hop_by_hop;
-
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Removes hop-by-hop headers, including the ones `Connection` lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -44,14 +41,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// `Via` token for a message received with `version`.
-pub fn via_value(version: Version) -> HeaderValue {
-    HeaderValue::from_static(match version {
+pub fn via_token(version: Version) -> &'static str {
+    match version {
         Version::HTTP_09 => "0.9 writegate",
         Version::HTTP_10 => "1.0 writegate",
         Version::HTTP_2 => "2 writegate",
         Version::HTTP_3 => "3 writegate",
         _ => "1.1 writegate",
-    })
+    }
+}
+
+/// `Via` value for a message received with `version`.
+pub fn via_value(version: Version) -> HeaderValue {
+    HeaderValue::from_static(via_token(version))
 }
 
 /// Adds `value` to a list header, keeping what earlier hops wrote (folded into one line).
@@ -74,16 +76,144 @@ pub fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, value: &Header
     }
 }
 
-/// A fresh request id: a per-process random prefix and a counter, as 32 hex digits.
-pub fn new_request_id() -> HeaderValue {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// The headers the proxy adds toward the backend, fixed when the request is routed so that a
+/// retry sends the same ones.
+#[derive(Debug, Clone)]
+pub struct Forwarding {
+    /// The host named by the URI (HTTP/2, absolute form): becomes `Host` if the client sent none.
+    pub authority: Option<HeaderValue>,
+    /// The client's IP, for `X-Forwarded-For`.
+    pub client_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub scheme: HeaderValue,
+    /// This hop's `Via` entry.
+    pub via: &'static str,
+    /// Numbers the `X-Request-Id` sent when the client sent none.
+    pub request_number: u64,
+}
+
+impl Forwarding {
+    /// A request number unique in this process; its id also differs between processes.
+    pub fn next_request_number() -> u64 {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// What forwarding does with a client's header line, by its name in any case.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Line {
+    Keep,
+    Host,
+    /// `X-Request-Id`: kept, and none is added.
+    RequestId,
+    /// `X-Forwarded-For`, `Via`: folded into the line the proxy writes.
+    Folded,
+    /// `X-Forwarded-Proto`, `X-Forwarded-Host`: the proxy's replace them.
+    Replaced,
+    /// `Content-Length`, `Transfer-Encoding`: the codec frames the body itself.
+    Framing,
+}
+
+/// Sorted by length first: this runs for every header line.
+fn line_kind(name: &[u8]) -> Line {
+    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    match name.len() {
+        3 if is("via") => Line::Folded,
+        4 if is("host") => Line::Host,
+        12 if is("x-request-id") => Line::RequestId,
+        14 if is("content-length") => Line::Framing,
+        15 if is("x-forwarded-for") => Line::Folded,
+        16 if is("x-forwarded-host") => Line::Replaced,
+        17 if is("x-forwarded-proto") => Line::Replaced,
+        17 if is("transfer-encoding") => Line::Framing,
+        _ => Line::Keep,
+    }
+}
+
+/// Writes a request's header lines toward a backend: the client's `headers`, less framing ones,
+/// with `forwarding`'s applied when there is one.
+pub fn encode(out: &mut Vec<u8>, headers: &ClientHeaders, forwarding: Option<&Forwarding>) {
+    let Some(forwarding) = forwarding else {
+        for (name, value) in headers.iter() {
+            if line_kind(name) != Line::Framing {
+                put_line(out, name, value);
+            }
+        }
+        return;
+    };
+    let mut host = None;
+    let (mut folded, mut has_request_id) = (false, false);
+    for (name, value) in headers.iter() {
+        match line_kind(name) {
+            Line::Keep => put_line(out, name, value),
+            Line::Host => {
+                host.get_or_insert(value);
+                put_line(out, name, value);
+            }
+            Line::RequestId => {
+                has_request_id = true;
+                put_line(out, name, value);
+            }
+            Line::Folded => folded = true,
+            Line::Replaced | Line::Framing => {}
+        }
+    }
+    if host.is_none() {
+        host = forwarding.authority.as_ref().map(HeaderValue::as_bytes);
+        if let Some(authority) = host {
+            put_line(out, b"Host", authority);
+        }
+    }
+    if let Some(host) = host {
+        put_line(out, b"X-Forwarded-Host", host);
+    }
+    let earlier = |name: &'static str| folded.then(|| headers.get_all(name)).into_iter().flatten();
+    put_list(
+        out,
+        b"X-Forwarded-For",
+        earlier("x-forwarded-for"),
+        forwarding.client_ip.as_bytes(),
+    );
+    put_line(out, b"X-Forwarded-Proto", forwarding.scheme.as_bytes());
+    put_list(out, b"Via", earlier("via"), forwarding.via.as_bytes());
+    if !has_request_id {
+        let mut id = [0u8; 32];
+        request_id(forwarding.request_number, &mut id);
+        put_line(out, b"X-Request-Id", &id);
+    }
+}
+
+fn put_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One line of a list header: what earlier hops wrote, then `ours`.
+fn put_list<'v>(
+    out: &mut Vec<u8>,
+    name: &[u8],
+    earlier: impl Iterator<Item = &'v [u8]>,
+    ours: &[u8],
+) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    for value in earlier {
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ours);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The id of request `number`: a per-process random prefix and the number, as 32 hex digits.
+fn request_id(number: u64, out: &mut [u8; 32]) {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     let prefix = *PREFIX.get_or_init(process_seed);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut text = [0u8; 32];
-    hex_into(prefix, &mut text[..16]);
-    hex_into(n, &mut text[16..]);
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    hex_into(prefix, &mut out[..16]);
+    hex_into(number, &mut out[16..]);
 }
 
 fn hex_into(mut value: u64, out: &mut [u8]) {
@@ -132,28 +262,103 @@ mod tests {
     #[test]
     fn list_headers_append() {
         let mut h = HeaderMap::new();
-        append_to_list(
-            &mut h,
-            &X_FORWARDED_FOR,
-            &HeaderValue::from_static("10.0.0.1"),
-        );
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1");
-        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.2"));
-        append_to_list(
-            &mut h,
-            &X_FORWARDED_FOR,
-            &HeaderValue::from_static("10.0.0.3"),
-        );
-        assert_eq!(h[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 10.0.0.3");
-        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+        let via = header::VIA;
+        append_to_list(&mut h, &via, &HeaderValue::from_static("1.0 a"));
+        assert_eq!(h[&via], "1.0 a");
+        h.append(&via, HeaderValue::from_static("1.1 b"));
+        append_to_list(&mut h, &via, &HeaderValue::from_static("1.1 c"));
+        assert_eq!(h[&via], "1.0 a, 1.1 b, 1.1 c");
+        assert_eq!(h.get_all(&via).iter().count(), 1);
+    }
+
+    fn forwarding(authority: Option<&'static str>, number: u64) -> Forwarding {
+        Forwarding {
+            authority: authority.map(HeaderValue::from_static),
+            client_ip: HeaderValue::from_static("10.9.9.9"),
+            scheme: HeaderValue::from_static("https"),
+            via: "1.1 writegate",
+            request_number: number,
+        }
+    }
+
+    fn encoded(
+        headers: &[(&'static str, &'static str)],
+        forwarding: Option<&Forwarding>,
+    ) -> String {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        let mut out = Vec::new();
+        encode(&mut out, &ClientHeaders::Map(map), forwarding);
+        String::from_utf8(out).unwrap()
     }
 
     #[test]
-    fn request_ids_are_unique_hex() {
-        let a = new_request_id();
-        let b = new_request_id();
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 32);
-        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+    fn forwarding_headers_fold_replace_and_add() {
+        let out = encoded(
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("content-length", "5"),
+                ("host", "api.example.com"),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", "spoofed"),
+                ("via", "1.0 edge"),
+                ("x-forwarded-for", "198.51.100.2"),
+                ("x-request-id", "client-1"),
+                ("x-key", "k"),
+            ],
+            Some(&forwarding(Some("ignored.example"), 1)),
+        );
+        let mut lines: Vec<&str> = out.split_terminator("\r\n").collect();
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                "Via: 1.0 edge, 1.1 writegate",
+                "X-Forwarded-For: 203.0.113.7, 198.51.100.2, 10.9.9.9",
+                "X-Forwarded-Host: api.example.com",
+                "X-Forwarded-Proto: https",
+                "host: api.example.com",
+                "x-key: k",
+                "x-request-id: client-1",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_uri_authority_becomes_host_and_ids_are_generated() {
+        let out = encoded(&[], Some(&forwarding(Some("kv.example:8080"), 7)));
+        let lines: Vec<&str> = out.split_terminator("\r\n").collect();
+        assert_eq!(
+            lines[..5],
+            [
+                "Host: kv.example:8080",
+                "X-Forwarded-Host: kv.example:8080",
+                "X-Forwarded-For: 10.9.9.9",
+                "X-Forwarded-Proto: https",
+                "Via: 1.1 writegate",
+            ]
+        );
+        let id = lines[5].strip_prefix("X-Request-Id: ").unwrap();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(id.ends_with("0000000000000007"), "{id}");
+        let other = encoded(&[], Some(&forwarding(None, 8)));
+        assert!(!other.contains("Host"), "no host to add: {other}");
+        assert!(!other.contains(id), "ids differ per request: {other}");
+    }
+
+    #[test]
+    fn without_forwarding_only_framing_headers_go() {
+        let out = encoded(
+            &[
+                ("transfer-encoding", "chunked"),
+                ("x-forwarded-for", "203.0.113.7"),
+                ("user-agent", "check"),
+            ],
+            None,
+        );
+        assert_eq!(out, "x-forwarded-for: 203.0.113.7\r\nuser-agent: check\r\n");
     }
 }

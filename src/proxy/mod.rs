@@ -10,6 +10,7 @@ mod body;
 mod coalesced;
 mod dispatch;
 pub mod headers;
+mod request;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,18 +22,19 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{Entry, HeaderValue, CONTENT_LENGTH, HOST, VIA};
-use http::{HeaderMap, Method, Request, Response, Uri, Version};
+use http::header::HeaderValue;
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
 pub use body::{
     ClientBody, PendingHeaders, RequestBody, RequestBodyError, ResponseBody, UpstreamLease,
 };
 pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
-use headers::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use headers::Forwarding;
+pub use request::{ClientHeaders, OutgoingRequest, ProxyRequest, RequestHead};
 
 use crate::error::{Fault, ProxyError};
-use crate::http1::{Http1Error, OutgoingRequest};
+use crate::http1::Http1Error;
 use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
@@ -142,12 +144,12 @@ impl ProxyService {
     ) -> impl Future<Output = Response<ResponseBody>> + Send {
         let started = Instant::now();
         let snapshot = self.snapshots.load_full();
-        let method = request.method().clone();
+        let method = request.head.method.clone();
         let logged_uri = snapshot
             .config
             .log
             .access_log
-            .then(|| Box::new(request.uri().clone()));
+            .then(|| Box::new(request.head.uri.clone()));
         async move {
             let mut active = self.conn.activity.begin();
             let mut exchange = Exchange::default();
@@ -199,57 +201,61 @@ impl ProxyService {
         exchange: &'a mut Exchange<'s>,
     ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
         async move {
-            let route = match snapshot.router.find(
-                request_host(&request),
-                request.uri().path(),
-                request.method(),
-            ) {
-                RouteMatch::Found(route) => route,
-                RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed),
-                RouteMatch::NotFound => return Err(ProxyError::NoRoute),
-            };
+            let head = &request.head;
+            let route =
+                match snapshot
+                    .router
+                    .find(request_host(head), head.uri.path(), &head.method)
+                {
+                    RouteMatch::Found(route) => route,
+                    RouteMatch::MethodNotAllowed => return Err(ProxyError::MethodNotAllowed),
+                    RouteMatch::NotFound => return Err(ProxyError::NoRoute),
+                };
             exchange.route = Some(route);
             let upstream = &snapshot.upstreams[route.upstream];
             exchange.upstream = Some(upstream);
-            if declared_length(request.headers()).is_some_and(|len| len > route.max_body) {
+            if request
+                .body
+                .exact_len()
+                .is_some_and(|len| len > route.max_body)
+            {
                 return Err(ProxyError::BodyTooLarge {
                     limit: route.max_body,
                 });
             }
-            request.body_mut().limit_to(route.max_body);
+            request.body.limit_to(route.max_body);
             let key = match &route.key {
-                Some(rule) => request_key(rule, &request)?,
+                Some(rule) => request_key(rule, &request.head)?,
                 None => None,
             };
             let mut read_lock = None;
             if let (Some(coalescer), Some(key)) = (&route.coalescer, key) {
                 let settings = &route.coalesce;
-                if settings.methods.contains(request.method()) {
+                let method = &request.head.method;
+                if settings.methods.contains(method) {
                     let key = Bytes::copy_from_slice(key);
-                    self.rewrite_request(&mut request)?;
+                    self.rewrite_request(&mut request.head)?;
                     // The rarer paths are boxed so that the common one's future stays small.
                     return Box::pin(coalesced::write(
                         snapshot, route, coalescer, key, request, exchange,
                     ))
                     .await;
                 }
-                if settings.order_reads
-                    && (request.method() == Method::GET || request.method() == Method::HEAD)
-                {
+                if settings.order_reads && (method == Method::GET || method == Method::HEAD) {
                     let permit =
                         Box::pin(coalescer.read(Bytes::copy_from_slice(key), settings)).await;
                     read_lock = Some(permit.map_err(|r| ProxyError::refused(r, &route.name))?);
                 }
             }
             let key = key.and_then(|k| upstream.balancer.hash_key(k));
-            self.rewrite_request(&mut request)?;
-            if dispatch::replayable(route, request.method())
-                && !http_body::Body::is_end_stream(request.body())
+            self.rewrite_request(&mut request.head)?;
+            if dispatch::replayable(route, &request.head.method)
+                && !http_body::Body::is_end_stream(&request.body)
             {
                 // A retry after the bytes reached a backend must send the body again: keep a copy.
-                let body = std::mem::replace(request.body_mut(), RequestBody::Full(None));
+                let body = std::mem::replace(&mut request.body, RequestBody::Full(None));
                 let copy = Box::pin(coalesced::buffer_body(body, route.max_body)).await?;
-                *request.body_mut() = RequestBody::Full(Some(copy));
+                request.body = RequestBody::Full(Some(copy));
             }
             let sent = dispatch::dispatch(route, upstream, key, request).await;
             // A read holds its key until its response head is in: later writes go after it.
@@ -263,51 +269,38 @@ impl ProxyService {
         }
     }
 
-    /// Turns the client's request head into the one the backend receives.
-    fn rewrite_request(&self, request: &mut Request<RequestBody>) -> Result<(), ProxyError> {
-        let version = request.version();
-        if version >= Version::HTTP_2 {
-            // The HTTP/1 codec leaves hop-by-hop headers out of its maps; hyper's may hold some.
-            headers::strip_hop_by_hop(request.headers_mut());
-        }
-        let host = match request.headers().get(HOST) {
-            Some(host) => Some(host.clone()),
-            // HTTP/2 and absolute-form requests carry the host in the URI.
-            None => match request.uri().authority() {
-                Some(authority) => {
-                    let value = HeaderValue::from_str(authority.as_str()).map_err(|_| {
-                        ProxyError::BadRequest("the request authority is not a valid Host")
-                    })?;
-                    request.headers_mut().insert(HOST, value.clone());
-                    Some(value)
-                }
-                None if version == Version::HTTP_11 => {
-                    return Err(ProxyError::BadRequest(
-                        "an HTTP/1.1 request needs a Host header",
-                    ));
-                }
-                None => None,
-            },
-        };
-        let headers = request.headers_mut();
-        if let Some(host) = host {
-            headers.insert(X_FORWARDED_HOST.clone(), host);
-        }
-        headers::append_to_list(headers, &X_FORWARDED_FOR, &self.conn.peer_ip);
-        headers.insert(X_FORWARDED_PROTO.clone(), self.conn.scheme.clone());
-        headers::append_to_list(headers, &VIA, &headers::via_value(version));
-        if let Entry::Vacant(id) = headers.entry(&X_REQUEST_ID) {
-            id.insert(headers::new_request_id());
-        }
-        let uri = request.uri();
+    /// Decides what the backend receives besides the client's head: see [`Forwarding`].
+    fn rewrite_request(&self, head: &mut RequestHead) -> Result<(), ProxyError> {
+        let uri = &head.uri;
+        let mut authority = None;
         if uri.scheme().is_some() || uri.authority().is_some() {
+            // HTTP/2 and absolute-form requests carry the host in the URI.
+            if let Some(host) = uri.authority() {
+                authority = Some(HeaderValue::from_str(host.as_str()).map_err(|_| {
+                    ProxyError::BadRequest("the request authority is not a valid Host")
+                })?);
+            }
             let path = uri
                 .path_and_query()
                 .cloned()
                 .ok_or(ProxyError::BadRequest("the request has no path"))?;
-            *request.uri_mut() = Uri::from(path);
+            head.uri = Uri::from(path);
         }
-        *request.version_mut() = Version::HTTP_11;
+        if authority.is_none()
+            && head.version == Version::HTTP_11
+            && head.headers.get("host").is_none()
+        {
+            return Err(ProxyError::BadRequest(
+                "an HTTP/1.1 request needs a Host header",
+            ));
+        }
+        head.forwarding = Some(Forwarding {
+            authority,
+            client_ip: self.conn.peer_ip.clone(),
+            scheme: self.conn.scheme.clone(),
+            via: headers::via_token(head.version),
+            request_number: Forwarding::next_request_number(),
+        });
         Ok(())
     }
 }
@@ -319,9 +312,20 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        let request = request.map(|body| RequestBody::streaming(ClientBody::H2(body), u64::MAX));
+        let (mut parts, body) = request.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let request = Box::new(ProxyRequest {
+            head: RequestHead {
+                method: parts.method,
+                uri: parts.uri,
+                version: parts.version,
+                headers: ClientHeaders::Map(parts.headers),
+                forwarding: None,
+            },
+            body: RequestBody::streaming(ClientBody::H2(body), u64::MAX),
+        });
         Box::pin(async move {
-            let mut response = this.handle(Box::new(request)).await;
+            let mut response = this.handle(request).await;
             body::complete_headers(&mut response);
             Ok(response)
         })
@@ -329,10 +333,10 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 }
 
 /// The request's host without port: from the URI (HTTP/2, absolute-form) or the Host header.
-fn request_host<B>(request: &Request<B>) -> Option<&str> {
-    let raw = match request.uri().host() {
+fn request_host(head: &RequestHead) -> Option<&str> {
+    let raw = match head.uri.host() {
         Some(host) => host,
-        None => request.headers().get(HOST)?.to_str().ok()?,
+        None => std::str::from_utf8(head.headers.get("host")?).ok()?,
     };
     Some(strip_port(raw))
 }
@@ -345,11 +349,8 @@ fn strip_port(host: &str) -> &str {
 }
 
 /// The request's key under `rule`; `None` only when the route balances keyless requests anyway.
-fn request_key<'r, B>(
-    rule: &KeyRule,
-    request: &'r Request<B>,
-) -> Result<Option<&'r [u8]>, ProxyError> {
-    match rule.source.extract(request) {
+fn request_key<'r>(rule: &KeyRule, head: &'r RequestHead) -> Result<Option<&'r [u8]>, ProxyError> {
+    match rule.source.extract(head) {
         Some(key) if key.len() > rule.max_length => Err(ProxyError::KeyTooLong {
             key_source: rule.source.clone(),
             limit: rule.max_length,
@@ -358,10 +359,6 @@ fn request_key<'r, B>(
         None if rule.on_missing == OnMissingKey::LeastConn => Ok(None),
         None => Err(ProxyError::MissingKey(rule.source.clone())),
     }
-}
-
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// A failed exchange may really be the client's fault: its body was too large or broke off.

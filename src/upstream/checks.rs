@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
-use http::{Request, StatusCode};
+use http::header::{HeaderValue, HOST, USER_AGENT};
+use http::{HeaderMap, Method, StatusCode, Uri};
 use tokio::sync::watch;
 
 use super::Backend;
 use crate::config::HealthCheckConfig;
-use crate::proxy::RequestBody;
+use crate::proxy::{ProxyRequest, RequestBody};
 use crate::snapshot::Snapshot;
 
 /// The running checks of one snapshot; dropping it stops them (a reload starts the next set).
@@ -104,6 +105,24 @@ async fn check_loop(
     }
 }
 
+/// `GET path` for `backend`, naming itself.
+fn check_request(backend: &Backend, config: &HealthCheckConfig) -> Result<ProxyRequest, String> {
+    let uri = Uri::try_from(config.path.as_str()).map_err(|e| format!("request: {e}"))?;
+    let host = HeaderValue::from_str(backend.label()).map_err(|e| format!("request: {e}"))?;
+    let mut headers = HeaderMap::with_capacity(2);
+    headers.insert(HOST, host);
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static("writegate-health-check"),
+    );
+    Ok(ProxyRequest::new(
+        Method::GET,
+        uri,
+        headers,
+        RequestBody::Full(None),
+    ))
+}
+
 /// One check: connect, `GET path`, compare the status.
 async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), String> {
     let exchange = async {
@@ -112,11 +131,7 @@ async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), Stri
             .connect(config.timeout)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let request = Request::get(config.path.as_str())
-            .header(http::header::HOST, backend.label())
-            .header(http::header::USER_AGENT, "writegate-health-check")
-            .body(RequestBody::Full(None))
-            .map_err(|e| format!("request: {e}"))?;
+        let request = check_request(backend, config)?;
         // The connection is dropped after the head: a check needs only the status.
         let head = conn
             .send(Box::new(request))

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use super::Backend;
-use crate::http1::{Http1Error, OutgoingRequest, ResponseHead, UpstreamStream};
+use crate::http1::{Http1Error, ResponseHead, UpstreamStream};
+use crate::proxy::OutgoingRequest;
 
 /// Idle connections kept per backend; more are closed when returned.
 const MAX_IDLE_PER_BACKEND: usize = 512;

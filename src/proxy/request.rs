@@ -1,0 +1,114 @@
+//! A request on its way through the proxy: the client's head, what the proxy adds toward the
+//! backend, and the body.
+//!
+//! An HTTP/1 client's header lines stay spans of the head it sent ([`RawHeaders`]): routing, keys
+//! and rewriting read only a few of them, and the backend gets them as they came, followed by the
+//! proxy's forwarding headers ([`Forwarding`]), written in one pass. Building a `HeaderMap` per
+//! request and serializing it again cost more than the rest of a small request's path. HTTP/2
+//! requests arrive as hyper's map and keep it.
+
+use http::{HeaderMap, Method, Uri, Version};
+
+use super::body::RequestBody;
+use super::headers::Forwarding;
+use crate::http1::fields::RawHeaders;
+
+/// A request on its way to a backend. Boxed: it passes through several futures (dispatch, retry,
+/// send), and each would otherwise hold room for it.
+pub type OutgoingRequest = Box<ProxyRequest>;
+
+#[derive(Debug)]
+pub struct ProxyRequest {
+    pub head: RequestHead,
+    pub body: RequestBody,
+}
+
+/// Everything of a request but its body; cloned where a request may be sent more than once.
+#[derive(Debug, Clone)]
+pub struct RequestHead {
+    pub method: Method,
+    pub uri: Uri,
+    /// The client's version; the backend always gets HTTP/1.1.
+    pub version: Version,
+    /// The client's end-to-end headers.
+    pub headers: ClientHeaders,
+    /// What the proxy adds toward the backend; set once the request is routed.
+    pub forwarding: Option<Forwarding>,
+}
+
+/// A client's end-to-end headers (hop-by-hop ones already left out).
+#[derive(Debug, Clone)]
+pub enum ClientHeaders {
+    /// From an HTTP/1 client: the lines as received.
+    Lines(RawHeaders),
+    /// From an HTTP/2 client (hyper's map), or made by the proxy itself (health checks).
+    Map(HeaderMap),
+}
+
+impl ClientHeaders {
+    /// Every header as (name, value), names in the client's case; same-named ones in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let (lines, map) = match self {
+            ClientHeaders::Lines(lines) => (Some(lines.iter()), None),
+            ClientHeaders::Map(map) => (None, Some(map.iter())),
+        };
+        let map = map
+            .into_iter()
+            .flatten()
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+        lines.into_iter().flatten().chain(map)
+    }
+
+    /// The values of the headers named `name` (lowercase), in order. A scan: requests carry few
+    /// headers, and this is asked for one or two of them.
+    pub fn get_all<'h, 'n>(
+        &'h self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'h [u8]> + use<'h, 'n> {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value)| value)
+    }
+
+    /// The first value of the header named `name` (lowercase).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value)| value)
+    }
+}
+
+impl ProxyRequest {
+    /// A request the proxy makes itself (no forwarding headers).
+    pub fn new(method: Method, uri: Uri, headers: HeaderMap, body: RequestBody) -> ProxyRequest {
+        ProxyRequest {
+            head: RequestHead {
+                method,
+                uri,
+                version: Version::HTTP_11,
+                headers: ClientHeaders::Map(headers),
+                forwarding: None,
+            },
+            body,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn lookups_ignore_case_and_keep_order() {
+        let mut map = HeaderMap::new();
+        map.append("cookie", HeaderValue::from_static("a=1"));
+        map.append("x-key", HeaderValue::from_static("k"));
+        map.append("cookie", HeaderValue::from_static("b=2"));
+        let headers = ClientHeaders::Map(map);
+        assert_eq!(headers.get("x-key"), Some(&b"k"[..]));
+        assert_eq!(headers.get("x-other"), None);
+        let cookies: Vec<&[u8]> = headers.get_all("cookie").collect();
+        assert_eq!(cookies, [&b"a=1"[..], b"b=2"]);
+    }
+}
