@@ -11,14 +11,14 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
-use super::fields::{self, HeadFacts, HeaderSpan, RawHeaders};
+use super::fields::{self, HeadFacts, RawHeaders};
 use crate::proxy::headers;
 use crate::proxy::{OutgoingRequest, ProxyRequest, RequestBody, RequestBodyError, RequestHead};
 
@@ -263,13 +263,12 @@ impl UpstreamConn {
             } else {
                 Version::HTTP_11
             };
-            let mut spans = [HeaderSpan::default(); MAX_HEADERS];
-            let count = fields::header_spans(&self.buf, response.headers, &mut spans);
-            let head = self.buf.split_to(head_len).freeze();
             if status.is_informational() {
+                self.buf.advance(head_len);
                 continue;
             }
-            let (headers, facts) = RawHeaders::new(head, &spans[..count]);
+            let (lines, facts) = fields::sort_lines(&self.buf, response.headers);
+            let headers = lines.in_head(self.buf.split_to(head_len).freeze());
             let framing = response_framing(status, head_request, &facts)?;
             let keep_alive = framing != Framing::UntilClose && facts.keeps_alive(version);
             return Ok(Some(ResponseHead {

@@ -32,18 +32,28 @@ impl HeaderSpan {
     }
 }
 
-/// Records where httparse found each header in `buf`, so that the head can be frozen and shared.
-pub fn header_spans(buf: &[u8], headers: &[httparse::Header<'_>], out: &mut [HeaderSpan]) -> usize {
-    let base = buf.as_ptr() as usize;
-    for (span, header) in out.iter_mut().zip(headers) {
+impl HeaderSpan {
+    /// Where `header`, parsed out of a buffer starting at address `base`, lies in it.
+    fn of(base: usize, header: &httparse::Header<'_>) -> HeaderSpan {
         let name = (header.name.as_ptr() as usize - base) as u32;
         let value = (header.value.as_ptr() as usize - base) as u32;
-        *span = HeaderSpan {
+        HeaderSpan {
             name: (name, name + header.name.len() as u32),
             value: (value, value + header.value.len() as u32),
-        };
+        }
     }
-    headers.len().min(out.len())
+}
+
+/// Whether the header name `name` is `lower`, a lowercase name of letters and `-`, in any case.
+/// Folds case with `| 0x20` and compares every byte without branching: the only other byte that
+/// folds onto a letter or `-` is CR, which no header name holds.
+pub fn name_is(name: &[u8], lower: &str) -> bool {
+    name.len() == lower.len()
+        && name
+            .iter()
+            .zip(lower.as_bytes())
+            .fold(0, |diff, (a, b)| diff | ((a | 0x20) ^ b))
+            == 0
 }
 
 /// What the codec does with a header, known from its name in any case.
@@ -61,7 +71,7 @@ enum Role {
 
 /// A match on the length first: this runs for every header line.
 fn role(name: &[u8]) -> Role {
-    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    let is = |known: &str| name_is(name, known);
     match name.len() {
         2 if is("te") => Role::HopByHop,
         4 if is("date") => Role::Date,
@@ -168,18 +178,60 @@ impl HeadFacts {
     }
 }
 
+/// The end-to-end header lines of a head, sorted out of what httparse parsed; see [`sort_lines`].
+#[derive(Debug)]
+pub struct Lines {
+    spans: Vec<HeaderSpan>,
+    has_date: bool,
+}
+
+/// Sorts the header lines httparse found in `buf` (which the head starts): reads what they say
+/// about the connection and framing, and keeps the end-to-end ones (`Content-Length` included,
+/// `Transfer-Encoding` not) as spans, which stay valid once the head is split off `buf`.
+pub fn sort_lines(buf: &[u8], headers: &[httparse::Header<'_>]) -> (Lines, HeadFacts) {
+    let base = buf.as_ptr() as usize;
+    let mut facts = HeadFacts::default();
+    let mut spans = Vec::with_capacity(headers.len());
+    for header in headers {
+        let role = role(header.name.as_bytes());
+        if facts.note(role, header.value) && role != Role::TransferEncoding {
+            spans.push(HeaderSpan::of(base, header));
+        }
+    }
+    if facts.names_others {
+        let named = connection_named(headers);
+        spans.retain(|span| {
+            let name = span.name(buf);
+            !named.iter().any(|n| n.eq_ignore_ascii_case(name))
+        });
+    }
+    let has_date = facts.has_date;
+    (Lines { spans, has_date }, facts)
+}
+
 /// The headers a `Connection` header names (rare: most name none). Framing headers are the
 /// codec's to handle, whatever `Connection` says.
-fn connection_named<'h>(head: &'h [u8], spans: &[HeaderSpan]) -> Vec<&'h [u8]> {
-    spans
+fn connection_named<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
+    headers
         .iter()
-        .filter(|span| role(span.name(head)) == Role::Connection)
-        .flat_map(|span| span.value(head).split(|&b| b == b',').map(codec::trim))
+        .filter(|header| role(header.name.as_bytes()) == Role::Connection)
+        .flat_map(|header| header.value.split(|&b| b == b',').map(codec::trim))
         .filter(|token| {
             !token.is_empty()
                 && !matches!(role(token), Role::ContentLength | Role::TransferEncoding)
         })
         .collect()
+}
+
+impl Lines {
+    /// The lines, in `head`: the parsed buffer's front, split off and frozen.
+    pub fn in_head(self, head: Bytes) -> RawHeaders {
+        RawHeaders {
+            head,
+            lines: self.spans,
+            has_date: self.has_date,
+        }
+    }
 }
 
 /// A message's end-to-end header lines, as received (names in the sender's case).
@@ -191,50 +243,22 @@ pub struct RawHeaders {
 }
 
 impl RawHeaders {
-    /// Sorts the lines at `spans` of `head`: what the head says, and the lines passed on.
-    pub fn new(head: Bytes, spans: &[HeaderSpan]) -> (RawHeaders, HeadFacts) {
-        let mut facts = HeadFacts::default();
-        let mut lines = Vec::with_capacity(spans.len());
-        for span in spans {
-            let role = role(span.name(&head));
-            if facts.note(role, span.value(&head)) && role != Role::TransferEncoding {
-                lines.push(*span);
-            }
-        }
-        if facts.names_others {
-            let named = connection_named(&head, spans);
-            lines.retain(|line| {
-                let name = line.name(&head);
-                !named.iter().any(|n| n.eq_ignore_ascii_case(name))
-            });
-        }
-        let has_date = facts.has_date;
-        (
-            RawHeaders {
-                head,
-                lines,
-                has_date,
-            },
-            facts,
-        )
-    }
-
     pub fn has_date(&self) -> bool {
         self.has_date
     }
 
-    /// Leaves out the lines named `name` (any case).
+    /// Leaves out the lines named `name` (lowercase letters and `-`), in any case.
     pub fn remove(&mut self, name: &str) {
         let head = &self.head;
-        self.lines
-            .retain(|line| !line.name(head).eq_ignore_ascii_case(name.as_bytes()));
+        self.lines.retain(|line| !name_is(line.name(head), name));
     }
 
     /// The lines as (name, value) pairs.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        self.lines
-            .iter()
-            .map(|line| (line.name(&self.head), line.value(&self.head)))
+    pub fn iter(&self) -> LineIter<'_> {
+        LineIter {
+            head: &self.head,
+            lines: self.lines.iter(),
+        }
     }
 
     /// The lines as a map, with room for `added` more.
@@ -255,38 +279,50 @@ impl RawHeaders {
     }
 }
 
+/// The lines of a [`RawHeaders`], as (name, value).
+pub struct LineIter<'h> {
+    head: &'h [u8],
+    lines: std::slice::Iter<'h, HeaderSpan>,
+}
+
+impl<'h> Iterator for LineIter<'h> {
+    type Item = (&'h [u8], &'h [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let line = self.lines.next()?;
+        Some((line.name(self.head), line.value(self.head)))
+    }
+}
+
 /// The end-to-end lines of `head`, a whole request head.
 #[cfg(test)]
 pub(crate) fn request_lines(head: Bytes) -> RawHeaders {
     let mut slots = [httparse::EMPTY_HEADER; 32];
     let mut request = httparse::Request::new(&mut slots);
     assert!(request.parse(&head).is_ok_and(|s| s.is_complete()));
-    let mut spans = [HeaderSpan::default(); 32];
-    let count = header_spans(&head, request.headers, &mut spans);
-    RawHeaders::new(head.clone(), &spans[..count]).0
+    let (lines, _) = sort_lines(&head, request.headers);
+    lines.in_head(head.clone())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Spans of every header in `head` (a complete response head).
-    fn parse(head: &'static [u8]) -> (Bytes, Vec<HeaderSpan>) {
+    /// The sorted lines of `head`, a complete response head.
+    fn parse(head: &'static [u8]) -> (RawHeaders, HeadFacts) {
         let mut slots = [httparse::EMPTY_HEADER; 16];
         let mut response = httparse::Response::new(&mut slots);
         response.parse(head).unwrap();
-        let mut spans = [HeaderSpan::default(); 16];
-        let count = header_spans(head, response.headers, &mut spans);
-        (Bytes::from_static(head), spans[..count].to_vec())
+        let (lines, facts) = sort_lines(head, response.headers);
+        (lines.in_head(Bytes::from_static(head)), facts)
     }
 
     #[test]
     fn connection_headers_are_read_and_dropped() {
-        let (head, spans) = parse(
+        let (mut raw, facts) = parse(
             b"HTTP/1.1 200 OK\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: t=5\r\n\
               Transfer-Encoding: gzip, chunked\r\nContent-Length: 7\r\nX-Public: 2\r\n\r\n",
         );
-        let (mut raw, facts) = RawHeaders::new(head, &spans);
         assert!(facts.close && !facts.keeps_alive(Version::HTTP_11));
         assert_eq!(facts.chunked_last, Some(true));
         assert!(facts.other_codings, "gzip is named besides chunked");
@@ -303,22 +339,30 @@ mod tests {
     }
 
     #[test]
+    fn names_compare_in_any_case() {
+        assert!(name_is(b"Content-Length", "content-length"));
+        assert!(name_is(b"X-FORWARDED-FOR", "x-forwarded-for"));
+        assert!(!name_is(b"content-lengtx", "content-length"));
+        assert!(!name_is(b"content_length", "content-length"));
+        assert!(!name_is(b"via2", "via"));
+        assert!(role(b"Content-length") == Role::ContentLength);
+        assert!(role(b"Content-Lengthy") == Role::EndToEnd);
+    }
+
+    #[test]
     fn lengths_must_agree_across_lines() {
-        let (head, spans) =
+        let (_, facts) =
             parse(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\ncontent-length: 8\r\n\r\n");
-        let (_, facts) = RawHeaders::new(head, &spans);
         assert_eq!(facts.content_length, Err(FramingError::ConflictingLengths));
-        let (head, spans) = parse(
+        let (_, facts) = parse(
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nDate: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
         );
-        let (_, facts) = RawHeaders::new(head, &spans);
         assert_eq!(facts.chunked_last, Some(false));
         assert_eq!(facts.content_length, Ok(None));
         assert!(facts.has_date && facts.keeps_alive(Version::HTTP_10));
-        let (head, spans) = parse(
+        let (_, facts) = parse(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         );
-        let (_, facts) = RawHeaders::new(head, &spans);
         assert_eq!(facts.chunked_last, Some(true));
         assert!(!facts.other_codings);
     }

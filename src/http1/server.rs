@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
-use super::fields::{self, HeadFacts, HeaderSpan, RawHeaders};
+use super::fields::{self, HeadFacts};
 use crate::proxy::{
     ClientBody, ClientHeaders, OutgoingRequest, PendingHeaders, ProxyRequest, ProxyService,
     RequestBody, RequestHead, ResponseBody,
@@ -382,20 +382,19 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     let target = parsed.path.unwrap_or_default();
     let target_start = target.as_ptr() as usize - w.buf.as_ptr() as usize;
     let target_span = target_start..target_start + target.len();
-    let mut spans = [HeaderSpan::default(); MAX_HEADERS];
-    let count = fields::header_spans(&w.buf, parsed.headers, &mut spans);
+    let (lines, facts) = fields::sort_lines(&w.buf, parsed.headers);
     let head = w.buf.split_to(head_len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target_span)) else {
         return Some(bad_request("invalid request target"));
     };
-    let (mut headers, facts) = RawHeaders::new(head, &spans[..count]);
+    let mut headers = lines.in_head(head);
     let (framing, mut keep_alive) = match request_framing(version, &facts) {
         Ok(framing) => framing,
         Err((status, reason)) => return Some(NextRequest::Reject(status, reason)),
     };
     keep_alive &= facts.keeps_alive(version);
     let expects_continue = headers.iter().any(|(name, value)| {
-        name.eq_ignore_ascii_case(b"expect") && value.eq_ignore_ascii_case(b"100-continue")
+        fields::name_is(name, "expect") && value.eq_ignore_ascii_case(b"100-continue")
     });
     if expects_continue {
         // Answered here, when the body is first read; the backend is not asked.

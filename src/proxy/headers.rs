@@ -17,7 +17,7 @@ use http::Version;
 
 use super::request::ClientHeaders;
 use crate::http1::codec;
-use crate::http1::fields::is_hop_by_hop;
+use crate::http1::fields::{is_hop_by_hop, name_is};
 
 /// Removes hop-by-hop headers, including the ones `Connection` lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -117,7 +117,7 @@ enum Line {
 
 /// Sorted by length first: this runs for every header line.
 fn line_kind(name: &[u8]) -> Line {
-    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+    let is = |known: &str| name_is(name, known);
     match name.len() {
         3 if is("via") => Line::Folded,
         4 if is("host") => Line::Host,

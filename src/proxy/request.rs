@@ -11,7 +11,7 @@ use http::{HeaderMap, Method, Uri, Version};
 
 use super::body::RequestBody;
 use super::headers::Forwarding;
-use crate::http1::fields::RawHeaders;
+use crate::http1::fields::{LineIter, RawHeaders};
 
 /// A request on its way to a backend. Boxed: it passes through several futures (dispatch, retry,
 /// send), and each would otherwise hold room for it.
@@ -47,16 +47,11 @@ pub enum ClientHeaders {
 
 impl ClientHeaders {
     /// Every header as (name, value), names in the client's case; same-named ones in order.
-    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let (lines, map) = match self {
-            ClientHeaders::Lines(lines) => (Some(lines.iter()), None),
-            ClientHeaders::Map(map) => (None, Some(map.iter())),
-        };
-        let map = map
-            .into_iter()
-            .flatten()
-            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
-        lines.into_iter().flatten().chain(map)
+    pub fn iter(&self) -> HeaderIter<'_> {
+        match self {
+            ClientHeaders::Lines(lines) => HeaderIter::Lines(lines.iter()),
+            ClientHeaders::Map(map) => HeaderIter::Map(map.iter()),
+        }
     }
 
     /// The values of the headers named `name` (lowercase), in order. A scan: requests carry few
@@ -75,6 +70,25 @@ impl ClientHeaders {
         self.iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, value)| value)
+    }
+}
+
+/// The headers of a [`ClientHeaders`], as (name, value).
+pub enum HeaderIter<'h> {
+    Lines(LineIter<'h>),
+    Map(http::header::Iter<'h, http::HeaderValue>),
+}
+
+impl<'h> Iterator for HeaderIter<'h> {
+    type Item = (&'h [u8], &'h [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            HeaderIter::Lines(lines) => lines.next(),
+            HeaderIter::Map(map) => map
+                .next()
+                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
+        }
     }
 }
 
