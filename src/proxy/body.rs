@@ -9,6 +9,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, VIA};
@@ -264,13 +265,15 @@ pub struct UpstreamLease {
     pub conn: UpstreamConn,
     pub inflight: InflightGuard,
     pub admission: [Option<AdmissionPermit>; 2],
+    /// When the response head came.
+    pub responded: Instant,
 }
 
 impl UpstreamLease {
     /// The response was read to its end: the connection can carry the next request.
     fn complete(self, keep_alive: bool) {
         if keep_alive && self.conn.is_clean() {
-            self.inflight.backend().reuse(self.conn);
+            self.inflight.backend().reuse(self.conn, self.responded);
         }
     }
 }
@@ -312,6 +315,14 @@ impl ResponseBody {
     pub fn take_pending_headers(&mut self) -> Option<PendingHeaders> {
         match &mut self.kind {
             ResponseKind::Upstream { pending, .. } => pending.take(),
+            ResponseKind::Full(_) => None,
+        }
+    }
+
+    /// When the backend's response head came, for a response that is a backend's.
+    pub fn responded_at(&self) -> Option<Instant> {
+        match &self.kind {
+            ResponseKind::Upstream { lease, .. } => lease.as_ref().map(|lease| lease.responded),
             ResponseKind::Full(_) => None,
         }
     }

@@ -98,6 +98,7 @@ pub(super) fn dispatch<'a>(
                         conn,
                         inflight,
                         admission,
+                        responded,
                     };
                     return Ok(Dispatched {
                         head,

@@ -40,11 +40,11 @@ impl Pool {
         None
     }
 
-    fn put(&self, mut conn: UpstreamConn) {
+    fn put(&self, mut conn: UpstreamConn, idle_since: Instant) {
         conn.release_buffer();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_BACKEND {
-            idle.push((conn, Instant::now()));
+            idle.push((conn, idle_since));
         }
     }
 
@@ -146,9 +146,11 @@ impl Backend {
         }
     }
 
-    /// Returns a connection whose response was read to the end, for the next request.
-    pub fn reuse(&self, conn: UpstreamConn) {
-        self.pool.put(conn);
+    /// Returns a connection whose response was read to the end, for the next request. Its idle
+    /// time counts from `responded`, when the response head came: a little early when the body
+    /// took long, which errs toward closing a connection the backend may already have closed.
+    pub fn reuse(&self, conn: UpstreamConn, responded: Instant) {
+        self.pool.put(conn, responded);
     }
 
     /// Opens a new connection (TCP, then TLS for `https://` backends), both within
