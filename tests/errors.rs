@@ -77,6 +77,35 @@ async fn slow_backend_is_504() {
 }
 
 #[tokio::test]
+async fn a_reused_backend_connection_still_times_out() {
+    // The response timer is kept with the connection between exchanges; a later, slower answer on
+    // the same connection must still be cut off at its own deadline.
+    let gate = Gate::default();
+    let b = gated_backend(&gate).await;
+    let config = simple_config(&[(b.addr, 1)], "timeouts = { response = \"300ms\" }");
+    let proxy = start_proxy(&config).await;
+    gate.release(2);
+    assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK);
+    // Past the first exchange's deadline: the next one must get a deadline of its own.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(get(proxy.addr, "/").await.status, StatusCode::OK);
+    let started = std::time::Instant::now();
+    let reply = get(proxy.addr, "/").await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut off at 300 ms"
+    );
+    assert_eq!(
+        b.connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "all three went over one pooled connection"
+    );
+    gate.release(1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn connect_timeout_is_504() {
     // A listener that never accepts, with its accept queue already full: the kernel drops new SYNs,
     // so a connect to it hangs until our connect timeout.

@@ -10,12 +10,14 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
 use super::fields::{self, HeadFacts, RawHeaders};
@@ -87,6 +89,10 @@ pub struct UpstreamConn {
     io: UpstreamStream,
     buf: BytesMut,
     out: Vec<u8>,
+    /// The response timer, kept from one exchange to the next: moving a registered timer's
+    /// deadline later is one atomic operation, while a fresh timer takes the timer wheel's lock to
+    /// be inserted and again to be removed.
+    response_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl UpstreamConn {
@@ -95,7 +101,24 @@ impl UpstreamConn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            response_timer: None,
         }
+    }
+
+    /// The connection's response timer, set to `deadline` and lent out for one exchange; hand it
+    /// back with [`UpstreamConn::return_timer`].
+    pub fn lend_timer(&mut self, deadline: Instant) -> Pin<Box<Sleep>> {
+        match self.response_timer.take() {
+            Some(mut timer) => {
+                timer.as_mut().reset(deadline.into());
+                timer
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline.into())),
+        }
+    }
+
+    pub fn return_timer(&mut self, timer: Pin<Box<Sleep>>) {
+        self.response_timer = Some(timer);
     }
 
     /// Whether an idle connection can carry a request: the backend has neither closed it nor sent

@@ -27,7 +27,7 @@ use http::{HeaderMap, Method, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
 use super::fields::{self, HeadFacts};
@@ -130,12 +130,17 @@ pub fn serve<I: ClientIo>(
             registered: None,
         };
         let mut first = true;
+        // One timer for the connection's idle and header deadlines, moved on for each request:
+        // moving a registered timer later is one atomic operation, while a fresh one takes the
+        // timer wheel's lock to be inserted and again to be removed.
+        let mut timer = std::pin::pin!(tokio::time::sleep(timeouts.header_read));
         // The rejection is written after the loop, so that no request head is kept across it.
         let rejected = loop {
             if stop.signal.is_stopped() {
                 return Served::Closed;
             }
-            let head = match next_request(&wire, timeouts, &mut stop, first).await {
+            let next = next_request(&wire, timeouts, &mut stop, timer.as_mut(), first);
+            let head = match next.await {
                 NextRequest::Ready(head) => head,
                 NextRequest::Close => return Served::Closed,
                 NextRequest::Reject(status, reason) => break rejection(status, reason),
@@ -277,11 +282,13 @@ impl Drop for StopWatch {
     }
 }
 
-/// Waits for the next request head: bufferless while idle, then within `header_read`.
+/// Waits for the next request head: bufferless while idle, then within `header_read`, both
+/// timed by the connection's `timer`.
 fn next_request<'w, I: ClientIo>(
     wire: &'w SharedWire<I>,
     timeouts: Timeouts,
     stop: &'w mut StopWatch,
+    mut timer: Pin<&'w mut Sleep>,
     first: bool,
 ) -> impl Future<Output = NextRequest> + Send + 'w {
     let started = Instant::now();
@@ -291,21 +298,27 @@ fn next_request<'w, I: ClientIo>(
         if lock(wire).buf.is_empty() {
             // Nothing pipelined: give the buffer back while the client thinks.
             lock(wire).buf = BytesMut::new();
-            let readable = poll_fn(|cx| lock(wire).io.poll_idle_ready(cx));
-            let mut readable = std::pin::pin!(tokio::time::timeout_at(idle_deadline, readable));
+            timer.as_mut().reset(idle_deadline);
             let woken = poll_fn(|cx| {
                 if stop.poll_stopped(cx).is_ready() {
                     return Poll::Ready(false);
                 }
-                readable.as_mut().poll(cx).map(|r| matches!(r, Ok(Ok(()))))
+                match lock(wire).io.poll_idle_ready(cx) {
+                    Poll::Ready(ready) => Poll::Ready(ready.is_ok()),
+                    Poll::Pending => timer.as_mut().poll(cx).map(|()| false),
+                }
             });
             if !woken.await {
                 return NextRequest::Close;
             }
         }
-        tokio::time::timeout_at(head_deadline, read_head(wire, first))
-            .await
-            .unwrap_or(NextRequest::Close)
+        timer.as_mut().reset(head_deadline);
+        let mut reading = std::pin::pin!(read_head(wire, first));
+        poll_fn(|cx| match reading.as_mut().poll(cx) {
+            Poll::Ready(next) => Poll::Ready(next),
+            Poll::Pending => timer.as_mut().poll(cx).map(|()| NextRequest::Close),
+        })
+        .await
     }
 }
 

@@ -6,8 +6,9 @@
 //! config reloads. A small LIFO stack per backend does all three: the most recently used connection
 //! is the one least likely to have been closed by the backend's idle timer.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
@@ -118,16 +119,25 @@ impl Backend {
                 };
                 let fresh = sent_at.is_some();
                 let deadline = sent_at.unwrap_or(now) + response_timeout;
-                let exchange = conn.send(request);
-                match tokio::time::timeout_at(deadline.into(), exchange).await {
-                    Err(_) => {
+                let mut timer = conn.lend_timer(deadline);
+                let answered = {
+                    let mut exchange = std::pin::pin!(conn.send(request));
+                    poll_fn(|cx| match exchange.as_mut().poll(cx) {
+                        Poll::Ready(answer) => Poll::Ready(Some(answer)),
+                        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+                    })
+                    .await
+                };
+                conn.return_timer(timer);
+                match answered {
+                    None => {
                         return Err(SendFailure {
                             error: SendError::ResponseTimeout,
                             unsent: None,
                         })
                     }
-                    Ok(Ok(head)) => return Ok((head, conn)),
-                    Ok(Err(failure)) => match failure.unsent {
+                    Some(Ok(head)) => return Ok((head, conn)),
+                    Some(Err(failure)) => match failure.unsent {
                         // A pooled connection closed under us before the request was written: the
                         // request is handed back untouched, so another connection may carry it.
                         Some(unsent) if !fresh => request = unsent,
