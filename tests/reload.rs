@@ -294,15 +294,8 @@ async fn queued_writes_and_backend_state_survive_a_reload() {
     for w in writes {
         assert_eq!(bounded("write", w).await.unwrap().status, 200);
     }
-    let order: Vec<Vec<u8>> = b
-        .received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.body.to_vec())
-        .collect();
     assert_eq!(
-        order,
+        b.bodies(),
         [b"1".to_vec(), b"2".to_vec(), b"3".to_vec(), b"4".to_vec()],
         "arrival order across the reload"
     );

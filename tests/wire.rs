@@ -330,22 +330,8 @@ async fn pipelined_requests_are_answered_in_order_and_http10_closes() {
     .await;
     read.unwrap();
     assert_eq!(reply.matches("HTTP/1.1 200 OK").count(), 3, "{reply}");
-    let uris: Vec<String> = b
-        .received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.uri.to_string())
-        .collect();
-    assert_eq!(uris, ["/1", "/2", "/3"]);
-    let bodies: Vec<Vec<u8>> = b
-        .received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.body.to_vec())
-        .collect();
-    assert_eq!(bodies, [b"a".to_vec(), b"b".to_vec(), Vec::new()]);
+    assert_eq!(b.uris(), ["/1", "/2", "/3"]);
+    assert_eq!(b.bodies(), [b"a".to_vec(), b"b".to_vec(), Vec::new()]);
     assert!(
         reply.ends_with('b'),
         "the HTTP/1.0 request's response ends the connection: {reply}"

@@ -59,6 +59,18 @@ impl TestBackend {
         self.received.lock().unwrap().len()
     }
 
+    /// The bodies received so far, in arrival order.
+    pub fn bodies(&self) -> Vec<Vec<u8>> {
+        let received = self.received.lock().unwrap();
+        received.iter().map(|r| r.body.to_vec()).collect()
+    }
+
+    /// The request targets received so far, in arrival order.
+    pub fn uris(&self) -> Vec<String> {
+        let received = self.received.lock().unwrap();
+        received.iter().map(|r| r.uri.to_string()).collect()
+    }
+
     pub fn last(&self) -> Received {
         self.received
             .lock()
