@@ -14,22 +14,11 @@ use http::{HeaderMap, Version};
 use super::codec::{self, FramingError};
 
 /// Where one header's name and value lie in a message head. (Offsets are `u32` to keep the
-/// per-parse array of these small; a head is at most [`codec::MAX_HEAD`] bytes past its buffer's
-/// start.)
-#[derive(Debug, Clone, Copy, Default)]
-pub struct HeaderSpan {
+/// per-message list of these small; a head is at most [`codec::MAX_HEAD`] bytes long.)
+#[derive(Debug, Clone, Copy)]
+struct HeaderSpan {
     name: (u32, u32),
     value: (u32, u32),
-}
-
-impl HeaderSpan {
-    fn name<'h>(&self, head: &'h [u8]) -> &'h [u8] {
-        &head[self.name.0 as usize..self.name.1 as usize]
-    }
-
-    fn value<'h>(&self, head: &'h [u8]) -> &'h [u8] {
-        &head[self.value.0 as usize..self.value.1 as usize]
-    }
 }
 
 impl HeaderSpan {
@@ -41,6 +30,14 @@ impl HeaderSpan {
             name: (name, name + header.name.len() as u32),
             value: (value, value + header.value.len() as u32),
         }
+    }
+
+    fn name<'h>(&self, head: &'h [u8]) -> &'h [u8] {
+        &head[self.name.0 as usize..self.name.1 as usize]
+    }
+
+    fn value<'h>(&self, head: &'h [u8]) -> &'h [u8] {
+        &head[self.value.0 as usize..self.value.1 as usize]
     }
 }
 
@@ -61,6 +58,8 @@ pub fn name_is(name: &[u8], lower: &str) -> bool {
 enum Role {
     EndToEnd,
     Date,
+    /// Passed on, but a request's `100-continue` is the server's to answer.
+    Expect,
     ContentLength,
     TransferEncoding,
     Connection,
@@ -75,6 +74,7 @@ fn role(name: &[u8]) -> Role {
     match name.len() {
         2 if is("te") => Role::HopByHop,
         4 if is("date") => Role::Date,
+        6 if is("expect") => Role::Expect,
         7 if is("trailer") || is("upgrade") => Role::HopByHop,
         10 if is("connection") => Role::Connection,
         10 if is("keep-alive") => Role::HopByHop,
@@ -109,6 +109,8 @@ pub struct HeadFacts {
     /// Every `Content-Length` value, which must agree.
     pub content_length: Result<Option<u64>, FramingError>,
     pub has_date: bool,
+    /// `Expect: 100-continue`.
+    pub expects_continue: bool,
     /// `Connection` names some other header, which must go too.
     names_others: bool,
 }
@@ -122,6 +124,7 @@ impl Default for HeadFacts {
             other_codings: false,
             content_length: Ok(None),
             has_date: false,
+            expects_continue: false,
             names_others: false,
         }
     }
@@ -133,6 +136,7 @@ impl HeadFacts {
         match role {
             Role::EndToEnd => return true,
             Role::Date => self.has_date = true,
+            Role::Expect => self.expects_continue |= value.eq_ignore_ascii_case(b"100-continue"),
             Role::ContentLength => {
                 if let Ok(found) = self.content_length {
                     self.content_length = codec::content_length(found, value);
@@ -336,6 +340,15 @@ mod tests {
         raw.remove("content-length");
         let names: Vec<&[u8]> = raw.iter().map(|(name, _)| name).collect();
         assert_eq!(names, [&b"X-Public"[..]]);
+    }
+
+    #[test]
+    fn a_continue_expectation_is_noted_and_its_line_kept() {
+        let (raw, facts) = parse(b"HTTP/1.1 200 OK\r\nEXPECT: 100-Continue\r\n\r\n");
+        assert!(facts.expects_continue);
+        assert_eq!(raw.iter().count(), 1);
+        let (_, facts) = parse(b"HTTP/1.1 200 OK\r\nExpect: something-else\r\n\r\n");
+        assert!(!facts.expects_continue);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_
 use super::fields::{self, HeadFacts};
 use crate::proxy::{
     ClientBody, ClientHeaders, OutgoingRequest, PendingHeaders, ProxyRequest, ProxyService,
-    RequestBody, RequestHead, ResponseBody,
+    RequestBody, ResponseBody,
 };
 
 /// The start of every HTTP/2 connection (RFC 9113 §3.4).
@@ -406,9 +406,7 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
         Err((status, reason)) => return Some(NextRequest::Reject(status, reason)),
     };
     keep_alive &= facts.keeps_alive(version);
-    let expects_continue = headers.iter().any(|(name, value)| {
-        fields::name_is(name, "expect") && value.eq_ignore_ascii_case(b"100-continue")
-    });
+    let expects_continue = facts.expects_continue;
     if expects_continue {
         // Answered here, when the body is first read; the backend is not asked.
         headers.remove("expect");
@@ -425,16 +423,13 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     } else {
         H1Body { wire: Some(shared) }
     };
-    let request = Box::new(ProxyRequest {
-        head: RequestHead {
-            method,
-            uri,
-            version,
-            headers: ClientHeaders::Lines(headers),
-            forwarding: None,
-        },
-        body: RequestBody::streaming(ClientBody::H1(body), u64::MAX),
-    });
+    let request = Box::new(ProxyRequest::new(
+        method,
+        uri,
+        version,
+        ClientHeaders::Lines(headers),
+        RequestBody::streaming(ClientBody::H1(body), u64::MAX),
+    ));
     Some(NextRequest::Ready(Head {
         request,
         keep_alive,

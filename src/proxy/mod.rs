@@ -315,16 +315,13 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
         let this = self.clone();
         let (mut parts, body) = request.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let request = Box::new(ProxyRequest {
-            head: RequestHead {
-                method: parts.method,
-                uri: parts.uri,
-                version: parts.version,
-                headers: ClientHeaders::Map(parts.headers),
-                forwarding: None,
-            },
-            body: RequestBody::streaming(ClientBody::H2(body), u64::MAX),
-        });
+        let request = Box::new(ProxyRequest::new(
+            parts.method,
+            parts.uri,
+            parts.version,
+            ClientHeaders::Map(parts.headers),
+            RequestBody::streaming(ClientBody::H2(body), u64::MAX),
+        ));
         Box::pin(async move {
             let mut response = this.handle(request).await;
             body::complete_headers(&mut response);

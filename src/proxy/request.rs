@@ -93,14 +93,20 @@ impl<'h> Iterator for HeaderIter<'h> {
 }
 
 impl ProxyRequest {
-    /// A request the proxy makes itself (no forwarding headers).
-    pub fn new(method: Method, uri: Uri, headers: HeaderMap, body: RequestBody) -> ProxyRequest {
+    /// A request as received, before routing decides its forwarding headers.
+    pub fn new(
+        method: Method,
+        uri: Uri,
+        version: Version,
+        headers: ClientHeaders,
+        body: RequestBody,
+    ) -> ProxyRequest {
         ProxyRequest {
             head: RequestHead {
                 method,
                 uri,
-                version: Version::HTTP_11,
-                headers: ClientHeaders::Map(headers),
+                version,
+                headers,
                 forwarding: None,
             },
             body,

@@ -9,12 +9,12 @@
 use std::sync::Arc;
 
 use http::header::{HeaderValue, HOST, USER_AGENT};
-use http::{HeaderMap, Method, StatusCode, Uri};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use tokio::sync::watch;
 
 use super::Backend;
 use crate::config::HealthCheckConfig;
-use crate::proxy::{ProxyRequest, RequestBody};
+use crate::proxy::{ClientHeaders, ProxyRequest, RequestBody};
 use crate::snapshot::Snapshot;
 
 /// The running checks of one snapshot; dropping it stops them (a reload starts the next set).
@@ -118,7 +118,8 @@ fn check_request(backend: &Backend, config: &HealthCheckConfig) -> Result<ProxyR
     Ok(ProxyRequest::new(
         Method::GET,
         uri,
-        headers,
+        Version::HTTP_11,
+        ClientHeaders::Map(headers),
         RequestBody::Full(None),
     ))
 }
