@@ -96,6 +96,9 @@ async fn a_reused_backend_connection_still_times_out() {
         started.elapsed() < Duration::from_secs(4),
         "cut off at 300 ms"
     );
+    assert!(reply
+        .text()
+        .contains("did not answer within the response timeout"));
     assert_eq!(
         b.connections.load(std::sync::atomic::Ordering::SeqCst),
         1,
