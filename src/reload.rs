@@ -248,7 +248,7 @@ fn watch_directories(
     dirs.sort();
     dirs.dedup();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| may_change_files(&e.kind)) {
             // A full channel already holds a pending reload: dropping this event loses nothing.
             let _ = events.try_send(());
         }
@@ -266,6 +266,18 @@ fn watch_directories(
         }
     }
     Some(watcher)
+}
+
+/// Whether a file event can have changed a file's bytes. Opening, reading and closing a file
+/// unwritten cannot, and must not count: the reloader's own reads of the config would then
+/// trigger the next comparison, forever.
+fn may_change_files(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// Loads, validates and builds the next snapshot; the error text has one problem per line.
@@ -431,6 +443,56 @@ mod tests {
         assert_eq!(
             describe_changes(&old, &weighted),
             "upstream writers: settings changed"
+        );
+    }
+
+    /// Real inotify events: reading the config (as every comparison does) triggers nothing,
+    /// writing it does. A marker file created after each step shows when its events are all in.
+    #[test]
+    fn reading_the_config_is_not_a_change() {
+        use notify::Watcher;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("w.toml");
+        std::fs::write(&file, "# v1\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |event| {
+            let _ = tx.send(event);
+        })
+        .unwrap();
+        watcher
+            .watch(dir.path(), notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        let events_until = |marker: &str| {
+            std::fs::write(dir.path().join(marker), "").unwrap();
+            let mut kinds = Vec::new();
+            loop {
+                let event: notify::Event = rx
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|_| panic!("no event for {marker} within 10 s: {kinds:?}"))
+                    .unwrap();
+                if event.paths.iter().any(|p| p.ends_with(marker)) {
+                    return kinds;
+                }
+                kinds.push(event.kind);
+            }
+        };
+        for _ in 0..3 {
+            read_inputs(std::slice::from_ref(&file)).unwrap();
+        }
+        let reads = events_until("read.marker");
+        assert!(
+            !reads.is_empty(),
+            "reading the file raised no events to filter"
+        );
+        assert!(
+            !reads.iter().any(may_change_files),
+            "a read counted as a change: {reads:?}"
+        );
+        std::fs::write(&file, "# v2\n").unwrap();
+        let writes = events_until("write.marker");
+        assert!(
+            writes.iter().any(may_change_files),
+            "a write did not count as a change: {writes:?}"
         );
     }
 
