@@ -336,3 +336,113 @@ async fn conflicting_framing_cannot_smuggle_a_request() {
     );
     proxy.shutdown().await;
 }
+
+/// A backend that answers each request with `response` as soon as its head is in, before reading
+/// any of the body. Then, with `hang_up`, it closes at once (a reset, with the body unread);
+/// otherwise it reads on until the proxy closes, and sends how many body bytes it got.
+async fn early_answering_backend(
+    response: &'static [u8],
+    hang_up: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<usize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let head_end = loop {
+                    let mut buf = [0u8; 4096];
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    if let Some(at) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break at + 4;
+                    }
+                };
+                if stream.write_all(response).await.is_err() || hang_up {
+                    return;
+                }
+                let mut rest = Vec::new();
+                let _ = stream.read_to_end(&mut rest).await;
+                let _ = tx.send(seen.len() - head_end + rest.len());
+            });
+        }
+    });
+    (addr, rx)
+}
+
+const EARLY_REFUSAL: &[u8] =
+    b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+
+#[tokio::test]
+async fn an_early_refusal_reaches_a_client_still_sending_its_body() {
+    let (addr, mut closed) = early_answering_backend(EARLY_REFUSAL, false).await;
+    let proxy = start_proxy(&simple_config(&[(addr, 1)], "")).await;
+    // The client declares a megabyte but sends a kilobyte, then waits for an answer.
+    let mut request = b"PUT /w HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000\r\n\r\n".to_vec();
+    request.extend_from_slice(&[b'x'; 1000]);
+    let (reply, _) = raw_exchange(proxy.addr, &request).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "the backend's refusal is relayed: {reply}"
+    );
+    assert!(reply.ends_with("\r\n\r\ntoo large"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("connection: close"),
+        "the client's half-read body ends its connection: {reply}"
+    );
+    let got = bounded("the backend connection to be closed", closed.recv()).await;
+    assert!(
+        got.is_some_and(|n| n <= 1000),
+        "the half-sent request's connection is closed, not pooled: {got:?}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_early_refusal_and_reset_is_relayed_not_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, _) = early_answering_backend(EARLY_REFUSAL, true).await;
+    let proxy = start_proxy(&simple_config(&[(addr, 1)], "")).await;
+    let body_len = 4 << 20;
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    tokio::spawn(async move {
+        let head = format!("PUT /w HTTP/1.1\r\nhost: x\r\ncontent-length: {body_len}\r\n\r\n");
+        let _ = writer.write_all(head.as_bytes()).await;
+        // Fails once the proxy has answered and closed: the body is not wanted.
+        let _ = writer.write_all(&vec![b'x'; body_len]).await;
+    });
+    let mut reply = Vec::new();
+    let _ = bounded("the proxy to answer", reader.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "the backend's answer, not a 502: {reply}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_early_success_still_gets_the_whole_body_sent() {
+    let (addr, mut received) = early_answering_backend(
+        b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+        false,
+    )
+    .await;
+    let proxy = start_proxy(&simple_config(&[(addr, 1)], "")).await;
+    let body: &'static [u8] = Box::leak(vec![b'y'; 256 * 1024].into_boxed_slice());
+    let reply = send(proxy.addr, req(Method::PUT, "/w", body)).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(reply.text(), "ok");
+    proxy.shutdown().await;
+    let got = bounded("the backend to read the body", received.recv()).await;
+    assert_eq!(got, Some(body.len()), "the body went whole");
+}

@@ -6,7 +6,7 @@
 //! a request that was not is handed back whole, so the caller can send it elsewhere.
 
 use std::future::{poll_fn, Future};
-use std::io;
+use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
@@ -74,6 +74,79 @@ pub struct ResponseHead {
     pub framing: Framing,
     /// Whether the connection may carry another request once this body has been read.
     pub keep_alive: bool,
+}
+
+impl ResponseHead {
+    /// This head, on a connection that cannot carry another request.
+    fn closing(mut self) -> ResponseHead {
+        self.keep_alive = false;
+        self
+    }
+}
+
+/// How streaming a request body to a backend ended.
+enum Sent {
+    /// All of it went, and maybe a successful response head came early.
+    Whole(Option<ResponseHead>),
+    /// The backend answered with a refusal (or said it closes) before it had all of it.
+    Refused(ResponseHead),
+    /// A write failed: the backend closed or reset the connection.
+    WriteFailed(io::Error),
+}
+
+/// Request body bytes on their way to a backend: for a chunked body, a chunk's size line, its
+/// data and its CRLF, which leave in one vectored write. Nothing is copied.
+#[derive(Default)]
+struct Pending {
+    parts: [Bytes; 3],
+}
+
+impl Pending {
+    fn data(framing: Framing, data: Bytes) -> Pending {
+        if framing != Framing::Chunked || data.is_empty() {
+            return Pending {
+                parts: [data, Bytes::new(), Bytes::new()],
+            };
+        }
+        let mut size_line = Vec::with_capacity(18);
+        codec::chunk_header(&mut size_line, data.len());
+        Pending {
+            parts: [size_line.into(), data, Bytes::from_static(b"\r\n")],
+        }
+    }
+
+    fn last_chunk() -> Pending {
+        Pending {
+            parts: [
+                Bytes::from_static(codec::LAST_CHUNK),
+                Bytes::new(),
+                Bytes::new(),
+            ],
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.parts.iter().all(Bytes::is_empty)
+    }
+
+    /// Writes some of what is pending; ready once something was written.
+    fn poll_write(
+        &mut self,
+        io: &mut UpstreamStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let slices = self.parts.each_ref().map(|part| IoSlice::new(part));
+        let mut written = std::task::ready!(Pin::new(io).poll_write_vectored(cx, &slices))?;
+        if written == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        for part in &mut self.parts {
+            let n = written.min(part.len());
+            part.advance(n);
+            written -= n;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// A failed [`UpstreamConn::send`]; `unsent` gives the request back when no byte of it was written.
@@ -182,51 +255,111 @@ impl UpstreamConn {
             // of them, so that a slow backend does not keep that buffer alive.
             let mut body = std::mem::replace(&mut request.body, RequestBody::Full(None));
             drop(request);
-            if let Some(data) = first.filter(|d| d.len() > COALESCE_BODY) {
-                self.write_data(framing, &data)
-                    .await
-                    .map_err(sent_failure)?;
-            }
-            if !ended {
-                // Boxed: a body that was not all there at once is rarer, and larger anyway.
-                Box::pin(self.send_rest(&mut body, framing))
-                    .await
-                    .map_err(sent_failure)?;
+            let rest = first.filter(|d| d.len() > COALESCE_BODY);
+            if rest.is_some() || !ended {
+                // Boxed: a body that was not all there at once, or is large, is rarer.
+                let rest = Pending::data(framing, rest.unwrap_or_default());
+                let sending = self.send_rest(rest, &mut body, framing, ended, head_request);
+                return Box::pin(sending).await.map_err(sent_failure);
             }
             self.io.flush().await.map_err(|e| sent_failure(e.into()))?;
             self.read_head(head_request).await.map_err(sent_failure)
         }
     }
 
+    /// Streams the rest of the body, `pending` first, then reads the response head, watching for
+    /// an early one all along: a backend may answer before it has read the whole body (a 413, a
+    /// 401) and stop reading. An early refusal ends the sending, and the connection, now holding
+    /// half a request, is not reused; an early success lets the body go on, whole.
     async fn send_rest(
         &mut self,
+        mut pending: Pending,
         body: &mut RequestBody,
         framing: Framing,
-    ) -> Result<(), Http1Error> {
-        while let Some(frame) = poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await {
-            let frame = frame.map_err(Http1Error::RequestBody)?;
-            if let Ok(data) = frame.into_data() {
-                self.write_data(framing, &data).await?;
+        mut body_ended: bool,
+        head_request: bool,
+    ) -> Result<ResponseHead, Http1Error> {
+        let mut early: Option<ResponseHead> = None;
+        let mut last_chunk_queued = framing != Framing::Chunked;
+        let sent = poll_fn(|cx| loop {
+            if early.is_none() {
+                if let Some(head) = self.poll_early_head(cx, head_request)? {
+                    if head.status.is_client_error()
+                        || head.status.is_server_error()
+                        || !head.keep_alive
+                    {
+                        return Poll::Ready(Ok(Sent::Refused(head)));
+                    }
+                    early = Some(head);
+                }
             }
+            if pending.is_empty() {
+                if body_ended && last_chunk_queued {
+                    std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+                    return Poll::Ready(Ok(Sent::Whole(early.take())));
+                }
+                if body_ended {
+                    pending = Pending::last_chunk();
+                    last_chunk_queued = true;
+                    continue;
+                }
+                match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                    None => body_ended = true,
+                    Some(Err(e)) => return Poll::Ready(Err(Http1Error::RequestBody(e))),
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            pending = Pending::data(framing, data);
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Err(error) = std::task::ready!(pending.poll_write(&mut self.io, cx)) {
+                return Poll::Ready(Ok(Sent::WriteFailed(error)));
+            }
+        })
+        .await?;
+        match sent {
+            Sent::Whole(Some(head)) => Ok(head),
+            Sent::Whole(None) => self.read_head(head_request).await,
+            Sent::Refused(head) => Ok(head.closing()),
+            // A backend that answered and closed makes the next write fail; its answer may still
+            // be there to read. (A failed socket is readable at once, so this cannot hang.)
+            Sent::WriteFailed(error) => match self.read_head(head_request).await {
+                Ok(head) => Ok(head.closing()),
+                Err(_) => Err(error.into()),
+            },
         }
-        if framing == Framing::Chunked {
-            self.io.write_all(codec::LAST_CHUNK).await?;
-        }
-        Ok(())
     }
 
-    async fn write_data(&mut self, framing: Framing, data: &Bytes) -> Result<(), Http1Error> {
-        if data.is_empty() {
-            return Ok(());
+    /// A response head that came while the request is still being sent, if one has. Registers
+    /// the task to wake when the backend sends more.
+    fn poll_early_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        head_request: bool,
+    ) -> Result<Option<ResponseHead>, Http1Error> {
+        loop {
+            if self.buf.len() >= MAX_HEAD {
+                return Err(Http1Error::HeadTooLarge);
+            }
+            let read = codec::poll_read_when_ready(
+                &mut self.io,
+                cx,
+                &mut self.buf,
+                UpstreamStream::poll_read_ready,
+            );
+            match read {
+                Poll::Pending => return Ok(None),
+                Poll::Ready(Ok(0)) => return Err(Http1Error::ClosedBeforeHead),
+                Poll::Ready(Ok(_)) => {
+                    if let Some(head) = self.parse_head(head_request)? {
+                        return Ok(Some(head));
+                    }
+                }
+                Poll::Ready(Err(e)) => return Err(e.into()),
+            }
         }
-        if framing == Framing::Chunked {
-            self.out.clear();
-            encode_data(&mut self.out, framing, data);
-            self.io.write_all(&self.out).await?;
-        } else {
-            self.io.write_all(data).await?;
-        }
-        Ok(())
     }
 
     async fn read_head(&mut self, head_request: bool) -> Result<ResponseHead, Http1Error> {
@@ -457,6 +590,24 @@ impl AsyncWrite for UpstreamStream {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Tcp(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
@@ -469,5 +620,49 @@ impl AsyncWrite for UpstreamStream {
             UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use http::{HeaderMap, Uri};
+
+    use super::*;
+    use crate::proxy::ClientHeaders;
+
+    /// A backend that answered and closed before the body went: writing the body fails (the
+    /// closed socket resets), and the answer, already in our socket, is still what comes back.
+    #[tokio::test]
+    async fn an_answer_before_a_failed_body_write_is_still_read() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut backend, _) = listener.accept().unwrap();
+        // The runtime learns that the socket is writable, and has nothing to read yet; it learns
+        // of the answer only after the writes below have run.
+        stream.writable().await.unwrap();
+        backend
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n")
+            .unwrap();
+        drop(backend);
+        let mut conn = UpstreamConn::new(UpstreamStream::Tcp(stream));
+        let body = RequestBody::Full(Some(Bytes::from(vec![b'x'; 4 * COALESCE_BODY])));
+        let request = ProxyRequest::new(
+            Method::PUT,
+            Uri::from_static("/w"),
+            Version::HTTP_11,
+            ClientHeaders::Map(HeaderMap::new()),
+            body,
+        );
+        let head = conn
+            .send(Box::new(request))
+            .await
+            .map_err(|failure| failure.error)
+            .expect("the backend's answer, not the failed write");
+        assert_eq!(head.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(!head.keep_alive, "the connection holds half a request");
     }
 }
