@@ -431,6 +431,18 @@ async fn an_early_refusal_and_reset_is_relayed_not_502() {
 }
 
 #[tokio::test]
+async fn an_early_success_stands_when_the_backend_then_resets() {
+    let (addr, _) =
+        early_answering_backend(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok", true).await;
+    let proxy = start_proxy(&simple_config(&[(addr, 1)], "")).await;
+    let body: &'static [u8] = Box::leak(vec![b'y'; 4 << 20].into_boxed_slice());
+    let reply = send(proxy.addr, req(Method::PUT, "/w", body)).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    assert_eq!(reply.text(), "ok");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_early_success_still_gets_the_whole_body_sent() {
     let (addr, mut received) = early_answering_backend(
         b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",

@@ -323,11 +323,14 @@ impl UpstreamConn {
             Sent::Whole(Some(head)) => Ok(head),
             Sent::Whole(None) => self.read_head(head_request).await,
             Sent::Refused(head) => Ok(head.closing()),
-            // A backend that answered and closed makes the next write fail; its answer may still
-            // be there to read. (A failed socket is readable at once, so this cannot hang.)
-            Sent::WriteFailed(error) => match self.read_head(head_request).await {
-                Ok(head) => Ok(head.closing()),
-                Err(_) => Err(error.into()),
+            // A backend that answered and closed makes the next write fail; its answer stands, and
+            // may still be there to read. (A failed socket is readable at once: this cannot hang.)
+            Sent::WriteFailed(error) => match early {
+                Some(head) => Ok(head.closing()),
+                None => match self.read_head(head_request).await {
+                    Ok(head) => Ok(head.closing()),
+                    Err(_) => Err(error.into()),
+                },
             },
         }
     }
