@@ -11,7 +11,7 @@
 //!
 //! (9,000 rather than 10,000: HAProxy sizes its file descriptors from maxconn, and this machine
 //! allows 20,000 per process.) Run: `cargo bench --bench memory` (env: WG_BENCH_IDLE=9000,
-//! WG_BENCH_ACTIVE=1000, WG_BENCH_ROUNDS=3).
+//! WG_BENCH_ACTIVE=1000, WG_BENCH_ROUNDS=3, WG_BENCH_BINARY=path to another writegate build).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -154,9 +154,12 @@ fn proxies(dir: &Path, backend: SocketAddr) -> Vec<Running> {
         ),
     )
     .expect("config");
+    // WG_BENCH_BINARY measures another build (an A/B of two commits).
+    let binary =
+        std::env::var("WG_BENCH_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_writegate").into());
     out.push(start(
         "writegate",
-        env!("CARGO_BIN_EXE_writegate"),
+        &binary,
         &["run", "--config", config.to_str().expect("path")],
         wg,
     ));
