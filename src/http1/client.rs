@@ -27,6 +27,14 @@ use crate::proxy::{OutgoingRequest, ProxyRequest, RequestBody, RequestBodyError,
 /// Body data up to this size is copied next to the head so that both leave in one write.
 const COALESCE_BODY: usize = 16 * 1024;
 
+/// A scratch buffer larger than this (after an unusually large head) is not kept.
+const MAX_SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// Where request heads are encoded: one buffer per thread, not one per backend connection.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The transport of a backend connection.
 #[derive(Debug)]
 pub enum UpstreamStream {
@@ -161,6 +169,7 @@ pub struct ExchangeFailure {
 pub struct UpstreamConn {
     io: UpstreamStream,
     buf: BytesMut,
+    /// What the socket did not take at once of a request's first write (rarely anything).
     out: Vec<u8>,
     /// The response timer, kept from one exchange to the next: moving a registered timer's
     /// deadline later is one atomic operation, while a fresh timer takes the timer wheel's lock to
@@ -211,16 +220,14 @@ impl UpstreamConn {
 
     /// Writes `request` and reads the response head.
     ///
-    /// The head is encoded before the returned future is first polled. Not an `async fn`: those
-    /// keep a second copy of their arguments, and this future is part of every request's.
+    /// Not an `async fn`: those keep a second copy of their arguments, and this future is part of
+    /// every request's.
     pub fn send(
         &mut self,
         mut request: OutgoingRequest,
     ) -> impl Future<Output = Result<ResponseHead, ExchangeFailure>> + Send + '_ {
         let head_request = request.head.method == Method::HEAD;
         let framing = request_framing(&request);
-        self.out.clear();
-        encode_head(&mut self.out, &request.head, framing);
         async move {
             let first = match first_piece(&mut request.body).await {
                 Ok(first) => first,
@@ -231,16 +238,21 @@ impl UpstreamConn {
                     })
                 }
             };
-            if let Some(data) = &first {
-                if data.len() <= COALESCE_BODY {
-                    encode_data(&mut self.out, framing, data);
-                }
-            }
             let ended = request.body.is_end_stream();
-            if ended && framing == Framing::Chunked {
-                self.out.extend_from_slice(codec::LAST_CHUNK);
-            }
-            match write_counted(&mut self.io, &self.out).await {
+            let small_first = first.as_ref().filter(|d| d.len() <= COALESCE_BODY);
+            let start = poll_fn(|cx| {
+                Poll::Ready(self.start_write(cx, &request.head, framing, small_first, ended))
+            })
+            .await;
+            let written = match start {
+                Ok(taken) => write_counted(&mut self.io, &self.out)
+                    .await
+                    .map_err(|(error, n)| (error, taken + n)),
+                Err(error) => Err((error, 0)),
+            };
+            // Leftovers are rare: let their buffer go rather than keep it with the connection.
+            self.out = Vec::new();
+            match written {
                 Ok(()) => {}
                 Err((error, 0)) => {
                     request.body.unread(first);
@@ -265,6 +277,44 @@ impl UpstreamConn {
             self.io.flush().await.map_err(|e| sent_failure(e.into()))?;
             self.read_head(head_request).await.map_err(sent_failure)
         }
+    }
+
+    /// Encodes the head (with a small first piece of body, and the last chunk when the body has
+    /// ended) into this thread's scratch buffer and writes what the socket takes at once. Only
+    /// what it does not take is copied, into `out`, for [`write_counted`]: a connection keeps
+    /// no buffer of its own for requests, in flight or in the pool. Returns how many bytes went;
+    /// an error means none did.
+    fn start_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: &RequestHead,
+        framing: Framing,
+        first: Option<&Bytes>,
+        ended: bool,
+    ) -> io::Result<usize> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            encode_head(scratch, head, framing);
+            if let Some(data) = first {
+                encode_data(scratch, framing, data);
+            }
+            if ended && framing == Framing::Chunked {
+                scratch.extend_from_slice(codec::LAST_CHUNK);
+            }
+            let taken = match Pin::new(&mut self.io).poll_write(cx, scratch) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => 0,
+            };
+            if taken < scratch.len() {
+                self.out.extend_from_slice(&scratch[taken..]);
+            }
+            if scratch.capacity() > MAX_SCRATCH {
+                *scratch = Vec::new();
+            }
+            Ok(taken)
+        })
     }
 
     /// Streams the rest of the body, `pending` first, then reads the response head, watching for

@@ -172,15 +172,16 @@ async fn exchange<I: ClientIo>(
     // The service runs first in each poll, so that once it has read the whole body the watch
     // for the client leaving starts reading the socket in the same poll. (Not `select!`, which
     // moves the service's future around several times per request.)
-    let handled = {
-        // Scoped, so that the response writing below reuses this future's space.
+    // A future of its own, so that the response writing below reuses its space.
+    let handled = async {
         let mut handling = std::pin::pin!(service.handle(head.request));
         poll_fn(|cx| match handling.as_mut().poll(cx) {
             Poll::Ready(response) => Poll::Ready(Some(response)),
             Poll::Pending => poll_client_gone(wire, cx).map(|()| None),
         })
         .await
-    };
+    }
+    .await;
     let Some(response) = handled else {
         return false;
     };
@@ -619,12 +620,16 @@ struct Reply {
 }
 
 /// Writes `response`; true when all of it was written and the connection may go on.
-async fn write_response<I: ClientIo>(
-    wire: &SharedWire<I>,
-    out: &mut Vec<u8>,
+///
+/// The head is encoded before the returned future is first polled, and the future keeps only the
+/// body: not an `async fn`, which would keep the whole response (and a second copy of it) for
+/// the whole write, in every request's state.
+fn write_response<'a, I: ClientIo>(
+    wire: &'a SharedWire<I>,
+    out: &'a mut Vec<u8>,
     response: Response<ResponseBody>,
     reply: Reply,
-) -> io::Result<bool> {
+) -> impl Future<Output = io::Result<bool>> + Send + 'a {
     let (parts, mut body) = response.into_parts();
     out.clear();
     let status = parts.status;
@@ -649,28 +654,31 @@ async fn write_response<I: ClientIo>(
     };
     encode_head(out, status, fields, framing, keep_alive, reply.version);
     drop(pending);
+    drop(parts);
     let mut ended = no_body || body.is_end_stream();
-    loop {
-        // Gather what the body has ready, so that a small response leaves in one write.
-        while !ended && out.len() < GATHER {
-            let piece = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
-            match piece {
-                Poll::Pending => break,
-                ready => {
-                    ended = take_piece(wire, out, framing, ready, &body).await?;
+    async move {
+        loop {
+            // Gather what the body has ready, so that a small response leaves in one write.
+            while !ended && out.len() < GATHER {
+                let piece = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+                match piece {
+                    Poll::Pending => break,
+                    ready => {
+                        ended = take_piece(wire, out, framing, ready, &body).await?;
+                    }
                 }
             }
+            if ended && framing == Framing::Chunked {
+                out.extend_from_slice(codec::LAST_CHUNK);
+            }
+            write_all(wire, out).await?;
+            out.clear();
+            if ended {
+                return Ok(keep_alive);
+            }
+            let piece = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            ended = take_piece(wire, out, framing, Poll::Ready(piece), &body).await?;
         }
-        if ended && framing == Framing::Chunked {
-            out.extend_from_slice(codec::LAST_CHUNK);
-        }
-        write_all(wire, out).await?;
-        out.clear();
-        if ended {
-            return Ok(keep_alive);
-        }
-        let piece = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
-        ended = take_piece(wire, out, framing, Poll::Ready(piece), &body).await?;
     }
 }
 
