@@ -680,6 +680,8 @@ impl AsyncWrite for UpstreamStream {
 mod tests {
     use std::io::Write;
 
+    use tokio::io::AsyncWriteExt as _;
+
     use http::{HeaderMap, Uri};
 
     use super::*;
@@ -717,5 +719,67 @@ mod tests {
             .expect("the backend's answer, not the failed write");
         assert_eq!(head.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(!head.keep_alive, "the connection holds half a request");
+    }
+
+    /// Socket buffers too small for the head and its body in one write: what the first write
+    /// leaves is kept and sent after it, and the backend gets the request whole.
+    #[tokio::test]
+    async fn a_request_the_socket_takes_in_parts_arrives_whole() {
+        use tokio::io::AsyncReadExt;
+        let listening = tokio::net::TcpSocket::new_v4().unwrap();
+        listening.set_recv_buffer_size(4096).unwrap();
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let sending = tokio::net::TcpSocket::new_v4().unwrap();
+        sending.set_send_buffer_size(4096).unwrap();
+        let stream = sending
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut backend, _) = listener.accept().await.unwrap();
+        let body = Bytes::from(vec![b'x'; COALESCE_BODY]);
+        let request = ProxyRequest::new(
+            Method::PUT,
+            Uri::from_static("/w"),
+            Version::HTTP_11,
+            ClientHeaders::Map(HeaderMap::new()),
+            RequestBody::Full(Some(body.clone())),
+        );
+        let mut conn = UpstreamConn::new(UpstreamStream::Tcp(stream));
+        let exchange = tokio::spawn(async move {
+            conn.send(Box::new(request))
+                .await
+                .map(|head| head.status)
+                .map_err(|failure| failure.error.to_string())
+        });
+        let mut received = Vec::new();
+        let whole = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !received.ends_with(&body) {
+                let mut buf = [0u8; 1024];
+                let n = backend.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the backend got {} bytes before EOF", received.len());
+                received.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(
+            whole.is_ok(),
+            "the request did not arrive whole within 10 s"
+        );
+        assert!(received.starts_with(b"PUT /w HTTP/1.1\r\n"));
+        let head_len = received.len() - body.len();
+        assert!(
+            received[..head_len].ends_with(b"\r\n\r\n"),
+            "one head, then the body"
+        );
+        backend
+            .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(exchange.await.unwrap(), Ok(StatusCode::NO_CONTENT));
+        assert!(
+            received.len() > 2 * 4096,
+            "the test needs a write larger than the socket buffers"
+        );
     }
 }
