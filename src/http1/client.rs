@@ -3,7 +3,9 @@
 //! [`UpstreamConn::send`] writes the request (head and body, the head and a ready first piece of
 //! body in one write) and reads the response head; the response body is then read through
 //! [`UpstreamConn::poll_body`]. Every failure says whether any byte of the request was written, and
-//! a request that was not is handed back whole, so the caller can send it elsewhere.
+//! a request that was not is handed back whole, so the caller can send it elsewhere. A body that
+//! is streamed is sent while watching for an early response: a backend that refuses the request
+//! before reading all of it (a 413, a 401) is answered with its own response, not a 502.
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
