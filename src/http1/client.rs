@@ -171,8 +171,6 @@ pub struct ExchangeFailure {
 pub struct UpstreamConn {
     io: UpstreamStream,
     buf: BytesMut,
-    /// What the socket did not take at once of a request's first write (rarely anything).
-    out: Vec<u8>,
     /// The response timer, kept from one exchange to the next: moving a registered timer's
     /// deadline later is one atomic operation, while a fresh timer takes the timer wheel's lock to
     /// be inserted and again to be removed.
@@ -184,7 +182,6 @@ impl UpstreamConn {
         UpstreamConn {
             io,
             buf: BytesMut::new(),
-            out: Vec::new(),
             response_timer: None,
         }
     }
@@ -247,13 +244,11 @@ impl UpstreamConn {
             })
             .await;
             let written = match start {
-                Ok(taken) => write_counted(&mut self.io, &self.out)
+                Ok((taken, rest)) => write_counted(&mut self.io, &rest)
                     .await
                     .map_err(|(error, n)| (error, taken + n)),
                 Err(error) => Err((error, 0)),
             };
-            // Leftovers are rare: let their buffer go rather than keep it with the connection.
-            self.out = Vec::new();
             match written {
                 Ok(()) => {}
                 Err((error, 0)) => {
@@ -282,10 +277,10 @@ impl UpstreamConn {
     }
 
     /// Encodes the head (with a small first piece of body, and the last chunk when the body has
-    /// ended) into this thread's scratch buffer and writes what the socket takes at once. Only
-    /// what it does not take is copied, into `out`, for [`write_counted`]: a connection keeps
-    /// no buffer of its own for requests, in flight or in the pool. Returns how many bytes went;
-    /// an error means none did.
+    /// ended) into this thread's scratch buffer and writes what the socket takes at once: a
+    /// connection keeps no buffer of its own for requests, in flight or in the pool. Returns how
+    /// many bytes went and a copy of the rest (rarely any) for [`write_counted`]; an error means
+    /// none went.
     fn start_write(
         &mut self,
         cx: &mut Context<'_>,
@@ -293,7 +288,7 @@ impl UpstreamConn {
         framing: Framing,
         first: Option<&Bytes>,
         ended: bool,
-    ) -> io::Result<usize> {
+    ) -> io::Result<(usize, Vec<u8>)> {
         SCRATCH.with_borrow_mut(|scratch| {
             scratch.clear();
             encode_head(scratch, head, framing);
@@ -309,13 +304,11 @@ impl UpstreamConn {
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => 0,
             };
-            if taken < scratch.len() {
-                self.out.extend_from_slice(&scratch[taken..]);
-            }
+            let rest = scratch[taken..].to_vec();
             if scratch.capacity() > MAX_SCRATCH {
                 *scratch = Vec::new();
             }
-            Ok(taken)
+            Ok((taken, rest))
         })
     }
 
@@ -335,7 +328,9 @@ impl UpstreamConn {
         let mut last_chunk_queued = framing != Framing::Chunked;
         let sent = poll_fn(|cx| loop {
             if early.is_none() {
-                if let Some(head) = self.poll_early_head(cx, head_request)? {
+                // Watched while sending: a backend may answer before it has read the body.
+                if let Poll::Ready(head) = self.poll_head(cx, head_request) {
+                    let head = head?;
                     if head.status.is_client_error()
                         || head.status.is_server_error()
                         || !head.keep_alive
@@ -387,16 +382,22 @@ impl UpstreamConn {
         }
     }
 
-    /// A response head that came while the request is still being sent, if one has. Registers
-    /// the task to wake when the backend sends more.
-    fn poll_early_head(
+    async fn read_head(&mut self, head_request: bool) -> Result<ResponseHead, Http1Error> {
+        poll_fn(|cx| self.poll_head(cx, head_request)).await
+    }
+
+    /// The response head, once all of it has come; reads what the backend has sent meanwhile.
+    fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         head_request: bool,
-    ) -> Result<Option<ResponseHead>, Http1Error> {
+    ) -> Poll<Result<ResponseHead, Http1Error>> {
         loop {
+            if let Some(head) = self.parse_head(head_request)? {
+                return Poll::Ready(Ok(head));
+            }
             if self.buf.len() >= MAX_HEAD {
-                return Err(Http1Error::HeadTooLarge);
+                return Poll::Ready(Err(Http1Error::HeadTooLarge));
             }
             let read = codec::poll_read_when_ready(
                 &mut self.io,
@@ -404,38 +405,8 @@ impl UpstreamConn {
                 &mut self.buf,
                 UpstreamStream::poll_read_ready,
             );
-            match read {
-                Poll::Pending => return Ok(None),
-                Poll::Ready(Ok(0)) => return Err(Http1Error::ClosedBeforeHead),
-                Poll::Ready(Ok(_)) => {
-                    if let Some(head) = self.parse_head(head_request)? {
-                        return Ok(Some(head));
-                    }
-                }
-                Poll::Ready(Err(e)) => return Err(e.into()),
-            }
-        }
-    }
-
-    async fn read_head(&mut self, head_request: bool) -> Result<ResponseHead, Http1Error> {
-        loop {
-            if let Some(head) = self.parse_head(head_request)? {
-                return Ok(head);
-            }
-            if self.buf.len() >= MAX_HEAD {
-                return Err(Http1Error::HeadTooLarge);
-            }
-            let n = poll_fn(|cx| {
-                codec::poll_read_when_ready(
-                    &mut self.io,
-                    cx,
-                    &mut self.buf,
-                    UpstreamStream::poll_read_ready,
-                )
-            })
-            .await?;
-            if n == 0 {
-                return Err(Http1Error::ClosedBeforeHead);
+            if std::task::ready!(read)? == 0 {
+                return Poll::Ready(Err(Http1Error::ClosedBeforeHead));
             }
         }
     }
