@@ -15,8 +15,12 @@
 //! HAProxy under a fixed request rate of 25% and 50% of nginx's peak, latency-corrected, rounds
 //! interleaved; it prints p50 and p99 and writegate's p50 over nginx's and p99 over HAProxy's.
 //!
+//! nginx and HAProxy are configured to add the forwarding headers writegate adds by default, so
+//! that every proxy does the same work and the backend parses the same requests.
+//!
 //! Run: `cargo bench --bench proxy` (env: WG_BENCH_SECONDS=5, WG_BENCH_ROUNDS=3,
-//! WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128).
+//! WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128; WG_BENCH_PEAK=RATE runs only the open-loop step,
+//! taking RATE as nginx's peak).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -97,8 +101,47 @@ fn main() {
             pid: Some(h.child.id()),
         });
     }
+    // Open-loop latency at 25% and 50% of nginx's maximum rate (writegate's without nginx).
+    let peak = match std::env::var("WG_BENCH_PEAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(peak) => peak,
+        None => closed_loop_step(
+            &targets,
+            connections,
+            seconds,
+            rounds,
+            body_len,
+            writegate.admin,
+        ),
+    };
+    let latency_targets: Vec<&Target> = targets
+        .iter()
+        .filter(|t| matches!(t.name, "writegate" | "nginx" | "haproxy"))
+        .collect();
+    latency_step(
+        &latency_targets,
+        peak,
+        connections,
+        seconds,
+        rounds,
+        body_len,
+    );
+}
+
+/// Closed-loop rounds over every target, then backend reuse and the medians; returns nginx's
+/// median requests/s (writegate's without nginx).
+fn closed_loop_step(
+    targets: &[Target],
+    connections: usize,
+    seconds: u64,
+    rounds: u64,
+    body_len: usize,
+    admin: SocketAddr,
+) -> f64 {
     // Warm up every path (connections, pools, caches) before measuring.
-    for t in &targets {
+    for t in targets {
         load(t, connections, Duration::from_secs(1), body_len);
     }
     let mut results: Vec<Vec<Round>> = vec![Vec::new(); targets.len()];
@@ -116,32 +159,19 @@ fn main() {
             println!("  {:<10} {}", t.name, r.describe());
             results[i].push(r);
         }
-        print_ratios(&targets, &results, round as usize - 1);
+        print_ratios(targets, &results, round as usize - 1);
     }
-    print_reuse(writegate.admin);
+    print_reuse(admin);
     println!("\nmedians over {rounds} rounds");
     for (i, t) in targets.iter().enumerate() {
         println!("  {:<10} {}", t.name, Round::median(&results[i]).describe());
     }
     let medians: Vec<Vec<Round>> = results.iter().map(|r| vec![Round::median(r)]).collect();
-    print_ratios(&targets, &medians, 0);
-    // Open-loop latency at 25% and 50% of nginx's maximum rate (writegate's without nginx).
-    let peak = targets
+    print_ratios(targets, &medians, 0);
+    targets
         .iter()
         .position(|t| t.name == "nginx")
-        .map_or(medians[1][0].rps, |i| medians[i][0].rps);
-    let latency_targets: Vec<&Target> = targets
-        .iter()
-        .filter(|t| matches!(t.name, "writegate" | "nginx" | "haproxy"))
-        .collect();
-    latency_step(
-        &latency_targets,
-        peak,
-        connections,
-        seconds,
-        rounds,
-        body_len,
-    );
+        .map_or(medians[1][0].rps, |i| medians[i][0].rps)
 }
 
 /// `oha` from PATH or cargo's bin directory.
@@ -274,6 +304,15 @@ fn oha_percentiles(
         .output()
         .ok()?;
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    // Latency of failed requests says nothing: a run with any is reported as failed. (Requests
+    // still in flight when the time is up are cut off, not failed.)
+    let statuses = report["statusCodeDistribution"].as_object()?;
+    let mut errors = report["errorDistribution"].as_object()?.clone();
+    errors.remove("aborted due to deadline");
+    if !errors.is_empty() || statuses.keys().any(|code| !code.starts_with('2')) {
+        println!("  oha against {addr}: statuses {statuses:?}, errors {errors:?}");
+        return None;
+    }
     let percentiles = &report["latencyPercentiles"];
     Some((
         percentiles["p50"].as_f64()? * 1e6,
@@ -569,6 +608,18 @@ impl Drop for Writegate {
     }
 }
 
+/// nginx directives adding what writegate adds to every request and response by default (see
+/// README, "What the backend sees"), so that each proxy sends the backend the same request and the client the
+/// same response: X-Forwarded-For/-Proto/-Host, Via both ways, an X-Request-Id, the client's Host.
+const NGINX_FORWARDING: &str = "      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header Via \"1.1 nginx\";
+      proxy_set_header X-Request-Id $request_id;
+      add_header Via \"1.1 nginx\";
+";
+
 struct Nginx {
     child: Child,
     addr: SocketAddr,
@@ -592,7 +643,7 @@ impl Nginx {
                fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                upstream backend {{ server {backend}; keepalive 128; }}\n\
                server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://backend;\n\
-                     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+                     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{NGINX_FORWARDING}    }}\n  }}\n}}\n"
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, config).ok()?;
@@ -655,6 +706,16 @@ fn parent_pid(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()
 }
 
+/// The same forwarding headers for HAProxy's frontend (see [`NGINX_FORWARDING`]).
+const HAPROXY_FORWARDING: &str = "  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via \"1.1 haproxy\"
+  unique-id-format %{+X}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  unique-id-header X-Request-Id
+  http-response add-header Via \"1.1 haproxy\"
+";
+
 struct Haproxy {
     child: Child,
     addr: SocketAddr,
@@ -668,7 +729,7 @@ impl Haproxy {
         let addr = free_port();
         let config = format!(
             "global\n  maxconn 1000\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-             frontend f\n  bind {addr}\n  default_backend b\nbackend b\n  http-reuse always\n  server s1 {backend}\n"
+             frontend f\n  bind {addr}\n  default_backend b\n{HAPROXY_FORWARDING}backend b\n  http-reuse always\n  server s1 {backend}\n"
         );
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, config).ok()?;
