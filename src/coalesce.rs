@@ -38,6 +38,7 @@ use metrics::{Counter, Gauge};
 use tokio::sync::oneshot;
 
 use crate::config::{CoalesceConfig, CoalesceMode};
+use crate::proxy::PendingHeaders;
 
 const SHARDS: usize = 64;
 
@@ -46,6 +47,9 @@ const SHARDS: usize = 64;
 pub struct SharedResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
+    /// The backend's header lines, written to each client as they came (no map is built for
+    /// them on the HTTP/1 path); `None` for responses the proxy made.
+    pub backend_lines: Option<PendingHeaders>,
     pub body: Bytes,
     /// The backend that answered, for access logs.
     pub backend: Option<Arc<str>>,
@@ -716,6 +720,7 @@ fn internal_error() -> SharedResponse {
     SharedResponse {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         headers: HeaderMap::new(),
+        backend_lines: None,
         body: Bytes::from_static(b"500 Internal Server Error: the write's outcome was lost\n"),
         backend: None,
     }
@@ -859,6 +864,7 @@ mod tests {
         SharedResponse {
             status: StatusCode::OK,
             headers: HeaderMap::new(),
+            backend_lines: None,
             body: Bytes::new(),
             backend: None,
         }

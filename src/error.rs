@@ -227,6 +227,7 @@ impl ProxyError {
         SharedResponse {
             status,
             headers,
+            backend_lines: None,
             body: Bytes::from(body),
             backend: None,
         }

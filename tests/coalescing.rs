@@ -309,6 +309,25 @@ async fn futures_join(handles: Vec<tokio::task::JoinHandle<Reply>>) -> Vec<Reply
     out
 }
 
+/// A coalesced write's response is buffered to be shared; the backend's header lines travel with
+/// it, written as they came to HTTP/1 clients and put into a map for HTTP/2 ones.
+#[tokio::test]
+async fn coalesced_replies_carry_the_backend_headers_to_http1_and_http2_clients() {
+    let b = named_backend("b", Duration::ZERO).await;
+    let proxy = coalescing_proxy(&b, "mode = \"serialize\"", "").await;
+    for (protocol, reply) in [
+        ("HTTP/1.1", send(proxy.addr, put("a", "1")).await),
+        ("HTTP/2", send_h2(proxy.addr, put("a", "2")).await),
+    ] {
+        assert_eq!(reply.status, 200, "{protocol}");
+        assert_eq!(reply.headers["x-backend"], "b", "{protocol}");
+        assert_eq!(reply.headers["via"], "1.1 writegate", "{protocol}");
+        assert_eq!(how(&reply), "sent", "{protocol}");
+        assert_eq!(reply.text(), "b", "{protocol}");
+    }
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_failed_winner_fails_every_merged_client() {
     // 500 from the backend, in latest mode.

@@ -189,14 +189,6 @@ async fn backend_connections_are_reused() {
 async fn h2c_clients_are_proxied_to_http1_backends() {
     let b = named_backend("b", Duration::ZERO).await;
     let proxy = start_proxy(&simple_config(&[(b.addr, 1)], "")).await;
-    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
     let request = Request::builder()
         .method(Method::PUT)
         .uri(format!(
@@ -205,13 +197,11 @@ async fn h2c_clients_are_proxied_to_http1_backends() {
         ))
         .body(Full::new(Bytes::from_static(b"v")))
         .unwrap();
-    let response = bounded("h2 request", sender.send_request(request))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.headers()["via"], "1.1 writegate");
-    assert!(response.headers().contains_key("date"));
-    assert!(!response.headers().contains_key("connection"));
+    let response = send_h2(proxy.addr, request).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.headers["via"], "1.1 writegate");
+    assert!(response.headers.contains_key("date"));
+    assert!(!response.headers.contains_key("connection"));
     let got = b.last();
     assert_eq!(got.uri, "/kv/a?x=1", "the backend gets origin form");
     assert_eq!(

@@ -233,7 +233,11 @@ pub struct ResponseBody {
 // response.
 #[allow(clippy::large_enum_variant)]
 enum ResponseKind {
-    Full(Option<Bytes>),
+    Full {
+        data: Option<Bytes>,
+        /// A buffered backend response's header lines (coalesced writes), as for `Upstream`.
+        pending: Option<PendingHeaders>,
+    },
     Upstream {
         decoder: Decoder,
         keep_alive: bool,
@@ -246,7 +250,7 @@ enum ResponseKind {
 
 /// A backend response's end-to-end header lines, not yet in the response's `HeaderMap`. The
 /// HTTP/1 server writes them as they came; [`complete_headers`] builds the map for everyone else.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PendingHeaders {
     pub lines: RawHeaders,
     /// The backend's HTTP version, named in the `Via` value the proxy adds.
@@ -315,7 +319,7 @@ impl ResponseBody {
     pub fn take_pending_headers(&mut self) -> Option<PendingHeaders> {
         match &mut self.kind {
             ResponseKind::Upstream { pending, .. } => pending.take(),
-            ResponseKind::Full(_) => None,
+            ResponseKind::Full { pending, .. } => pending.take(),
         }
     }
 
@@ -323,19 +327,31 @@ impl ResponseBody {
     pub fn responded_at(&self) -> Option<Instant> {
         match &self.kind {
             ResponseKind::Upstream { lease, .. } => lease.as_ref().map(|lease| lease.responded),
-            ResponseKind::Full(_) => None,
+            ResponseKind::Full { .. } => None,
         }
     }
 
     pub fn full(data: Bytes) -> ResponseBody {
+        ResponseBody::buffered(data, None)
+    }
+
+    /// A buffered body with the backend header lines that go with it, still to be written or
+    /// moved into the response's map (see [`complete_headers`]).
+    pub fn buffered(data: Bytes, pending: Option<PendingHeaders>) -> ResponseBody {
         ResponseBody {
-            kind: ResponseKind::Full(Some(data)),
+            kind: ResponseKind::Full {
+                data: Some(data),
+                pending,
+            },
         }
     }
 
     pub fn empty() -> ResponseBody {
         ResponseBody {
-            kind: ResponseKind::Full(None),
+            kind: ResponseKind::Full {
+                data: None,
+                pending: None,
+            },
         }
     }
 }
@@ -349,7 +365,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
         match &mut self.get_mut().kind {
-            ResponseKind::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseKind::Full { data, .. } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseKind::Upstream {
                 decoder,
                 keep_alive,
@@ -374,14 +390,14 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            ResponseKind::Full(data) => data.is_none(),
+            ResponseKind::Full { data, .. } => data.is_none(),
             ResponseKind::Upstream { decoder, .. } => decoder.is_done(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            ResponseKind::Full(data) => {
+            ResponseKind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ResponseKind::Upstream { decoder, .. } => match decoder.remaining() {

@@ -74,7 +74,7 @@ pub(super) async fn buffer_body(body: RequestBody, limit: u64) -> Result<Bytes, 
 }
 
 fn into_response(shared: SharedResponse, disposition: Disposition) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::full(shared.body));
+    let mut response = Response::new(ResponseBody::buffered(shared.body, shared.backend_lines));
     *response.status_mut() = shared.status;
     *response.headers_mut() = shared.headers;
     response
@@ -132,7 +132,7 @@ fn exchange<'a>(
         let backend = sent.backend;
         let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
         let mut response = super::body::upstream_response(sent.head, sent.lease);
-        super::body::complete_headers(&mut response);
+        let backend_lines = response.body_mut().take_pending_headers();
         let (head, body) = response.into_parts();
         // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
         let collected = tokio::time::timeout(
@@ -145,6 +145,7 @@ fn exchange<'a>(
         Ok(SharedResponse {
             status: head.status,
             headers: head.headers,
+            backend_lines,
             body: collected,
             backend: Some(backend),
         })

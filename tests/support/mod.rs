@@ -466,6 +466,17 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Reads `response` whole.
+    pub async fn read(response: Response<hyper::body::Incoming>) -> Reply {
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("response body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -502,13 +513,7 @@ impl Client {
         bounded("request through the proxy", async {
             self.sender.ready().await.expect("connection ready");
             let response = self.sender.send_request(request).await.expect("response");
-            let (parts, body) = response.into_parts();
-            let body = body.collect().await.expect("response body").to_bytes();
-            Reply {
-                status: parts.status,
-                headers: parts.headers,
-                body,
-            }
+            Reply::read(response).await
         })
         .await
     }
@@ -517,6 +522,29 @@ impl Client {
 /// One request on a fresh connection.
 pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Reply {
     Client::connect(addr).await.send(request).await
+}
+
+/// One request over HTTP/2 (cleartext, prior knowledge) on a fresh connection. A relative URI
+/// is made absolute with `addr`.
+pub async fn send_h2(addr: SocketAddr, mut request: Request<Full<Bytes>>) -> Reply {
+    if request.uri().authority().is_none() {
+        *request.uri_mut() = format!("http://{addr}{}", request.uri()).parse().unwrap();
+    }
+    let stream = bounded("connect to proxy", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    bounded("HTTP/2 request through the proxy", async {
+        let response = sender.send_request(request).await.expect("response");
+        Reply::read(response).await
+    })
+    .await
 }
 
 pub fn req(method: Method, path: &str, body: &'static [u8]) -> Request<Full<Bytes>> {
