@@ -152,13 +152,14 @@ impl Limiter {
             return Err(self.shed(ShedReason::QueueFull));
         }
         self.queue_depth.increment(1.0);
+        // Counted out however the wait ends: a client that goes away drops this future mid-wait.
+        let in_queue = InQueue(self);
         let waited = tokio::time::timeout(
             self.config.queue_timeout,
             Arc::clone(&self.semaphore).acquire_owned(),
         )
         .await;
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        self.queue_depth.decrement(1.0);
+        drop(in_queue);
         match waited {
             Ok(Ok(permit)) => Ok(self.admitted(permit)),
             // The semaphore is never closed; treat it like a timeout all the same.
@@ -288,6 +289,16 @@ impl AdmissionPermit {
     }
 }
 
+/// A request's place in a limiter's queue, given up when dropped.
+struct InQueue<'a>(&'a Limiter);
+
+impl Drop for InQueue<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.queue_depth.decrement(1.0);
+    }
+}
+
 impl Drop for AdmissionPermit {
     fn drop(&mut self) {
         self.limiter.inflight.fetch_sub(1, Ordering::Relaxed);
@@ -340,6 +351,26 @@ mod tests {
             .await
             .unwrap()
             .expect("the queued request got the freed slot");
+        let late = limiter.acquire().await.unwrap_err();
+        assert_eq!(late.reason, ShedReason::QueueTimeout);
+    }
+
+    #[tokio::test]
+    async fn a_wait_abandoned_mid_queue_gives_its_place_back() {
+        let limiter = Limiter::new(&config(1, 1, false), "route", "t");
+        let _held = limiter.acquire().await.unwrap();
+        {
+            let mut waiting = std::pin::pin!(limiter.acquire());
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(std::future::Future::poll(waiting.as_mut(), &mut cx).is_pending());
+            assert_eq!(limiter.queued(), 1);
+        }
+        assert_eq!(
+            limiter.queued(),
+            0,
+            "the dropped wait still counts as queued"
+        );
+        // The queue (of one) has room again: a wait is timed out, not refused as full.
         let late = limiter.acquire().await.unwrap_err();
         assert_eq!(late.reason, ShedReason::QueueTimeout);
     }

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use writegate::admission::Limiter;
 
 fn route_limiter(proxy: &TestProxy) -> Arc<Limiter> {
@@ -127,6 +129,42 @@ async fn a_queued_request_waits_at_most_queue_timeout() {
     gate.release(1);
     assert_eq!(bounded("held", held).await.unwrap().status, 200);
     assert_eq!(b.count(), 1);
+    proxy.shutdown().await;
+}
+
+/// A request whose client leaves while it waits for admission leaves the queue and is never
+/// sent: the client cannot learn what became of its write, so the write must not happen.
+#[tokio::test]
+async fn a_queued_write_whose_client_left_is_never_sent() {
+    let gate = Gate::default();
+    let b = gated_backend(&gate).await;
+    // A queue timeout far beyond the test's bounded waits: only noticing the departure empties it.
+    let config = simple_config(
+        &[(b.addr, 1)],
+        &admission("max_inflight = 1\nqueue_timeout = \"1h\""),
+    );
+    let proxy = start_proxy(&config).await;
+    let limiter = route_limiter(&proxy);
+    let addr = proxy.addr;
+    let held = tokio::spawn(async move { send(addr, req(Method::POST, "/w", b"1")).await });
+    gate.entered().await;
+    // A whole write, body included, queued behind the held one; then its client goes away.
+    let mut leaving = bounded("connect", TcpStream::connect(addr)).await.unwrap();
+    leaving
+        .write_all(b"POST /w HTTP/1.1\r\nHost: w\r\nContent-Length: 1\r\n\r\n2")
+        .await
+        .unwrap();
+    eventually("the write to queue", || limiter.queued() == 1).await;
+    drop(leaving);
+    eventually("the departed client's write to leave the queue", || {
+        limiter.queued() == 0
+    })
+    .await;
+    gate.release(2);
+    assert_eq!(bounded("held", held).await.unwrap().status, 200);
+    let next = send(addr, req(Method::POST, "/w", b"3")).await;
+    assert_eq!(next.status, 200);
+    assert_eq!(b.count(), 2, "the departed client's write was sent");
     proxy.shutdown().await;
 }
 

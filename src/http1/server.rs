@@ -41,6 +41,9 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// Response bytes gathered before a write; larger body pieces are written as they are.
 const GATHER: usize = 16 * 1024;
+/// How much of a body not yet being read a connection buffers while watching for its client
+/// leaving; a larger body's client is noticed leaving when its reader starts.
+const BODY_READ_AHEAD: usize = 16 * 1024;
 
 /// A client transport: plain TCP or TLS.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -85,6 +88,8 @@ struct Wire<I> {
     decoder: Decoder,
     /// Bytes of `100 Continue` still to write before the body is read.
     continue_owed: usize,
+    /// The request's body reader has started: from then on it notices a close itself.
+    body_started: bool,
 }
 
 type SharedWire<I> = Arc<Mutex<Wire<I>>>;
@@ -123,6 +128,7 @@ pub fn serve<I: ClientIo>(
         buf: BytesMut::new(),
         decoder: Decoder::new(Framing::Empty),
         continue_owed: 0,
+        body_started: false,
     }));
     async move {
         let mut stop = StopWatch {
@@ -419,6 +425,7 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
             0
         };
     w.decoder = Decoder::new(framing);
+    w.body_started = false;
     let body = if framing == Framing::Empty {
         H1Body { wire: None }
     } else {
@@ -490,14 +497,24 @@ fn request_framing(
     }
 }
 
-/// Completes if the client closes the connection while its request is in progress. Bytes it
-/// pipelines meanwhile are kept for the next request.
+/// Completes if the client closes the connection while its request is in progress, waiting
+/// for admission included. Bytes it sends meanwhile (the rest of its body, or pipelined requests)
+/// are kept for their reader.
 fn poll_client_gone<I: ClientIo>(wire: &SharedWire<I>, cx: &mut Context<'_>) -> Poll<()> {
     let mut guard = lock(wire);
     let w = &mut *guard;
+    // Before the body is read (waiting for admission, a key's turn or a backend connection), a
+    // little of it may be read ahead to see the end of the stream; once its reader has started,
+    // the reader notices a close itself.
+    let limit = if w.decoder.is_done() {
+        MAX_HEAD
+    } else if !w.body_started {
+        BODY_READ_AHEAD
+    } else {
+        return Poll::Pending;
+    };
     loop {
-        // While the body is being read, its reader notices a close itself.
-        if !w.decoder.is_done() || w.buf.len() >= MAX_HEAD {
+        if w.buf.len() >= limit {
             return Poll::Pending;
         }
         // No buffer while the backend works, unless the client sends something.
@@ -545,6 +562,7 @@ impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
     fn poll_piece(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
         let mut guard = lock(self);
         let w = &mut *guard;
+        w.body_started = true;
         while w.continue_owed > 0 {
             let start = CONTINUE.len() - w.continue_owed;
             match ready!(Pin::new(&mut w.io).poll_write(cx, &CONTINUE[start..])) {
