@@ -4,7 +4,8 @@
 //! connection costs a few hundred bytes), read and parse a request head within
 //! `header_read_timeout`, run the proxy service on it, write the response, repeat. The request body
 //! is read by whoever polls it (the backend send) straight from this connection's buffer; a client
-//! that goes away while its request is in progress cancels it, as with nginx's default.
+//! that goes away while its request is in progress cancels it, as with nginx's default, and one
+//! that goes away while its request still waits (admission, its key's turn) is seen leaving too.
 //!
 //! Malformed requests get a 4xx with a one-line reason and the connection closes. A request with
 //! both Transfer-Encoding and Content-Length is framed by Transfer-Encoding and its connection
