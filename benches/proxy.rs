@@ -10,6 +10,9 @@
 //!
 //! CPU time per request is the proxy process's user+system time over the round (from /proc)
 //! divided by the requests it served: the figure that decides how many proxy cores a load needs.
+//! Each round also prints the whole machine's idle time (in % of one core) and how often the
+//! proxy went to sleep per request (voluntary context switches): a loop that leaves cores idle
+//! waiting on wake-ups shows there, not in CPU time.
 //!
 //! Then, when `oha` is installed (`cargo install oha`), an open-loop step: writegate, nginx and
 //! HAProxy under a fixed request rate of 25% and 50% of nginx's peak, latency-corrected, rounds
@@ -151,14 +154,9 @@ fn closed_loop_step(
     for round in 1..=rounds {
         println!("\nround {round}");
         for (i, t) in targets.iter().enumerate() {
-            let cpu_before = t.pid.map(process_tree_cpu);
+            let before = Usage::now(t.pid);
             let result = load(t, connections, Duration::from_secs(seconds), body_len);
-            let cpu = t
-                .pid
-                .map(process_tree_cpu)
-                .zip(cpu_before)
-                .map(|(a, b)| a - b);
-            let r = Round::new(result, cpu);
+            let r = Round::new(result, Usage::now(t.pid).since(&before));
             println!("  {:<10} {}", t.name, r.describe());
             results[i].push(r);
         }
@@ -203,6 +201,9 @@ fn latency_step(
     rounds: u64,
     body_len: usize,
 ) {
+    if rounds == 0 {
+        return;
+    }
     let Some(oha) = find_oha() else {
         println!(
             "
@@ -370,10 +371,14 @@ struct Round {
     errors: u64,
     cpu_us_per_request: Option<f64>,
     rps_per_core: Option<f64>,
+    /// Idle CPU time of the whole machine over the round, in % of one core.
+    idle_percent: f64,
+    /// Times the proxy went to sleep (voluntary context switches) per request.
+    sleeps_per_request: Option<f64>,
 }
 
 impl Round {
-    fn new(load: LoadResult, cpu: Option<Duration>) -> Round {
+    fn new(load: LoadResult, usage: Usage) -> Round {
         let mut lat = load.latencies_us;
         lat.sort_unstable();
         let pick = |q: f64| {
@@ -382,7 +387,8 @@ impl Round {
                 .unwrap_or(0)
         };
         let rps = load.requests as f64 / load.elapsed.as_secs_f64();
-        let cpu_us_per_request = cpu.map(|c| c.as_secs_f64() * 1e6 / load.requests.max(1) as f64);
+        let requests = load.requests.max(1) as f64;
+        let cpu_us_per_request = usage.proxy_cpu.map(|c| c.as_secs_f64() * 1e6 / requests);
         Round {
             rps,
             p50_us: pick(0.5),
@@ -390,6 +396,8 @@ impl Round {
             errors: load.errors,
             cpu_us_per_request,
             rps_per_core: cpu_us_per_request.map(|us| 1e6 / us),
+            idle_percent: 100.0 * usage.idle.as_secs_f64() / load.elapsed.as_secs_f64(),
+            sleeps_per_request: usage.proxy_sleeps.map(|n| n as f64 / requests),
         }
     }
 
@@ -408,6 +416,8 @@ impl Round {
             errors: rounds.iter().map(|r| r.errors).sum(),
             cpu_us_per_request: opt(|r| r.cpu_us_per_request),
             rps_per_core: opt(|r| r.rps_per_core),
+            idle_percent: med(rounds.iter().map(|r| r.idle_percent).collect()),
+            sleeps_per_request: opt(|r| r.sleeps_per_request),
         }
     }
 
@@ -418,9 +428,12 @@ impl Round {
             }
             _ => String::new(),
         };
+        let sleeps = self
+            .sleeps_per_request
+            .map_or(String::new(), |n| format!("  sleeps/req {n:.3}"));
         format!(
-            "{:>8.0} req/s  p50 {:>5} µs  p99 {:>6} µs  errors {}{cpu}",
-            self.rps, self.p50_us, self.p99_us, self.errors
+            "{:>8.0} req/s  p50 {:>5} µs  p99 {:>6} µs  errors {}{cpu}  idle {:>3.0}%{sleeps}",
+            self.rps, self.p50_us, self.p99_us, self.errors, self.idle_percent
         )
     }
 }
@@ -671,25 +684,82 @@ impl Drop for Nginx {
     }
 }
 
-/// User+system CPU time of `pid` and its direct children (nginx's worker), from /proc.
-fn process_tree_cpu(pid: u32) -> Duration {
-    let ticks_per_second = 100.0; // USER_HZ, fixed at 100 on Linux for /proc/*/stat
-    let mut ticks = cpu_ticks(pid).unwrap_or(0);
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if parent_pid(child) == Some(pid) {
-                ticks += cpu_ticks(child).unwrap_or(0);
-            }
+/// Counters from /proc, read before and after a round: the proxy's CPU time and sleeps (of
+/// `pid` and its direct children, nginx's worker), and the whole machine's idle time.
+#[derive(Clone, Copy)]
+struct Usage {
+    proxy_cpu: Option<Duration>,
+    proxy_sleeps: Option<u64>,
+    idle: Duration,
+}
+
+/// USER_HZ: the unit of /proc's tick counts, fixed at 100 on Linux.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+impl Usage {
+    fn now(pid: Option<u32>) -> Usage {
+        let tree = pid.map(process_tree);
+        Usage {
+            proxy_cpu: tree.as_ref().map(|pids| {
+                let ticks: u64 = pids.iter().filter_map(|&p| cpu_ticks(p)).sum();
+                Duration::from_secs_f64(ticks as f64 / TICKS_PER_SECOND)
+            }),
+            proxy_sleeps: tree
+                .as_ref()
+                .map(|pids| pids.iter().map(|&p| sleeps(p)).sum()),
+            idle: machine_idle(),
         }
     }
-    Duration::from_secs_f64(ticks as f64 / ticks_per_second)
+
+    fn since(&self, before: &Usage) -> Usage {
+        let minus = |a: Option<u64>, b: Option<u64>| a.zip(b).map(|(a, b)| a.saturating_sub(b));
+        Usage {
+            proxy_cpu: self.proxy_cpu.zip(before.proxy_cpu).map(|(a, b)| a - b),
+            proxy_sleeps: minus(self.proxy_sleeps, before.proxy_sleeps),
+            idle: self.idle.saturating_sub(before.idle),
+        }
+    }
+}
+
+/// `pid` and its direct children.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        let numbered = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+        pids.extend(numbered.filter(|&p| parent_pid(p) == Some(pid)));
+    }
+    pids
+}
+
+/// Voluntary context switches of every thread of `pid`: how often it went to sleep.
+fn sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// Idle time of all CPUs together, from /proc/stat.
+fn machine_idle() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|stat| {
+            let cpu = stat.lines().next()?;
+            cpu.split_whitespace().nth(4)?.parse::<u64>().ok()
+        })
+        .unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / TICKS_PER_SECOND)
 }
 
 /// Fields after the command name in /proc/PID/stat (the name may contain spaces).
