@@ -186,11 +186,7 @@ impl ProxyError {
         route: Option<&str>,
         upstream: Option<&str>,
     ) -> Response<ResponseBody> {
-        let shared = self.to_shared(route, upstream);
-        let mut response = Response::new(ResponseBody::full(shared.body));
-        *response.status_mut() = shared.status;
-        *response.headers_mut() = shared.headers;
-        response
+        self.to_shared(route, upstream).into_response()
     }
 
     /// The same response, buffered, for every client of a merged write.

@@ -74,9 +74,7 @@ pub(super) async fn buffer_body(body: RequestBody, limit: u64) -> Result<Bytes, 
 }
 
 fn into_response(shared: SharedResponse, disposition: Disposition) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::buffered(shared.body, shared.backend_lines));
-    *response.status_mut() = shared.status;
-    *response.headers_mut() = shared.headers;
+    let mut response = shared.into_response();
     response
         .headers_mut()
         .insert(X_WRITEGATE_COALESCE.clone(), disposition.header_value());
