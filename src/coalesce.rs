@@ -26,6 +26,7 @@
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +42,66 @@ use crate::config::{CoalesceConfig, CoalesceMode};
 use crate::proxy::{PendingHeaders, ResponseBody};
 
 const SHARDS: usize = 64;
+
+/// One shard's keys. Keys come from clients, so their hash is seeded per coalescer (clients cannot
+/// aim many keys at one bucket); xxh3 rather than the standard SipHash, which cost several hundred
+/// instructions per write on short keys.
+type KeyMap = HashMap<Bytes, KeyQueue, KeyHashing>;
+
+#[derive(Clone, Copy)]
+struct KeyHashing {
+    seed: u64,
+}
+
+impl KeyHashing {
+    fn random() -> KeyHashing {
+        KeyHashing {
+            seed: RandomState::new().hash_one(0u64),
+        }
+    }
+
+    fn hash(&self, key: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(key, self.seed)
+    }
+
+    /// Which shard holds `key`: from a hash of its own, since the keys of one shard would
+    /// otherwise share the low bits that pick their bucket in the shard's map.
+    fn shard(&self, key: &[u8]) -> usize {
+        let seed = self.seed ^ 0x5851_F42D_4C95_7F2D;
+        (xxhash_rust::xxh3::xxh3_64_with_seed(key, seed) as usize) % SHARDS
+    }
+}
+
+impl BuildHasher for KeyHashing {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher {
+            hashing: *self,
+            hash: 0,
+        }
+    }
+}
+
+struct KeyHasher {
+    hashing: KeyHashing,
+    hash: u64,
+}
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.hash ^= self.hashing.hash(bytes);
+    }
+
+    /// A key's length prefix: mixed in without a hash call of its own.
+    fn write_usize(&mut self, n: usize) {
+        self.hash ^= (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.hash
+    }
+}
 
 /// A response buffered so that every merged client can get a copy.
 #[derive(Debug, Clone)]
@@ -185,7 +246,8 @@ struct Start {
 /// so queued writes keep their order.
 pub struct Coalescer {
     route: Box<str>,
-    shards: Box<[Mutex<HashMap<Bytes, KeyQueue>>]>,
+    shards: Box<[Mutex<KeyMap>]>,
+    hashing: KeyHashing,
     active_keys: AtomicUsize,
     keys_gauge: Gauge,
     outcomes: [Counter; 3],
@@ -203,10 +265,14 @@ impl std::fmt::Debug for Coalescer {
 
 impl Coalescer {
     pub fn new(route: &str) -> Arc<Coalescer> {
+        let hashing = KeyHashing::random();
         let outcome = |label: &'static str| metrics::counter!(crate::metrics::COALESCE_OUTCOMES, "route" => route.to_string(), "outcome" => label);
         Arc::new(Coalescer {
             route: route.into(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(hashing)))
+                .collect(),
+            hashing,
             active_keys: AtomicUsize::new(0),
             keys_gauge: metrics::gauge!(crate::metrics::COALESCE_KEYS_ACTIVE, "route" => route.to_string()),
             outcomes: [
@@ -228,12 +294,12 @@ impl Coalescer {
         self.shard(key).get(key).map_or(0, |q| q.waiting)
     }
 
-    fn shard(&self, key: &[u8]) -> MutexGuard<'_, HashMap<Bytes, KeyQueue>> {
-        let index = (xxhash_rust::xxh3::xxh3_64(key) as usize) % SHARDS;
+    fn shard(&self, key: &[u8]) -> MutexGuard<'_, KeyMap> {
+        let index = self.hashing.shard(key);
         self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn queue<'m>(&self, map: &'m mut HashMap<Bytes, KeyQueue>, key: &Bytes) -> &'m mut KeyQueue {
+    fn queue<'m>(&self, map: &'m mut KeyMap, key: &Bytes) -> &'m mut KeyQueue {
         map.entry(key.clone()).or_insert_with(|| {
             self.active_keys.fetch_add(1, Ordering::Relaxed);
             self.keys_gauge.increment(1.0);

@@ -417,6 +417,72 @@ async fn reads_only_backend(hold: Duration) -> std::net::SocketAddr {
     addr
 }
 
+/// A backend whose first answer stops mid-body (3 of 10 bytes, connection held open); later
+/// connections are answered in full.
+async fn stalls_mid_body_once() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let stall = std::mem::take(&mut first);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if stall {
+                        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc";
+                        let _ = stream.write_all(head).await;
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                    let whole = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n0123456789";
+                    let _ = stream.write_all(whole).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_response_stalled_mid_body_times_out_and_frees_its_key() {
+    let addr = stalls_mid_body_once().await;
+    let config = simple_config(
+        &[(addr, 1)],
+        "key = \"path_segment:2\"\ntimeouts = { response = \"300ms\" }\n\n[routes.coalesce]\nmode = \"serialize\"\n",
+    );
+    let proxy = start_proxy(&config).await;
+    let started = std::time::Instant::now();
+    let stalled = send(proxy.addr, put("a", "first")).await;
+    assert_eq!(
+        stalled.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        stalled.text()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cut off by the response timeout, not the backend's 30 s stall"
+    );
+    // The key is free again: the next write on it is sent and answered in full.
+    let next = bounded(
+        "the next write on the key",
+        spawn_send(proxy.addr, put("a", "second")),
+    )
+    .await
+    .unwrap();
+    assert_eq!((next.status, how(&next)), (StatusCode::OK, "sent"));
+    assert_eq!(next.text(), "0123456789");
+    assert_eq!(coalescer(&proxy).active_keys(), 0);
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_backend_failure_reaches_every_merged_client() {
     let addr = reads_only_backend(Duration::from_millis(300)).await;

@@ -766,6 +766,9 @@ fn encode_head(
                 header_line(out, name, value);
             }
         }
+        if let Some((name, value)) = &pending.added {
+            header_line(out, name.as_str().as_bytes(), value.as_bytes());
+        }
         // The backend's Via values and the proxy's, folded into one line.
         out.extend_from_slice(b"via: ");
         if backend_via {

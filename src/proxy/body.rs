@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, VIA};
+use http::header::{HeaderName, HeaderValue, VIA};
 use http::{Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -255,6 +255,9 @@ pub struct PendingHeaders {
     pub lines: RawHeaders,
     /// The backend's HTTP version, named in the `Via` value the proxy adds.
     pub version: Version,
+    /// A line the proxy adds after the backend's (a coalesced write's `x-writegate-coalesce`):
+    /// carried here, it costs the HTTP/1 path no map.
+    pub added: Option<(HeaderName, HeaderValue)>,
 }
 
 impl PendingHeaders {
@@ -294,6 +297,7 @@ pub fn upstream_response(head: ResponseHead, lease: UpstreamLease) -> Response<R
             pending: Some(PendingHeaders {
                 lines: head.headers,
                 version: head.version,
+                added: None,
             }),
         },
     });
@@ -301,16 +305,20 @@ pub fn upstream_response(head: ResponseHead, lease: UpstreamLease) -> Response<R
     response
 }
 
-/// Moves a backend response's pending header lines into its `HeaderMap`, `Via` appended.
+/// Moves a backend response's pending header lines (and the line the proxy added) into its
+/// `HeaderMap`, `Via` appended.
 pub fn complete_headers(response: &mut Response<ResponseBody>) {
     let Some(pending) = response.body_mut().take_pending_headers() else {
         return;
     };
-    let mut headers = pending.lines.to_map(response.headers().len() + 1);
+    let mut headers = pending.lines.to_map(response.headers().len() + 2);
     for (name, value) in response.headers() {
         headers.append(name.clone(), value.clone());
     }
     headers::append_to_list(&mut headers, &VIA, &pending.via());
+    if let Some((name, value)) = pending.added {
+        headers.insert(name, value);
+    }
     *response.headers_mut() = headers;
 }
 

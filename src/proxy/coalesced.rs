@@ -6,16 +6,18 @@
 //! snapshot the request started with included), so it completes even when its clients have left.
 //! Its response is buffered too, so that every merged client can get a copy.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::Response;
 
 use super::body::{read_whole, RequestBody, RequestBodyError, ResponseBody};
-use super::dispatch::dispatch;
-use super::request::{OutgoingRequest, ProxyRequest, RequestHead};
+use super::dispatch::{dispatch, Dispatched};
+use super::request::OutgoingRequest;
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
 use crate::config::CoalesceMode;
@@ -41,8 +43,10 @@ pub(super) fn write<'a, 's: 'a>(
     exchange: &'a mut Exchange<'s>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
     async move {
-        let ProxyRequest { head, body } = *request;
-        let body = buffer_body(body, route.max_body).await?;
+        let mut request = request;
+        let streamed = std::mem::replace(&mut request.body, RequestBody::Full(None));
+        let body = buffer_body(streamed, route.max_body).await?;
+        let head = &request.head;
         let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| Fingerprint {
             method: head.method.clone(),
             uri: head.uri.clone(),
@@ -52,7 +56,9 @@ pub(super) fn write<'a, 's: 'a>(
                 .and_then(|value| HeaderValue::from_bytes(value).ok()),
             body: body.clone(),
         });
-        let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), head, body);
+        // The request keeps its box; only its body changes, to the buffered bytes.
+        request.body = RequestBody::Full(Some(body));
+        let job = upstream_job(Arc::clone(snapshot), route.index, key.clone(), request);
         let (shared, disposition) = coalescer
             .write(key, fingerprint, job, &route.coalesce)
             .await
@@ -73,12 +79,16 @@ pub(super) async fn buffer_body(body: RequestBody, limit: u64) -> Result<Bytes, 
     }
 }
 
-fn into_response(shared: SharedResponse, disposition: Disposition) -> Response<ResponseBody> {
-    let mut response = shared.into_response();
-    response
-        .headers_mut()
-        .insert(X_WRITEGATE_COALESCE.clone(), disposition.header_value());
-    response
+fn into_response(mut shared: SharedResponse, disposition: Disposition) -> Response<ResponseBody> {
+    let line = (X_WRITEGATE_COALESCE.clone(), disposition.header_value());
+    // With the backend's lines still raw, the line joins them rather than starting a map.
+    match &mut shared.backend_lines {
+        Some(pending) => pending.added = Some(line),
+        None => {
+            shared.headers.insert(line.0, line.1);
+        }
+    }
+    shared.into_response()
 }
 
 /// The upstream exchange of one write, owning what it needs.
@@ -86,13 +96,12 @@ fn upstream_job(
     snapshot: Arc<Snapshot>,
     route_index: usize,
     key: Bytes,
-    head: RequestHead,
-    body: Bytes,
+    request: OutgoingRequest,
 ) -> Job {
     Box::pin(async move {
         let route = &snapshot.router.routes()[route_index];
         let upstream = &snapshot.upstreams[route.upstream];
-        match exchange(route, upstream, &key, head, body).await {
+        match exchange(route, upstream, &key, request).await {
             Ok(shared) => shared,
             Err((error, backend)) => {
                 tracing::warn!(
@@ -116,33 +125,43 @@ fn exchange<'a>(
     route: &'a Route,
     upstream: &'a Upstream,
     key: &'a [u8],
-    head: RequestHead,
-    body: Bytes,
+    request: OutgoingRequest,
 ) -> impl Future<Output = Result<SharedResponse, (ProxyError, Option<Arc<str>>)>> + Send + 'a {
-    let request: OutgoingRequest = Box::new(ProxyRequest {
-        head,
-        body: RequestBody::Full(Some(body)),
-    });
     async move {
         let sent = dispatch(route, upstream, upstream.balancer.hash_key(key), request)
             .await
             .map_err(|failed| (failed.error, failed.backend))?;
-        let backend = sent.backend;
+        collect(sent, route.response_timeout).await
+    }
+}
+
+/// Buffers a dispatched write's response. A plain function returning a future, which reads the body
+/// in place: an `async` block in [`exchange`] kept the response, the parts it is taken apart into
+/// and the read of its body each in a slot of its own, and every write's job was 2.9 KB.
+fn collect(
+    sent: Dispatched,
+    timeout: Duration,
+) -> impl Future<Output = Result<SharedResponse, (ProxyError, Option<Arc<str>>)>> + Send {
+    let backend = sent.backend;
+    let mut response = super::body::upstream_response(sent.head, sent.lease);
+    let backend_lines = response.body_mut().take_pending_headers();
+    let (head, mut body) = response.into_parts();
+    let (status, headers) = (head.status, head.headers);
+    async move {
         let fail = |e: ProxyError| (e, Some(Arc::clone(&backend)));
-        let mut response = super::body::upstream_response(sent.head, sent.lease);
-        let backend_lines = response.body_mut().take_pending_headers();
-        let (head, body) = response.into_parts();
-        // The key's next write waits for this one: a backend that stalls mid-body must not hold it.
-        let collected = tokio::time::timeout(
-            route.response_timeout,
-            read_whole(body, MAX_SHARED_RESPONSE),
-        )
-        .await
-        .map_err(|_| fail(ProxyError::Upstream(SendError::ResponseTimeout)))?
+        // The key's next write waits for this one: a backend that stalls mid-body must not hold
+        // it. A timer is armed only when the body did not come with the head (most do).
+        let mut read = std::pin::pin!(read_whole(&mut body, MAX_SHARED_RESPONSE));
+        let collected = match poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+            Poll::Ready(collected) => collected,
+            Poll::Pending => tokio::time::timeout(timeout, read)
+                .await
+                .map_err(|_| fail(ProxyError::Upstream(SendError::ResponseTimeout)))?,
+        }
         .map_err(|_| fail(ProxyError::ResponseNotShareable))?;
         Ok(SharedResponse {
-            status: head.status,
-            headers: head.headers,
+            status,
+            headers,
             backend_lines,
             body: collected,
             backend: Some(backend),
