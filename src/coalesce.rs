@@ -136,12 +136,12 @@ pub enum Disposition {
 }
 
 impl Disposition {
-    pub fn header_value(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Disposition::Sent => "sent",
             Disposition::Deduplicated => "deduplicated",
             Disposition::Superseded => "superseded",
-        })
+        }
     }
 }
 
@@ -329,7 +329,7 @@ impl Coalescer {
     pub fn write<'a>(
         self: &'a Arc<Self>,
         key: Bytes,
-        fingerprint: Option<Fingerprint>,
+        fingerprint: Option<Box<Fingerprint>>,
         job: Job,
         settings: &'a CoalesceConfig,
     ) -> impl Future<Output = Result<Reply, Refusal>> + Send + 'a {
@@ -353,7 +353,7 @@ impl Coalescer {
                     queue.waiting += 1;
                     let (tx, rx) = oneshot::channel();
                     let joins_newest = mode == CoalesceMode::Dedupe
-                        && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: Some(newest), .. }) if Some(&**newest) == fingerprint.as_ref());
+                        && matches!(queue.queue.back(), Some(Entry::Write { fingerprint: Some(newest), .. }) if Some(newest) == fingerprint.as_ref());
                     match queue.queue.back_mut() {
                         Some(Entry::Write { waiters, .. }) if joins_newest => {
                             waiters.push(Waiter {
@@ -369,7 +369,7 @@ impl Coalescer {
                         }
                         _ => {
                             queue.queue.push_back(Entry::Write {
-                                fingerprint: fingerprint.map(Box::new),
+                                fingerprint,
                                 job,
                                 waiters: vec![Waiter {
                                     id,
@@ -388,7 +388,9 @@ impl Coalescer {
                 WritePlan::Refused(refusal) => Err(refusal),
                 WritePlan::Wait { id, rx, start } => {
                     self.run(key.clone(), start, mode);
-                    self.wait(key, id, rx, settings.max_wait).await
+                    // Boxed: a queued write's wait is three times the size of a free key's
+                    // exchange, and most writes find their key free.
+                    Box::pin(self.wait(key, id, rx, settings.max_wait)).await
                 }
             }
         }
@@ -814,13 +816,13 @@ mod tests {
         }
     }
 
-    fn fingerprint(body: &'static [u8]) -> Option<Fingerprint> {
-        Some(Fingerprint {
+    fn fingerprint(body: &'static [u8]) -> Option<Box<Fingerprint>> {
+        Some(Box::new(Fingerprint {
             method: Method::PUT,
             uri: Uri::from_static("/k"),
             content_type: None,
             body: Bytes::from_static(body),
-        })
+        }))
     }
 
     fn ok_job() -> Job {

@@ -257,7 +257,7 @@ pub struct PendingHeaders {
     pub version: Version,
     /// A line the proxy adds after the backend's (a coalesced write's `x-writegate-coalesce`):
     /// carried here, it costs the HTTP/1 path no map.
-    pub added: Option<(HeaderName, HeaderValue)>,
+    pub added: Option<(&'static HeaderName, &'static str)>,
 }
 
 impl PendingHeaders {
@@ -317,7 +317,7 @@ pub fn complete_headers(response: &mut Response<ResponseBody>) {
     }
     headers::append_to_list(&mut headers, &VIA, &pending.via());
     if let Some((name, value)) = pending.added {
-        headers.insert(name, value);
+        headers.insert(name.clone(), HeaderValue::from_static(value));
     }
     *response.headers_mut() = headers;
 }

@@ -47,14 +47,16 @@ pub(super) fn write<'a, 's: 'a>(
         let streamed = std::mem::replace(&mut request.body, RequestBody::Full(None));
         let body = buffer_body(streamed, route.max_body).await?;
         let head = &request.head;
-        let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| Fingerprint {
-            method: head.method.clone(),
-            uri: head.uri.clone(),
-            content_type: head
-                .headers
-                .get("content-type")
-                .and_then(|value| HeaderValue::from_bytes(value).ok()),
-            body: body.clone(),
+        let fingerprint = (route.coalesce.mode == CoalesceMode::Dedupe).then(|| {
+            Box::new(Fingerprint {
+                method: head.method.clone(),
+                uri: head.uri.clone(),
+                content_type: head
+                    .headers
+                    .get("content-type")
+                    .and_then(|value| HeaderValue::from_bytes(value).ok()),
+                body: body.clone(),
+            })
         });
         // The request keeps its box; only its body changes, to the buffered bytes.
         request.body = RequestBody::Full(Some(body));
@@ -80,12 +82,12 @@ pub(super) async fn buffer_body(body: RequestBody, limit: u64) -> Result<Bytes, 
 }
 
 fn into_response(mut shared: SharedResponse, disposition: Disposition) -> Response<ResponseBody> {
-    let line = (X_WRITEGATE_COALESCE.clone(), disposition.header_value());
     // With the backend's lines still raw, the line joins them rather than starting a map.
     match &mut shared.backend_lines {
-        Some(pending) => pending.added = Some(line),
+        Some(pending) => pending.added = Some((&X_WRITEGATE_COALESCE, disposition.as_str())),
         None => {
-            shared.headers.insert(line.0, line.1);
+            let value = HeaderValue::from_static(disposition.as_str());
+            shared.headers.insert(X_WRITEGATE_COALESCE.clone(), value);
         }
     }
     shared.into_response()
