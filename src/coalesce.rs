@@ -698,7 +698,7 @@ struct InlineWrite {
     key: Bytes,
     mode: CoalesceMode,
     began: Instant,
-    exchange: Option<Pin<Box<dyn Future<Output = SharedResponse> + Send>>>,
+    exchange: Option<Job>,
 }
 
 impl Drop for InlineWrite {

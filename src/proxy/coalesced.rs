@@ -39,11 +39,10 @@ pub(super) fn write<'a, 's: 'a>(
     route: &'s Route,
     coalescer: &'a Arc<Coalescer>,
     key: Bytes,
-    request: OutgoingRequest,
+    mut request: OutgoingRequest,
     exchange: &'a mut Exchange<'s>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
     async move {
-        let mut request = request;
         let streamed = std::mem::replace(&mut request.body, RequestBody::Full(None));
         let body = buffer_body(streamed, route.max_body).await?;
         let head = &request.head;
