@@ -467,6 +467,13 @@ async fn a_response_stalled_mid_body_times_out_and_frees_its_key() {
         stalled.text()
     );
     assert!(
+        stalled
+            .text()
+            .contains("did not answer within the response timeout"),
+        "{}",
+        stalled.text()
+    );
+    assert!(
         started.elapsed() < Duration::from_secs(5),
         "cut off by the response timeout, not the backend's 30 s stall"
     );
