@@ -3,15 +3,18 @@
 //! For each proxy (one worker each): RSS of its processes before, then with 9,000 idle
 //! keep-alive connections open (each has served one request, as real keep-alive clients have;
 //! they arrive with at most 256 in their first request at once),
-//! then with 1,000 connections each holding a request in flight at a slow backend. Prints the RSS
-//! growth per connection. RSS is read from /proc (VmRSS of the process and its children).
+//! then with 4,000 connections each holding a request in flight at a slow backend. Every request
+//! is a small POST (128-byte body): a write proxy's clients send writes, and a request whose body
+//! is still in the client connection's buffer is what a proxy must hold while the backend works.
+//! Prints the RSS growth per connection. RSS is read from /proc (VmRSS of the process and its
+//! children); 4,000 in flight resolve the allocators' 2 MiB steps to 0.5 KiB.
 //!
 //! Rounds run on fresh processes and the end prints the medians: the figures move from run to run
 //! with what the allocators keep after the burst of connections.
 //!
 //! (9,000 rather than 10,000: HAProxy sizes its file descriptors from maxconn, and this machine
 //! allows 20,000 per process.) Run: `cargo bench --bench memory` (env: WG_BENCH_IDLE=9000,
-//! WG_BENCH_ACTIVE=1000, WG_BENCH_ROUNDS=3, WG_BENCH_BINARY=path to another writegate build).
+//! WG_BENCH_ACTIVE=4000, WG_BENCH_ROUNDS=3, WG_BENCH_BINARY=path to another writegate build).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -208,6 +211,9 @@ fn proxies(dir: &Path, backend: SocketAddr) -> Vec<Running> {
 
 /// Opens `n` connections that each complete one GET of `path` (or only send it, when `wait` is
 /// false) and stay open; returns them.
+/// Each request is a small write, as the proxy's clients send.
+const WRITE: &[u8] = &[b'w'; 128];
+
 async fn open(
     addr: SocketAddr,
     n: usize,
@@ -240,9 +246,9 @@ async fn open(
                 return;
             };
             tokio::spawn(conn);
-            let request = Request::get(path)
+            let request = Request::post(path)
                 .header("host", "bench")
-                .body(Empty::<Bytes>::new())
+                .body(Full::new(Bytes::from_static(WRITE)))
                 .expect("request");
             let response = sender.send_request(request);
             if wait {
@@ -268,7 +274,7 @@ async fn open(
 
 fn main() {
     let idle = env_or("WG_BENCH_IDLE", 9_000);
-    let active = env_or("WG_BENCH_ACTIVE", 1_000);
+    let active = env_or("WG_BENCH_ACTIVE", 4_000);
     let rounds = env_or("WG_BENCH_ROUNDS", 3).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -282,7 +282,7 @@ pub fn poll_read_buf<R: AsyncRead + Unpin>(
     use std::future::Future;
     if buf.capacity() == 0 {
         buf.reserve(FIRST_READ_SPACE);
-    } else if buf.capacity() - buf.len() < READ_SPACE / 4 {
+    } else if lacks_space(buf) {
         buf.reserve(READ_SPACE);
     }
     let read = std::pin::pin!(tokio::io::AsyncReadExt::read_buf(io, buf));
@@ -290,19 +290,25 @@ pub fn poll_read_buf<R: AsyncRead + Unpin>(
     Poll::Ready(Ok(n))
 }
 
+/// Whether [`poll_read_buf`] would grow `buf` before reading.
+fn lacks_space(buf: &BytesMut) -> bool {
+    buf.capacity() - buf.len() < READ_SPACE / 4
+}
+
 /// [`poll_read_buf`] for a connection that may wait long for its peer: while the buffer is empty
-/// it is released, and none is allocated until `ready` says a read will find data or the end of
-/// the stream. A slow backend or a client between requests then costs no buffer.
+/// it is released, and it is not allocated or grown until `ready` says a read will find data or
+/// the end of the stream. A slow backend, a client between requests, or a client whose request
+/// (with its unread body) waits for the backend then costs no more buffer than it already has.
 pub fn poll_read_when_ready<R: AsyncRead + Unpin>(
     io: &mut R,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
     ready: impl FnOnce(&R, &mut Context<'_>) -> Poll<io::Result<()>>,
 ) -> Poll<io::Result<usize>> {
-    if buf.is_empty() {
-        if buf.capacity() > 0 {
-            *buf = BytesMut::new();
-        }
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
+    if lacks_space(buf) {
         ready!(ready(io, cx))?;
     }
     poll_read_buf(io, cx, buf)
@@ -324,6 +330,54 @@ mod tests {
             }
         }
         Ok((body, decoder.is_done(), buf.to_vec()))
+    }
+
+    /// A request whose body waits in the buffer while the backend works must not make the watch
+    /// for the client leaving grow that buffer: thousands of such requests are in flight at once.
+    #[tokio::test]
+    async fn a_waiting_buffer_grows_only_once_the_peer_sends() {
+        use std::future::poll_fn;
+        use tokio::io::AsyncWriteExt;
+        use tokio::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        // The request: it fills most of a first read's buffer.
+        let request = [b'w'; FIRST_READ_SPACE - 64];
+        client.write_all(&request).await.expect("write");
+        let mut buf = BytesMut::new();
+        while buf.len() < request.len() {
+            let n = poll_fn(|cx| poll_read_buf(&mut server, cx, &mut buf)).await;
+            assert!(n.expect("read") > 0, "the request was cut short");
+        }
+        let capacity = buf.capacity();
+        let waiting = poll_fn(|cx| {
+            let read = poll_read_when_ready(&mut server, cx, &mut buf, TcpStream::poll_read_ready);
+            Poll::Ready(read.is_pending())
+        })
+        .await;
+        assert!(
+            waiting,
+            "the client sent nothing more, so the read must wait"
+        );
+        assert_eq!(
+            buf.capacity(),
+            capacity,
+            "the buffer grew before the client sent"
+        );
+        client.write_all(b"next").await.expect("write");
+        let n = poll_fn(|cx| {
+            poll_read_when_ready(&mut server, cx, &mut buf, TcpStream::poll_read_ready)
+        })
+        .await
+        .expect("read");
+        assert_eq!(n, 4);
+        assert!(buf.ends_with(b"next"), "the new bytes follow the kept ones");
+        assert!(
+            buf.capacity() > capacity,
+            "the buffer grows once there is data"
+        );
     }
 
     #[test]
