@@ -13,7 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -251,17 +251,81 @@ struct Serve {
     _alive: mpsc::Sender<()>,
 }
 
+pin_project_lite::pin_project! {
+    /// One of two futures, polled in place.
+    #[project = EitherProjection]
+    enum EitherFuture<A, B> {
+        Left { #[pin] future: A },
+        Right { #[pin] future: B },
+    }
+}
+
+impl<A: Future<Output = ()>, B: Future<Output = ()>> Future for EitherFuture<A, B> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.project() {
+            EitherProjection::Left { future } => future.poll(cx),
+            EitherProjection::Right { future } => future.poll(cx),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/1.1 connection's task: serves it, then hands it to HTTP/2 if the client opened
+    /// with HTTP/2's preface. Written out because an `async` block awaiting `serving` would keep
+    /// it twice (where it was captured and where it is awaited), and this is most of an idle
+    /// connection's memory.
+    struct Http1Task<F> {
+        #[pin]
+        serving: F,
+        upgrade: Option<(Serve, Arc<ClientConn>)>,
+        // Boxed: hyper's HTTP/2 connection is large and rare here.
+        http2: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    }
+}
+
+impl<F, I> Future for Http1Task<F>
+where
+    F: Future<Output = Served<I>>,
+    I: ClientIo,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.http2.is_none() {
+            let Served::Http2 { io, preface } = ready!(this.serving.as_mut().poll(cx)) else {
+                return Poll::Ready(());
+            };
+            let Some((serve, conn)) = this.upgrade.take() else {
+                return Poll::Ready(());
+            };
+            *this.http2 = Some(Box::pin(serve.http2(Prefixed { preface, io }, conn)));
+        }
+        match this.http2.as_mut() {
+            Some(http2) => http2.as_mut().poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
 impl Serve {
+    /// The connection's task. Its futures are built here rather than in an `async` block, whose
+    /// captured variables would keep room beside the future they move into: this is most of an
+    /// idle connection's memory.
     fn connection(self, stream: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> + Send {
         let tls = self.listener.settings.tls.is_some();
         let conn = Arc::new(ClientConn::new(peer, tls));
-        async move {
-            if tls {
-                // Boxed: the handshake and the TLS stream are large, and a plain connection's
-                // task should not reserve room for them.
-                Box::pin(self.tls(stream, conn)).await
-            } else {
-                self.http1(stream, conn).await
+        if tls {
+            // Boxed: the handshake and the TLS stream are large, and a plain connection's
+            // task should not reserve room for them.
+            EitherFuture::Left {
+                future: Box::pin(self.tls(stream, conn)),
+            }
+        } else {
+            EitherFuture::Right {
+                future: self.http1(stream, conn),
             }
         }
     }
@@ -311,13 +375,11 @@ impl Serve {
             idle: settings.idle_timeout,
         };
         let service = ProxyService::new(Arc::clone(&self.listener.snapshots), Arc::clone(&conn));
-        async move {
-            let stop = Arc::clone(&self.listener.stop_http1);
-            let serving = http1::server::serve(io, service, timeouts, stop);
-            // Boxed: hyper's HTTP/2 connection is large and rare here; HTTP/1.1 tasks stay small.
-            if let Served::Http2 { io, preface } = serving.await {
-                Box::pin(self.http2(Prefixed { preface, io }, conn)).await
-            }
+        let stop = Arc::clone(&self.listener.stop_http1);
+        Http1Task {
+            serving: http1::server::serve(io, service, timeouts, stop),
+            upgrade: Some((self, conn)),
+            http2: None,
         }
     }
 
