@@ -80,8 +80,8 @@ thread_local! {
 /// mimalloc keeps the pages a burst of requests freed for the thread that freed them, so without
 /// this RSS stays at a burst's peak: after thousands of requests start at once, about twice the
 /// memory their connections go on holding.
-fn release_memory() {
-    LAST_RELEASE.with(|last| last.set(Some(Instant::now())));
+fn release_memory(now: Instant) {
+    LAST_RELEASE.with(|last| last.set(Some(now)));
     // SAFETY: takes a flag and works on the calling thread's own heap.
     unsafe { mi_collect(true) };
 }
@@ -89,11 +89,12 @@ fn release_memory() {
 /// Runs as a runtime thread parks: the other threads of a multi-threaded runtime release their
 /// pages here, the tick reaching only one of them at a time.
 fn release_memory_when_idle() {
+    let now = Instant::now();
     let due = LAST_RELEASE
         .with(|last| last.get())
-        .is_none_or(|at| at.elapsed() >= RELEASE_INTERVAL);
+        .is_none_or(|at| now - at >= RELEASE_INTERVAL);
     if due {
-        release_memory();
+        release_memory(now);
     }
 }
 
@@ -101,8 +102,8 @@ async fn release_tick() {
     let mut tick = tokio::time::interval(RELEASE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        release_memory();
+        let now = tick.tick().await;
+        release_memory(now.into_std());
     }
 }
 
