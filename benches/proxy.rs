@@ -17,13 +17,15 @@
 //! Then, when `oha` is installed (`cargo install oha`), an open-loop step: writegate, nginx and
 //! HAProxy under a fixed request rate of 25% and 50% of nginx's peak, latency-corrected, rounds
 //! interleaved; it prints p50 and p99 and writegate's p50 over nginx's and p99 over HAProxy's.
+//! For that step the proxies run on the last core and oha and the backend on the others (see
+//! [`CoreSplit`]; `WG_BENCH_PIN=0` leaves placement to the kernel).
 //!
 //! nginx and HAProxy are configured to add the forwarding headers writegate adds by default, so
 //! that every proxy does the same work and the backend parses the same requests.
 //!
 //! Run: `cargo bench --bench proxy` (env: WG_BENCH_SECONDS=5, WG_BENCH_ROUNDS=3,
-//! WG_BENCH_LATENCY_ROUNDS=9, WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128; WG_BENCH_PEAK=RATE runs
-//! only the open-loop step, taking RATE as nginx's peak).
+//! WG_BENCH_LATENCY_ROUNDS=9, WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128, WG_BENCH_PIN=1;
+//! WG_BENCH_PEAK=RATE runs only the open-loop step, taking RATE as nginx's peak).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -187,7 +189,7 @@ fn find_oha() -> Option<std::path::PathBuf> {
 
 /// Latency added under an open-loop load (oha, latency-corrected, so a stall counts for every
 /// request it delays), interleaved rounds per rate; prints p50/p99 per proxy and writegate's p50
-/// over nginx's and p99 over HAProxy's, per round and as medians.
+/// over nginx's and p99 over HAProxy's per round, then their medians and the medians' ratios.
 fn latency_step(
     targets: &[&Target],
     peak: f64,
@@ -206,6 +208,9 @@ oha not found: no open-loop latency step (cargo install oha)"
         );
         return;
     };
+    let _split = (env_or("WG_BENCH_PIN", 1) == 1)
+        .then(|| CoreSplit::apply(targets))
+        .flatten();
     let body = "w".repeat(body_len);
     for share in [0.25, 0.5] {
         let rate = (peak * share) as u64;
@@ -214,56 +219,146 @@ oha not found: no open-loop latency step (cargo install oha)"
 open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-correction",
             share * 100.0
         );
-        let mut p50: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-        let mut p99: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+        let mut runs: Vec<Vec<Percentiles>> = Vec::new();
         for round in 1..=rounds {
-            for (i, t) in targets.iter().enumerate() {
-                let Some((a, b)) = oha_percentiles(&oha, t.addr, rate, connections, seconds, &body)
-                else {
-                    println!("  {:<10} oha failed", t.name);
-                    continue;
-                };
-                println!(
-                    "  round {round} {:<10} p50 {:>6.0} µs  p99 {:>6.0} µs",
-                    t.name, a, b
-                );
-                p50[i].push(a);
-                p99[i].push(b);
+            // Each round starts with the next target, so that no proxy always runs first.
+            let mut run: Vec<Percentiles> = vec![None; targets.len()];
+            for k in 0..targets.len() {
+                let i = (k + round as usize - 1) % targets.len();
+                let t = targets[i];
+                run[i] = oha_percentiles(&oha, t.addr, rate, connections, seconds, &body);
+                match run[i] {
+                    Some((p50, p99)) => println!(
+                        "  round {round} {:<10} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs",
+                        t.name
+                    ),
+                    None => println!("  round {round} {:<10} oha failed", t.name),
+                }
             }
-            print_latency_ratios(targets, &p50, &p99, |v| v.last().copied());
+            print_latency_ratios("", latency_ratios(targets, &run));
+            runs.push(run);
         }
         println!("  medians:");
-        for (i, t) in targets.iter().enumerate() {
-            println!(
-                "  {:<10} p50 {:>6.0} µs  p99 {:>6.0} µs",
-                t.name,
-                median(&p50[i]),
-                median(&p99[i])
-            );
+        let medians: Vec<Percentiles> = (0..targets.len())
+            .map(|i| {
+                let (p50, p99): (Vec<f64>, Vec<f64>) = runs.iter().filter_map(|r| r[i]).unzip();
+                (!p50.is_empty()).then(|| (median(&p50), median(&p99)))
+            })
+            .collect();
+        for (t, m) in targets.iter().zip(&medians) {
+            if let Some((p50, p99)) = m {
+                println!("  {:<10} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs", t.name);
+            }
         }
-        print_latency_ratios(targets, &p50, &p99, |v| (!v.is_empty()).then(|| median(v)));
+        print_latency_ratios("of the medians:", latency_ratios(targets, &medians));
+        let per_round: Vec<Ratios> = runs.iter().map(|r| latency_ratios(targets, r)).collect();
+        let median_of = |pick: fn(&Ratios) -> Option<f64>| {
+            let v: Vec<f64> = per_round.iter().filter_map(pick).collect();
+            (!v.is_empty()).then(|| median(&v))
+        };
+        print_latency_ratios(
+            "median of the rounds' ratios:",
+            (median_of(|r| r.0), median_of(|r| r.1)),
+        );
     }
 }
 
-fn print_latency_ratios(
-    targets: &[&Target],
-    p50: &[Vec<f64>],
-    p99: &[Vec<f64>],
-    pick: impl Fn(&[f64]) -> Option<f64>,
-) {
-    let of = |name: &str, values: &[Vec<f64>]| {
+/// p50 and p99 in µs of one oha run against one target; `None` when the run failed.
+type Percentiles = Option<(f64, f64)>;
+
+/// writegate's p50 over nginx's and p99 over HAProxy's, each when both ran.
+type Ratios = (Option<f64>, Option<f64>);
+
+/// The ratios from one (p50, p99) per target.
+fn latency_ratios(targets: &[&Target], values: &[Percentiles]) -> Ratios {
+    let of = |name: &str| {
         targets
             .iter()
             .position(|t| t.name == name)
-            .and_then(|i| pick(&values[i]))
+            .and_then(|i| values[i])
     };
-    if let (Some(wg), Some(nginx)) = (of("writegate", p50), of("nginx", p50)) {
-        print!("  writegate/nginx p50: {:.2}", wg / nginx);
+    let wg = of("writegate");
+    (
+        wg.zip(of("nginx")).map(|(w, n)| w.0 / n.0),
+        wg.zip(of("haproxy")).map(|(w, h)| w.1 / h.1),
+    )
+}
+
+fn print_latency_ratios(label: &str, (p50, p99): Ratios) {
+    let mut line = format!("  {label}");
+    if let Some(r) = p50 {
+        line += &format!("  writegate/nginx p50: {r:.2}");
     }
-    if let (Some(wg), Some(haproxy)) = (of("writegate", p99), of("haproxy", p99)) {
-        print!("   writegate/haproxy p99: {:.2}", wg / haproxy);
+    if let Some(r) = p99 {
+        line += &format!("  writegate/haproxy p99: {r:.2}");
     }
-    println!();
+    println!("{line}");
+}
+
+/// The proxies on the last core, this process (the backend) and the load generator it starts on
+/// the others, for the open-loop step; undone on drop. Left to itself, the kernel places the
+/// backend's thread beside whichever proxy writes to it (a socket's reader is woken next to its
+/// writer) or beside the load generator, run after run differently, and the p50 then measures
+/// that placement more than the proxy; separate cores for the proxy are also how proxies run.
+struct CoreSplit {
+    pids: Vec<u32>,
+    all: String,
+}
+
+impl CoreSplit {
+    fn apply(targets: &[&Target]) -> Option<CoreSplit> {
+        let cores = std::thread::available_parallelism().ok()?.get();
+        if cores < 2 {
+            return None;
+        }
+        let proxy = (cores - 1).to_string();
+        let load = if cores == 2 {
+            "0".to_string()
+        } else {
+            format!("0-{}", cores - 2)
+        };
+        let proxies: Vec<u32> = targets
+            .iter()
+            .filter_map(|t| t.pid)
+            .flat_map(process_tree)
+            .collect();
+        let split = CoreSplit {
+            pids: proxies
+                .iter()
+                .copied()
+                .chain([std::process::id()])
+                .collect(),
+            all: format!("0-{}", cores - 1),
+        };
+        let pinned =
+            taskset(std::process::id(), &load) && proxies.iter().all(|&pid| taskset(pid, &proxy));
+        if !pinned {
+            println!("\ntaskset failed: the open-loop step runs unpinned");
+            return None;
+        }
+        println!(
+            "\nopen-loop step: proxies on CPU {proxy}, oha and the backend on CPU {load} (WG_BENCH_PIN=0: unpinned)"
+        );
+        Some(split)
+    }
+}
+
+impl Drop for CoreSplit {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            taskset(pid, &self.all);
+        }
+    }
+}
+
+/// Sets the CPU affinity of every thread of `pid` (util-linux's `taskset`).
+fn taskset(pid: u32, cpus: &str) -> bool {
+    Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn median(values: &[f64]) -> f64 {
