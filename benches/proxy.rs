@@ -312,11 +312,10 @@ impl CoreSplit {
             return None;
         }
         let proxy = (cores - 1).to_string();
-        let load = if cores == 2 {
-            "0".to_string()
-        } else {
-            format!("0-{}", cores - 2)
-        };
+        let load = (0..cores - 1)
+            .map(|cpu| cpu.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         let proxies: Vec<u32> = targets
             .iter()
             .filter_map(|t| t.pid)
