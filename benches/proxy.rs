@@ -14,11 +14,13 @@
 //! proxy went to sleep per request (voluntary context switches): a loop that leaves cores idle
 //! waiting on wake-ups shows there, not in CPU time.
 //!
-//! Then, when `oha` is installed (`cargo install oha`), an open-loop step: writegate, nginx and
-//! HAProxy under a fixed request rate of 25% and 50% of nginx's peak, latency-corrected, rounds
-//! interleaved; it prints p50 and p99 and writegate's p50 over nginx's and p99 over HAProxy's.
-//! For that step the proxies run on the last core and oha and the backend on the others (see
-//! [`CoreSplit`]; `WG_BENCH_PIN=0` leaves placement to the kernel).
+//! Then, when `oha` is installed (`cargo install oha`), an open-loop step: writegate, nginx,
+//! HAProxy and the backend directly (the floor) under a fixed request rate of 25% and 50% of
+//! nginx's peak, latency-corrected, rounds interleaved; it prints p50 and p99 and writegate's p50
+//! over nginx's and p99 over HAProxy's. For that step the proxies run on the last core and oha
+//! and the backend on the others (see [`CoreSplit`]; `WG_BENCH_PIN=0` leaves placement to the
+//! kernel). It starts by measuring how often each core stalls with nothing running, which sets
+//! the p99 floor on a VM.
 //!
 //! nginx and HAProxy are configured to add the forwarding headers writegate adds by default, so
 //! that every proxy does the same work and the backend parses the same requests.
@@ -121,7 +123,7 @@ fn main() {
     };
     let latency_targets: Vec<&Target> = targets
         .iter()
-        .filter(|t| matches!(t.name, "writegate" | "nginx" | "haproxy"))
+        .filter(|t| matches!(t.name, "direct" | "writegate" | "nginx" | "haproxy"))
         .collect();
     latency_step(
         &latency_targets,
@@ -208,6 +210,8 @@ oha not found: no open-loop latency step (cargo install oha)"
         );
         return;
     };
+    // Before the split: this process may still run on every core.
+    print_scheduling_stalls(Duration::from_secs(3));
     let _split = (env_or("WG_BENCH_PIN", 1) == 1)
         .then(|| CoreSplit::apply(targets))
         .flatten();
@@ -261,6 +265,54 @@ open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-corre
             (median_of(|r| r.0), median_of(|r| r.1)),
         );
     }
+}
+
+/// How late a 100 µs sleep wakes on each core with the machine otherwise idle: on a VM, the
+/// host running something else on our virtual CPU. Stalls of a millisecond or more, a few per
+/// second, are the floor under every p99 of the open-loop step, whichever proxy it measures.
+fn print_scheduling_stalls(duration: Duration) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let probes: Vec<_> = (0..cores)
+        .map(|cpu| std::thread::spawn(move || oversleeps_on(cpu, duration)))
+        .collect();
+    println!("\nscheduling stalls with the machine idle (a 100 µs sleep waking over 1 ms late):");
+    for (cpu, probe) in probes.into_iter().enumerate() {
+        match probe.join() {
+            Ok(Some((stalls, worst))) => println!(
+                "  CPU {cpu}: {:.1} per second, worst {:.1} ms late",
+                stalls as f64 / duration.as_secs_f64(),
+                worst.as_secs_f64() * 1e3
+            ),
+            _ => println!("  CPU {cpu}: could not pin the probe (taskset)"),
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`, then sleeps 100 µs at a time for `duration`; returns how
+/// many sleeps woke over 1 ms late and the latest.
+fn oversleeps_on(cpu: usize, duration: Duration) -> Option<(u32, Duration)> {
+    // "/proc/thread-self" links to "PID/task/TID".
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    let tid: u32 = link.file_name()?.to_str()?.parse().ok()?;
+    let pinned = Command::new("taskset")
+        .args(["-p", "-c", &cpu.to_string(), &tid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !pinned {
+        return None;
+    }
+    let nap = Duration::from_micros(100);
+    let (mut stalls, mut worst) = (0, Duration::ZERO);
+    let end = Instant::now() + duration;
+    while Instant::now() < end {
+        let start = Instant::now();
+        std::thread::sleep(nap);
+        let late = start.elapsed().saturating_sub(nap);
+        stalls += u32::from(late > Duration::from_millis(1));
+        worst = worst.max(late);
+    }
+    Some((stalls, worst))
 }
 
 /// p50 and p99 in µs of one oha run against one target; `None` when the run failed.

@@ -34,8 +34,11 @@ pub const DURATION_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// How often histogram data is folded so that it stays bounded between scrapes.
-const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often the recorded samples are folded into the histograms' buckets. The recorder keeps
+/// every sample until then, so the fold's length grows with the interval: every 5 s (the
+/// exporter's default) it took 2.5 ms of the proxy's core at 24k requests/s, a stall for the
+/// requests behind it, and held 4 MB of samples; every 100 ms it takes about 50 µs.
+const UPKEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// Counter, labels `upstream`, `backend`: requests the balancer sent to each backend.
 pub const BACKEND_PICKS: &str = "writegate_backend_picks_total";
