@@ -264,7 +264,46 @@ open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-corre
             "median of the rounds' ratios:",
             (median_of(|r| r.0), median_of(|r| r.1)),
         );
+        let interval_of = |pick: fn(&Ratios) -> Option<f64>| {
+            median_interval(&per_round.iter().filter_map(pick).collect::<Vec<_>>())
+        };
+        if let (Some((p50_low, p50_high)), Some((p99_low, p99_high))) =
+            (interval_of(|r| r.0), interval_of(|r| r.1))
+        {
+            println!(
+                "  95% interval of those medians (bootstrap): p50 {p50_low:.2}–{p50_high:.2}  p99 {p99_low:.2}–{p99_high:.2}"
+            );
+        }
     }
+}
+
+/// A 95% bootstrap interval for the median of `values`: the median of 2,000 resamples drawn with
+/// replacement, their 2.5th and 97.5th percentiles. Says whether a median of a few noisy rounds
+/// is below 1 or only happened to land there. `None` for fewer than 5 values.
+fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
+    const RESAMPLES: usize = 2000;
+    if values.len() < 5 {
+        return None;
+    }
+    // xorshift64: a fixed seed, so that a run's output can be reproduced from its rounds.
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next_index = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % values.len() as u64) as usize
+    };
+    let mut medians: Vec<f64> = (0..RESAMPLES)
+        .map(|_| {
+            let resample: Vec<f64> = (0..values.len()).map(|_| values[next_index()]).collect();
+            median(&resample)
+        })
+        .collect();
+    medians.sort_by(|a, b| a.total_cmp(b));
+    Some((
+        medians[RESAMPLES / 40],
+        medians[RESAMPLES - RESAMPLES / 40 - 1],
+    ))
 }
 
 /// How late a 100 µs sleep wakes on each core with the machine otherwise idle: on a VM, the
