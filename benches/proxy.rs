@@ -255,20 +255,17 @@ open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-corre
             }
         }
         print_latency_ratios("of the medians:", latency_ratios(targets, &medians));
-        let per_round: Vec<Ratios> = runs.iter().map(|r| latency_ratios(targets, r)).collect();
-        let median_of = |pick: fn(&Ratios) -> Option<f64>| {
-            let v: Vec<f64> = per_round.iter().filter_map(pick).collect();
-            (!v.is_empty()).then(|| median(&v))
-        };
+        let (p50_ratios, p99_ratios): (Vec<Option<f64>>, Vec<Option<f64>>) =
+            runs.iter().map(|r| latency_ratios(targets, r)).unzip();
+        let p50_ratios: Vec<f64> = p50_ratios.into_iter().flatten().collect();
+        let p99_ratios: Vec<f64> = p99_ratios.into_iter().flatten().collect();
+        let median_of = |v: &[f64]| (!v.is_empty()).then(|| median(v));
         print_latency_ratios(
             "median of the rounds' ratios:",
-            (median_of(|r| r.0), median_of(|r| r.1)),
+            (median_of(&p50_ratios), median_of(&p99_ratios)),
         );
-        let interval_of = |pick: fn(&Ratios) -> Option<f64>| {
-            median_interval(&per_round.iter().filter_map(pick).collect::<Vec<_>>())
-        };
         if let (Some((p50_low, p50_high)), Some((p99_low, p99_high))) =
-            (interval_of(|r| r.0), interval_of(|r| r.1))
+            (median_interval(&p50_ratios), median_interval(&p99_ratios))
         {
             println!(
                 "  95% interval of those medians (bootstrap): p50 {p50_low:.2}–{p50_high:.2}  p99 {p99_low:.2}–{p99_high:.2}"
@@ -333,12 +330,7 @@ fn oversleeps_on(cpu: usize, duration: Duration) -> Option<(u32, Duration)> {
     // "/proc/thread-self" links to "PID/task/TID".
     let link = std::fs::read_link("/proc/thread-self").ok()?;
     let tid: u32 = link.file_name()?.to_str()?.parse().ok()?;
-    let pinned = Command::new("taskset")
-        .args(["-p", "-c", &cpu.to_string(), &tid.to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !pinned {
+    if !taskset(Threads::One, tid, &cpu.to_string()) {
         return None;
     }
     let nap = Duration::from_micros(100);
@@ -420,8 +412,10 @@ impl CoreSplit {
                 .collect(),
             all: format!("0-{}", cores - 1),
         };
-        let pinned =
-            taskset(std::process::id(), &load) && proxies.iter().all(|&pid| taskset(pid, &proxy));
+        let pinned = taskset(Threads::All, std::process::id(), &load)
+            && proxies
+                .iter()
+                .all(|&pid| taskset(Threads::All, pid, &proxy));
         if !pinned {
             println!("\ntaskset failed: the open-loop step runs unpinned");
             return None;
@@ -436,15 +430,25 @@ impl CoreSplit {
 impl Drop for CoreSplit {
     fn drop(&mut self) {
         for &pid in &self.pids {
-            taskset(pid, &self.all);
+            taskset(Threads::All, pid, &self.all);
         }
     }
 }
 
-/// Sets the CPU affinity of every thread of `pid` (util-linux's `taskset`).
-fn taskset(pid: u32, cpus: &str) -> bool {
+/// Which threads [`taskset`] sets: every thread of a process, or the one thread a TID names
+/// (`-a` with a TID would reach all its process's threads).
+#[derive(Clone, Copy, PartialEq)]
+enum Threads {
+    All,
+    One,
+}
+
+/// Sets the CPU affinity of `id`'s threads (util-linux's `taskset`).
+fn taskset(threads: Threads, id: u32, cpus: &str) -> bool {
+    let all = (threads == Threads::All).then_some("-a");
     Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .args(all)
+        .args(["-p", "-c", cpus, &id.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
