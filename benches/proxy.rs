@@ -17,7 +17,8 @@
 //! Then, when `oha` is installed (`cargo install oha`), an open-loop step: writegate, nginx,
 //! HAProxy and the backend directly (the floor) under a fixed request rate of 25% and 50% of
 //! nginx's peak, latency-corrected, rounds interleaved; it prints p50 and p99 and writegate's p50
-//! over nginx's and p99 over HAProxy's. For that step the proxies run on the last core and oha
+//! over nginx's and p99 over HAProxy's: per round, as medians over the rounds, and over all
+//! rounds' requests pooled, each with a 95% bootstrap interval. For that step the proxies run on the last core and oha
 //! and the backend on the others (see [`CoreSplit`]; `WG_BENCH_PIN=0` leaves placement to the
 //! kernel). It starts by measuring how often each core stalls with nothing running, which sets
 //! the p99 floor on a VM.
@@ -223,15 +224,15 @@ oha not found: no open-loop latency step (cargo install oha)"
 open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-correction",
             share * 100.0
         );
-        let mut runs: Vec<Vec<Percentiles>> = Vec::new();
+        let mut rounds_run: Vec<Vec<Option<Latencies>>> = Vec::new();
         for round in 1..=rounds {
             // Each round starts with the next target, so that no proxy always runs first.
-            let mut run: Vec<Percentiles> = vec![None; targets.len()];
+            let mut run: Vec<Option<Latencies>> = vec![None; targets.len()];
             for k in 0..targets.len() {
                 let i = (k + round as usize - 1) % targets.len();
                 let t = targets[i];
-                run[i] = oha_percentiles(&oha, t.addr, rate, connections, seconds, &body);
-                match run[i] {
+                run[i] = oha_latencies(&oha, t.addr, rate, connections, seconds, &body);
+                match run[i].as_ref().and_then(Latencies::percentiles) {
                     Some((p50, p99)) => println!(
                         "  round {round} {:<10} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs",
                         t.name
@@ -239,47 +240,110 @@ open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-corre
                     None => println!("  round {round} {:<10} oha failed", t.name),
                 }
             }
-            print_latency_ratios("", latency_ratios(targets, &run));
-            runs.push(run);
+            print_latency_ratios("", latency_ratios(targets, &percentiles_of(&run)));
+            rounds_run.push(run);
         }
-        println!("  medians:");
-        let medians: Vec<Percentiles> = (0..targets.len())
+        print_latency_summary(targets, &rounds_run);
+    }
+}
+
+/// The medians of the rounds' p50 and p99, then every target's requests of all rounds pooled,
+/// each with writegate's ratios and a 95% bootstrap interval over the rounds.
+fn print_latency_summary(targets: &[&Target], rounds_run: &[Vec<Option<Latencies>>]) {
+    let per_round: Vec<Vec<Percentiles>> = rounds_run.iter().map(|r| percentiles_of(r)).collect();
+    println!("  medians of the rounds:");
+    let medians: Vec<Percentiles> = (0..targets.len())
+        .map(|i| {
+            let (p50, p99): (Vec<f64>, Vec<f64>) = per_round.iter().filter_map(|r| r[i]).unzip();
+            (!p50.is_empty()).then(|| (median(&p50), median(&p99)))
+        })
+        .collect();
+    print_percentiles(targets, &medians);
+    print_latency_ratios("of the medians:", latency_ratios(targets, &medians));
+    let (p50_ratios, p99_ratios): (Vec<Option<f64>>, Vec<Option<f64>>) =
+        per_round.iter().map(|r| latency_ratios(targets, r)).unzip();
+    let p50_ratios: Vec<f64> = p50_ratios.into_iter().flatten().collect();
+    let p99_ratios: Vec<f64> = p99_ratios.into_iter().flatten().collect();
+    let median_of = |v: &[f64]| (!v.is_empty()).then(|| median(v));
+    print_latency_ratios(
+        "median of the rounds' ratios:",
+        (median_of(&p50_ratios), median_of(&p99_ratios)),
+    );
+    print_interval(
+        "of those medians",
+        median_interval(&p50_ratios),
+        median_interval(&p99_ratios),
+    );
+    // Pooled, a round that met a long stall weighs by the requests it delayed, as it does for a
+    // user over a longer time, rather than as one round in the median. Only rounds where every
+    // target ran count, so that the targets stay paired.
+    let complete: Vec<&Vec<Option<Latencies>>> = rounds_run
+        .iter()
+        .filter(|r| r.iter().all(Option::is_some))
+        .collect();
+    // Each target's p50 and p99 over the picked rounds' requests.
+    let pool = |picks: &[usize]| -> Vec<Percentiles> {
+        (0..targets.len())
             .map(|i| {
-                let (p50, p99): (Vec<f64>, Vec<f64>) = runs.iter().filter_map(|r| r[i]).unzip();
-                (!p50.is_empty()).then(|| (median(&p50), median(&p99)))
+                let mut sum = Latencies::default();
+                picks
+                    .iter()
+                    .flat_map(|&round| &complete[round][i])
+                    .for_each(|l| sum.add(l));
+                sum.percentiles()
             })
-            .collect();
-        for (t, m) in targets.iter().zip(&medians) {
-            if let Some((p50, p99)) = m {
-                println!("  {:<10} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs", t.name);
-            }
-        }
-        print_latency_ratios("of the medians:", latency_ratios(targets, &medians));
-        let (p50_ratios, p99_ratios): (Vec<Option<f64>>, Vec<Option<f64>>) =
-            runs.iter().map(|r| latency_ratios(targets, r)).unzip();
-        let p50_ratios: Vec<f64> = p50_ratios.into_iter().flatten().collect();
-        let p99_ratios: Vec<f64> = p99_ratios.into_iter().flatten().collect();
-        let median_of = |v: &[f64]| (!v.is_empty()).then(|| median(v));
-        print_latency_ratios(
-            "median of the rounds' ratios:",
-            (median_of(&p50_ratios), median_of(&p99_ratios)),
-        );
-        if let (Some((p50_low, p50_high)), Some((p99_low, p99_high))) =
-            (median_interval(&p50_ratios), median_interval(&p99_ratios))
-        {
-            println!(
-                "  95% interval of those medians (bootstrap): p50 {p50_low:.2}–{p50_high:.2}  p99 {p99_low:.2}–{p99_high:.2}"
-            );
+            .collect()
+    };
+    if complete.is_empty() {
+        return;
+    }
+    let all: Vec<usize> = (0..complete.len()).collect();
+    println!(
+        "  all requests of the {} complete rounds pooled:",
+        all.len()
+    );
+    let pooled = pool(&all);
+    print_percentiles(targets, &pooled);
+    print_latency_ratios("pooled:", latency_ratios(targets, &pooled));
+    let pooled_ratios = |picks: &[usize]| latency_ratios(targets, &pool(picks));
+    print_interval(
+        "of the pooled ratios (rounds resampled)",
+        bootstrap_interval(all.len(), |picks| pooled_ratios(picks).0),
+        bootstrap_interval(all.len(), |picks| pooled_ratios(picks).1),
+    );
+}
+
+fn print_percentiles(targets: &[&Target], values: &[Percentiles]) {
+    for (t, value) in targets.iter().zip(values) {
+        if let Some((p50, p99)) = value {
+            println!("  {:<10} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs", t.name);
         }
     }
 }
 
-/// A 95% bootstrap interval for the median of `values`: the median of 2,000 resamples drawn with
-/// replacement, their 2.5th and 97.5th percentiles. Says whether a median of a few noisy rounds
-/// is below 1 or only happened to land there. `None` for fewer than 5 values.
+fn print_interval(what: &str, p50: Option<(f64, f64)>, p99: Option<(f64, f64)>) {
+    if let (Some((p50_low, p50_high)), Some((p99_low, p99_high))) = (p50, p99) {
+        println!(
+            "  95% bootstrap interval {what}: p50 {p50_low:.2}–{p50_high:.2}  p99 {p99_low:.2}–{p99_high:.2}"
+        );
+    }
+}
+
 fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
+    bootstrap_interval(values.len(), |picks| {
+        Some(median(
+            &picks.iter().map(|&i| values[i]).collect::<Vec<_>>(),
+        ))
+    })
+}
+
+/// A 95% bootstrap interval for a statistic of `n` rounds: the statistic over 2,000 resamples
+/// of the rounds drawn with replacement (`statistic` gets the picked rounds' indices), their
+/// 2.5th and 97.5th percentiles. Says whether a ratio below 1 is more than luck of the rounds.
+/// `None` for fewer than 5 rounds.
+fn bootstrap_interval(n: usize, statistic: impl Fn(&[usize]) -> Option<f64>) -> Option<(f64, f64)> {
     const RESAMPLES: usize = 2000;
-    if values.len() < 5 {
+    if n < 5 {
         return None;
     }
     // xorshift64: a fixed seed, so that a run's output can be reproduced from its rounds.
@@ -288,18 +352,21 @@ fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        (state % values.len() as u64) as usize
+        (state % n as u64) as usize
     };
-    let mut medians: Vec<f64> = (0..RESAMPLES)
-        .map(|_| {
-            let resample: Vec<f64> = (0..values.len()).map(|_| values[next_index()]).collect();
-            median(&resample)
+    let mut values: Vec<f64> = (0..RESAMPLES)
+        .filter_map(|_| {
+            let picks: Vec<usize> = (0..n).map(|_| next_index()).collect();
+            statistic(&picks)
         })
         .collect();
-    medians.sort_by(|a, b| a.total_cmp(b));
+    if values.len() < RESAMPLES {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
     Some((
-        medians[RESAMPLES / 40],
-        medians[RESAMPLES - RESAMPLES / 40 - 1],
+        values[RESAMPLES / 40],
+        values[RESAMPLES - RESAMPLES / 40 - 1],
     ))
 }
 
@@ -461,15 +528,16 @@ fn median(values: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// p50 and p99 in µs of one oha run against `addr`.
-fn oha_percentiles(
+/// The latencies of one oha run against `addr`, from its per-request CSV; `None` when the run
+/// failed.
+fn oha_latencies(
     oha: &Path,
     addr: SocketAddr,
     rate: u64,
     connections: usize,
     seconds: u64,
     body: &str,
-) -> Option<(f64, f64)> {
+) -> Option<Latencies> {
     let output = Command::new(oha)
         .args([
             "-z",
@@ -487,25 +555,86 @@ fn oha_percentiles(
             "-d",
             body,
         ])
-        .args(["--output-format", "json", &format!("http://{addr}/lat")])
+        .args(["--output-format", "csv", &format!("http://{addr}/lat")])
         .stderr(Stdio::null())
         .output()
         .ok()?;
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    // Latency of failed requests says nothing: a run with any is reported as failed. (Requests
-    // still in flight when the time is up are cut off, not failed.)
-    let statuses = report["statusCodeDistribution"].as_object()?;
-    let mut errors = report["errorDistribution"].as_object()?.clone();
-    errors.remove("aborted due to deadline");
-    if !errors.is_empty() || statuses.keys().any(|code| !code.starts_with('2')) {
-        println!("  oha against {addr}: statuses {statuses:?}, errors {errors:?}");
+    let csv = String::from_utf8(output.stdout).ok()?;
+    let mut latencies = Latencies::default();
+    let mut not_ok = 0;
+    // request-start,DNS,DNS+dialup,Response-delay,request-duration,bytes,status
+    for line in csv.lines().skip(1) {
+        let mut fields = line.split(',');
+        let duration: f64 = fields.nth(4)?.parse().ok()?;
+        let status = fields.nth(1)?;
+        not_ok += u32::from(!status.starts_with('2'));
+        latencies.record(duration * 1e6);
+    }
+    // The CSV lists answered requests only. Latency of failed requests says nothing: a run with
+    // an error status, or with fewer answers than it sent beyond those still in flight when the
+    // time was up (one per connection, or a stall's worth), is reported as failed.
+    let sent = rate * seconds;
+    let cut_off = (connections as u64).max(sent / 100);
+    if not_ok > 0 || latencies.count + cut_off < sent {
+        println!(
+            "  oha against {addr}: {} answered of {sent} sent, {not_ok} with an error status",
+            latencies.count
+        );
         return None;
     }
-    let percentiles = &report["latencyPercentiles"];
-    Some((
-        percentiles["p50"].as_f64()? * 1e6,
-        percentiles["p99"].as_f64()? * 1e6,
-    ))
+    Some(latencies)
+}
+
+/// Latencies in buckets 1% wide on a log scale from 1 µs: percentiles within 0.5%, and rounds
+/// that can be pooled and resampled without keeping every request.
+#[derive(Clone, Default)]
+struct Latencies {
+    buckets: Vec<u64>,
+    count: u64,
+}
+
+impl Latencies {
+    const GROWTH: f64 = 1.01;
+
+    fn record(&mut self, micros: f64) {
+        let bucket = (micros.max(1.0).ln() / Self::GROWTH.ln()) as usize;
+        if bucket >= self.buckets.len() {
+            self.buckets.resize(bucket + 1, 0);
+        }
+        self.buckets[bucket] += 1;
+        self.count += 1;
+    }
+
+    fn add(&mut self, other: &Latencies) {
+        if other.buckets.len() > self.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (sum, n) in self.buckets.iter_mut().zip(&other.buckets) {
+            *sum += n;
+        }
+        self.count += other.count;
+    }
+
+    /// The value at quantile `q` (nearest rank), the middle of its bucket.
+    fn quantile(&self, q: f64) -> Option<f64> {
+        let rank = ((q * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        let bucket = self.buckets.iter().position(|&n| {
+            seen += n;
+            seen >= rank
+        })?;
+        Some(Self::GROWTH.powf(bucket as f64 + 0.5))
+    }
+
+    fn percentiles(&self) -> Percentiles {
+        self.quantile(0.5).zip(self.quantile(0.99))
+    }
+}
+
+fn percentiles_of(run: &[Option<Latencies>]) -> Vec<Percentiles> {
+    run.iter()
+        .map(|l| l.as_ref().and_then(Latencies::percentiles))
+        .collect()
 }
 
 /// One path under test; `host` selects the writegate route.
