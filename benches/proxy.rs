@@ -5,8 +5,9 @@
 //! (one worker thread) on a least_conn route, on a route that coalesces with `serialize`, and on a
 //! consistent_hash route keyed by the path; and through nginx (one worker process, when `nginx` is
 //! installed), and through HAProxy (one thread, when `haproxy` is installed). At the end it prints
-//! writegate's backend connection reuse, from its own metrics. Rounds are interleaved so that drift on the
-//! machine hits every path alike; each round prints its ratios and the end prints the medians.
+//! writegate's backend connection reuse, from its own metrics. Rounds are interleaved so that
+//! drift on the machine hits every path alike; each round prints its ratios and the end prints the
+//! medians.
 //!
 //! CPU time per request is the proxy process's user+system time over the round (from /proc)
 //! divided by the requests it served: the figure that decides how many proxy cores a load needs.
@@ -18,10 +19,10 @@
 //! HAProxy and the backend directly (the floor) under a fixed request rate of 25% and 50% of
 //! nginx's peak, latency-corrected, rounds interleaved; it prints p50 and p99 and writegate's p50
 //! over nginx's and p99 over HAProxy's: per round, as medians over the rounds, and over all
-//! rounds' requests pooled, each with a 95% bootstrap interval. For that step the proxies run on the last core and oha
-//! and the backend on the others (see [`CoreSplit`]; `WG_BENCH_PIN=0` leaves placement to the
-//! kernel). It starts by measuring how often each core stalls with nothing running, which sets
-//! the p99 floor on a VM.
+//! rounds' requests pooled, the last two with 95% bootstrap intervals. For that step the proxies
+//! run on the last core and oha and the backend on the others (see [`CoreSplit`];
+//! `WG_BENCH_PIN=0` leaves placement to the kernel). It starts by measuring how often each core
+//! stalls with nothing running, which sets the p99 floor on a VM.
 //!
 //! nginx and HAProxy are configured to add the forwarding headers writegate adds by default, so
 //! that every proxy does the same work and the backend parses the same requests.
@@ -281,6 +282,9 @@ fn print_latency_summary(targets: &[&Target], rounds_run: &[Vec<Option<Latencies
         .iter()
         .filter(|r| r.iter().all(Option::is_some))
         .collect();
+    if complete.is_empty() {
+        return;
+    }
     // Each target's p50 and p99 over the picked rounds' requests.
     let pool = |picks: &[usize]| -> Vec<Percentiles> {
         (0..targets.len())
@@ -294,9 +298,6 @@ fn print_latency_summary(targets: &[&Target], rounds_run: &[Vec<Option<Latencies
             })
             .collect()
     };
-    if complete.is_empty() {
-        return;
-    }
     let all: Vec<usize> = (0..complete.len()).collect();
     println!(
         "  all requests of the {} complete rounds pooled:",
@@ -329,6 +330,7 @@ fn print_interval(what: &str, p50: Option<(f64, f64)>, p99: Option<(f64, f64)>) 
     }
 }
 
+/// A 95% bootstrap interval for the median of `values`, one per round.
 fn median_interval(values: &[f64]) -> Option<(f64, f64)> {
     bootstrap_interval(values.len(), |picks| {
         Some(median(
@@ -413,7 +415,7 @@ fn oversleeps_on(cpu: usize, duration: Duration) -> Option<(u32, Duration)> {
     Some((stalls, worst))
 }
 
-/// p50 and p99 in µs of one oha run against one target; `None` when the run failed.
+/// p50 and p99 in µs of one target; `None` when it has none (its run failed).
 type Percentiles = Option<(f64, f64)>;
 
 /// writegate's p50 over nginx's and p99 over HAProxy's, each when both ran.
