@@ -15,12 +15,14 @@
 //! proxy went to sleep per request (voluntary context switches): a loop that leaves cores idle
 //! waiting on wake-ups shows there, not in CPU time.
 //!
-//! Then, when `oha` is installed (`cargo install oha`), an open-loop step: writegate, nginx,
-//! HAProxy and the backend directly (the floor) under a fixed request rate of 25% and 50% of
-//! nginx's peak, latency-corrected, rounds interleaved; it prints p50 and p99 and writegate's p50
+//! Then an open-loop step: writegate, nginx, HAProxy and the backend directly (the floor) under a
+//! fixed request rate of 25% and 50% of nginx's peak, rounds interleaved. The load comes from this
+//! process, paced every 100 µs, each request's latency counted from when it was due
+//! ([`paced_latencies`]); `WG_BENCH_LOADGEN=oha` uses `oha --latency-correction` instead, whose
+//! pacer sends each millisecond's requests at once. It prints p50 and p99 and writegate's p50
 //! over nginx's and p99 over HAProxy's: per round, as medians over the rounds, and over all
 //! rounds' requests pooled, the last two with 95% bootstrap intervals. For that step the proxies
-//! run on the last core and oha and the backend on the others (see [`CoreSplit`];
+//! run on the last core and the load and the backend on the others (see [`CoreSplit`];
 //! `WG_BENCH_PIN=0` leaves placement to the kernel). It starts by measuring how often each core
 //! stalls with nothing running, which sets the p99 floor on a VM.
 //!
@@ -28,10 +30,13 @@
 //! that every proxy does the same work and the backend parses the same requests.
 //!
 //! Run: `cargo bench --bench proxy` (env: WG_BENCH_SECONDS=5, WG_BENCH_ROUNDS=3,
-//! WG_BENCH_LATENCY_ROUNDS=9, WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128, WG_BENCH_PIN=1;
-//! WG_BENCH_PEAK=RATE runs only the open-loop step, taking RATE as nginx's peak).
+//! WG_BENCH_LATENCY_ROUNDS=9, WG_BENCH_CONNECTIONS=64, WG_BENCH_BODY=128, WG_BENCH_PIN=1,
+//! WG_BENCH_LOADGEN=paced; WG_BENCH_PEAK=RATE runs only the open-loop step, taking RATE as nginx's
+//! peak).
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -191,9 +196,9 @@ fn find_oha() -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Latency added under an open-loop load (oha, latency-corrected, so a stall counts for every
-/// request it delays), interleaved rounds per rate; prints p50/p99 per proxy and writegate's p50
-/// over nginx's and p99 over HAProxy's per round, then their medians and the medians' ratios.
+/// Latency added under an open-loop load (latency-corrected, so a stall counts for every request
+/// it delays), interleaved rounds per rate; prints p50/p99 per target and writegate's p50 over
+/// nginx's and p99 over HAProxy's per round, then the summaries of [`print_latency_summary`].
 fn latency_step(
     targets: &[&Target],
     peak: f64,
@@ -205,12 +210,17 @@ fn latency_step(
     if rounds == 0 {
         return;
     }
-    let Some(oha) = find_oha() else {
-        println!(
-            "
+    let load = if std::env::var("WG_BENCH_LOADGEN").as_deref() == Ok("oha") {
+        let Some(oha) = find_oha() else {
+            println!(
+                "
 oha not found: no open-loop latency step (cargo install oha)"
-        );
-        return;
+            );
+            return;
+        };
+        OpenLoad::Oha(oha)
+    } else {
+        OpenLoad::Paced
     };
     // Before the split: this process may still run on every core.
     print_scheduling_stalls(Duration::from_secs(3));
@@ -222,8 +232,9 @@ oha not found: no open-loop latency step (cargo install oha)"
         let rate = (peak * share) as u64;
         println!(
             "
-open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-correction",
-            share * 100.0
+open-loop latency at {rate} req/s ({:.0}% of the peak rate), {}",
+            share * 100.0,
+            load.describe()
         );
         let mut rounds_run: Vec<Vec<Option<Latencies>>> = Vec::new();
         for round in 1..=rounds {
@@ -232,13 +243,13 @@ open-loop latency at {rate} req/s ({:.0}% of the peak rate), oha --latency-corre
             for k in 0..targets.len() {
                 let i = (k + round as usize - 1) % targets.len();
                 let t = targets[i];
-                run[i] = oha_latencies(&oha, t.addr, rate, connections, seconds, &body);
+                run[i] = load.run(t, rate, connections, seconds, &body);
                 match run[i].as_ref().and_then(Latencies::percentiles) {
                     Some((p50, p99)) => println!(
                         "  round {round} {:<10} p50 {p50:>6.0} µs  p99 {p99:>6.0} µs",
                         t.name
                     ),
-                    None => println!("  round {round} {:<10} oha failed", t.name),
+                    None => println!("  round {round} {:<10} load failed", t.name),
                 }
             }
             print_latency_ratios("", latency_ratios(targets, &percentiles_of(&run)));
@@ -447,7 +458,7 @@ fn print_latency_ratios(label: &str, (p50, p99): Ratios) {
     println!("{line}");
 }
 
-/// The proxies on the last core, this process (the backend) and the load generator it starts on
+/// The proxies on the last core, this process (the backend and the load, or the oha it starts) on
 /// the others, for the open-loop step; undone on drop. Left to itself, the kernel places the
 /// backend's thread beside whichever proxy writes to it (a socket's reader is woken next to its
 /// writer) or beside the load generator, run after run differently, and the p50 then measures
@@ -490,7 +501,7 @@ impl CoreSplit {
             return None;
         }
         println!(
-            "\nopen-loop step: proxies on CPU {proxy}, oha and the backend on CPU {load} (WG_BENCH_PIN=0: unpinned)"
+            "\nopen-loop step: proxies on CPU {proxy}, the load and the backend on CPU {load} (WG_BENCH_PIN=0: unpinned)"
         );
         Some(split)
     }
@@ -585,6 +596,215 @@ fn oha_latencies(
         return None;
     }
     Some(latencies)
+}
+
+/// The open-loop load generator: our own, paced finely (the default), or oha
+/// (`WG_BENCH_LOADGEN=oha`).
+enum OpenLoad {
+    Paced,
+    Oha(std::path::PathBuf),
+}
+
+impl OpenLoad {
+    fn describe(&self) -> String {
+        match self {
+            OpenLoad::Paced => format!(
+                "paced every {} µs, latency from when each request was due",
+                PACING.as_micros()
+            ),
+            OpenLoad::Oha(_) => "oha --latency-correction".into(),
+        }
+    }
+
+    fn run(
+        &self,
+        target: &Target,
+        rate: u64,
+        connections: usize,
+        seconds: u64,
+        body: &str,
+    ) -> Option<Latencies> {
+        match self {
+            OpenLoad::Paced => {
+                let request = post("/lat", target.host, body.as_bytes());
+                paced_latencies(target.addr, rate, seconds, connections, &request)
+            }
+            OpenLoad::Oha(oha) => oha_latencies(oha, target.addr, rate, connections, seconds, body),
+        }
+    }
+}
+
+/// How finely the open-loop load paces its requests. oha's pacer sleeps on tokio's 1 ms timer and
+/// sends each millisecond's requests at once (24 at 24k requests/s), so that its p50 measured
+/// mostly the queue each burst makes; finer steps cost the load core a wake-up each.
+const PACING: Duration = Duration::from_micros(100);
+
+/// Open-loop load: request k is due at `start + k / rate`, sent on the first free connection of
+/// `connections`, and its latency counts from when it was due, so a request that waited for a
+/// connection, or for this thread after a stall, counts that wait too (the latency correction).
+/// One thread: nonblocking sockets and a timerfd under epoll. `None`, said why, when a response
+/// is not 2xx, a connection closes or the load is not all answered within 5 s of its end.
+fn paced_latencies(
+    addr: SocketAddr,
+    rate: u64,
+    seconds: u64,
+    connections: usize,
+    request: &[u8],
+) -> Option<Latencies> {
+    let fail = |why: String| {
+        println!("  paced load against {addr}: {why}");
+        None
+    };
+    let poller = Poller::new()?;
+    let mut conns = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let Ok(stream) = std::net::TcpStream::connect(addr) else {
+            return fail("cannot connect".into());
+        };
+        stream.set_nodelay(true).ok()?;
+        stream.set_nonblocking(true).ok()?;
+        poller.watch(stream.as_raw_fd(), i as u64)?;
+        conns.push((stream, None::<Instant>, Vec::with_capacity(4096)));
+    }
+    let total = rate * seconds;
+    let start = Instant::now() + Duration::from_millis(1);
+    let due = |k: u64| start + Duration::from_nanos(k * 1_000_000_000 / rate);
+    let deadline = due(total) + Duration::from_secs(5);
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let mut waiting: std::collections::VecDeque<Instant> = Default::default();
+    let mut free: Vec<usize> = (0..connections).rev().collect();
+    let mut latencies = Latencies::default();
+    let mut chunk = [0u8; 4096];
+    while answered < total {
+        let now = Instant::now();
+        if now > deadline {
+            return fail(format!("{answered} of {total} answered"));
+        }
+        while sent < total && due(sent) <= now {
+            waiting.push_back(due(sent));
+            sent += 1;
+        }
+        while !waiting.is_empty() && !free.is_empty() {
+            let (Some(at), Some(i)) = (waiting.pop_front(), free.pop()) else {
+                break;
+            };
+            let (stream, started, _) = &mut conns[i];
+            if stream.write_all(request).is_err() {
+                return fail("a write failed".into());
+            }
+            *started = Some(at);
+        }
+        let wake = (sent < total).then(|| due(sent).saturating_duration_since(now).max(PACING));
+        for ready in poller.wait(wake)? {
+            let (stream, started, buf) = &mut conns[ready];
+            loop {
+                match stream.read(&mut chunk) {
+                    Ok(0) => return fail("a connection closed".into()),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return fail(format!("read: {e}")),
+                }
+            }
+            while let Ok(Some(answer)) = frame_response(buf) {
+                buf.drain(..answer.len);
+                let Some(at) = started.take() else {
+                    return fail("an answer to no request".into());
+                };
+                if !(200..300).contains(&answer.status) {
+                    return fail(format!("status {}", answer.status));
+                }
+                latencies.record(at.elapsed().as_secs_f64() * 1e6);
+                answered += 1;
+                free.push(ready);
+            }
+        }
+    }
+    Some(latencies)
+}
+
+/// epoll with a timerfd: waits for readable sockets or a timeout finer than epoll's milliseconds.
+struct Poller {
+    epoll: std::os::fd::OwnedFd,
+    timer: std::os::fd::OwnedFd,
+}
+
+impl Poller {
+    const TIMER: u64 = u64::MAX;
+
+    fn new() -> Option<Poller> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain system calls; each descriptor is owned (and closed) by an OwnedFd.
+        let (epoll, timer) = unsafe {
+            let epoll = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            let timer = libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            );
+            if epoll < 0 || timer < 0 {
+                return None;
+            }
+            (
+                std::os::fd::OwnedFd::from_raw_fd(epoll),
+                std::os::fd::OwnedFd::from_raw_fd(timer),
+            )
+        };
+        let poller = Poller { epoll, timer };
+        poller.watch(poller.timer.as_raw_fd(), Self::TIMER)?;
+        Some(poller)
+    }
+
+    /// Reports `fd` readable (level-triggered) as `token`.
+    fn watch(&self, fd: i32, token: u64) -> Option<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
+        // SAFETY: both descriptors are open; the event is read during the call only.
+        let added =
+            unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) };
+        (added == 0).then_some(())
+    }
+
+    /// The tokens of the sockets readable within `timeout` (none: wait for a socket).
+    fn wait(&self, timeout: Option<Duration>) -> Option<Vec<usize>> {
+        if let Some(timeout) = timeout {
+            let value = libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                },
+                it_value: libc::timespec {
+                    tv_sec: timeout.as_secs() as libc::time_t,
+                    tv_nsec: timeout.subsec_nanos().into(),
+                },
+            };
+            // SAFETY: the timer is open; `value` is read during the call only.
+            let set = unsafe {
+                libc::timerfd_settime(self.timer.as_raw_fd(), 0, &value, std::ptr::null_mut())
+            };
+            if set != 0 {
+                return None;
+            }
+        }
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        // SAFETY: `events` outlives the call, which writes at most its length.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), 64, 1000) };
+        if n < 0 {
+            return (std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted)
+                .then(Vec::new);
+        }
+        let mut ready = Vec::with_capacity(n as usize);
+        for event in &events[..n as usize] {
+            if event.u64 == Self::TIMER {
+                let mut expirations = [0u8; 8];
+                // SAFETY: reads at most 8 bytes into a buffer of 8.
+                unsafe { libc::read(self.timer.as_raw_fd(), expirations.as_mut_ptr().cast(), 8) };
+            } else {
+                ready.push(event.u64 as usize);
+            }
+        }
+        Some(ready)
+    }
 }
 
 /// Latencies in buckets 1% wide on a log scale from 1 µs: percentiles within 0.5%, and rounds
