@@ -643,7 +643,8 @@ const PACING: Duration = Duration::from_micros(100);
 /// `connections`, and its latency counts from when it was due, so a request that waited for a
 /// connection, or for this thread after a stall, counts that wait too (the latency correction).
 /// One thread: nonblocking sockets and a timerfd under epoll. `None`, said why, when a response
-/// is not 2xx, a connection closes or the load is not all answered within 5 s of its end.
+/// is not 2xx or cannot be framed, a connection closes, or the load is not all answered within
+/// 5 s of its end.
 fn paced_latencies(
     addr: SocketAddr,
     rate: u64,
@@ -670,7 +671,8 @@ fn paced_latencies(
     let start = Instant::now() + Duration::from_millis(1);
     let due = |k: u64| start + Duration::from_nanos(k * 1_000_000_000 / rate);
     let deadline = due(total) + Duration::from_secs(5);
-    let (mut sent, mut answered) = (0u64, 0u64);
+    // Requests that have come due (then wait for a connection), and those answered.
+    let (mut queued, mut answered) = (0u64, 0u64);
     let mut waiting: std::collections::VecDeque<Instant> = Default::default();
     let mut free: Vec<usize> = (0..connections).rev().collect();
     let mut latencies = Latencies::default();
@@ -680,9 +682,9 @@ fn paced_latencies(
         if now > deadline {
             return fail(format!("{answered} of {total} answered"));
         }
-        while sent < total && due(sent) <= now {
-            waiting.push_back(due(sent));
-            sent += 1;
+        while queued < total && due(queued) <= now {
+            waiting.push_back(due(queued));
+            queued += 1;
         }
         while !waiting.is_empty() && !free.is_empty() {
             let (Some(at), Some(i)) = (waiting.pop_front(), free.pop()) else {
@@ -694,7 +696,7 @@ fn paced_latencies(
             }
             *started = Some(at);
         }
-        let wake = (sent < total).then(|| due(sent).saturating_duration_since(now).max(PACING));
+        let wake = (queued < total).then(|| due(queued).saturating_duration_since(now).max(PACING));
         for ready in poller.wait(wake)? {
             let (stream, started, buf) = &mut conns[ready];
             loop {
@@ -705,7 +707,12 @@ fn paced_latencies(
                     Err(e) => return fail(format!("read: {e}")),
                 }
             }
-            while let Ok(Some(answer)) = frame_response(buf) {
+            loop {
+                let answer = match frame_response(buf) {
+                    Ok(Some(answer)) => answer,
+                    Ok(None) => break,
+                    Err(()) => return fail("a response that cannot be framed".into()),
+                };
                 buf.drain(..answer.len);
                 let Some(at) = started.take() else {
                     return fail("an answer to no request".into());
