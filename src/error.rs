@@ -14,6 +14,7 @@ use http::{Response, StatusCode};
 
 use crate::admission::{Shed, ShedReason};
 use crate::coalesce::{Refusal, SharedResponse};
+use crate::http1::Http1Error;
 use crate::key::KeySource;
 use crate::proxy::ResponseBody;
 use crate::upstream::SendError;
@@ -39,6 +40,13 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("reading the request body from the client failed")]
     ClientBody,
+    /// The client went silent mid-body; `reached_backend` when part of the request had been
+    /// sent (that backend connection is closed, so the backend sees a cut-off request).
+    #[error("the client sent no body bytes for {idle:?}")]
+    ClientBodyTimeout {
+        idle: Duration,
+        reached_backend: bool,
+    },
     #[error("the request has no key in {0}")]
     MissingKey(KeySource),
     #[error("the request key from {key_source} is longer than {limit} bytes")]
@@ -67,6 +75,11 @@ impl ProxyError {
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Upstream(SendError::Exchange {
+                error: Http1Error::Stalled(_),
+                ..
+            }) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::NoBackend | ProxyError::KeyWaitTimeout { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -87,6 +100,7 @@ impl ProxyError {
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody
+            | ProxyError::ClientBodyTimeout { .. }
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => Fault::Client,
             ProxyError::NoBackend | ProxyError::Upstream(_) | ProxyError::ResponseNotShareable => {
@@ -106,6 +120,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody => "client_body",
+            ProxyError::ClientBodyTimeout { .. } => "client_body_timeout",
             ProxyError::MissingKey(_) => "missing_key",
             ProxyError::KeyTooLong { .. } => "key_too_long",
             ProxyError::NoBackend => "no_backend",
@@ -147,6 +162,33 @@ impl ProxyError {
                         shed.limit
                     ),
                 };
+                return;
+            }
+            ProxyError::ClientBodyTimeout {
+                idle,
+                reached_backend,
+            } => {
+                let _ = write!(
+                    out,
+                    "the client sent no request body bytes for {} s",
+                    idle.as_secs_f64()
+                );
+                if *reached_backend {
+                    out.push_str(
+                        "; the backend got part of the request and its connection was closed",
+                    );
+                }
+                return;
+            }
+            ProxyError::Upstream(SendError::Exchange {
+                error: Http1Error::Stalled(idle),
+                ..
+            }) => {
+                let _ = write!(
+                    out,
+                    "the backend stopped reading the request for {} s",
+                    idle.as_secs_f64()
+                );
                 return;
             }
             ProxyError::BodyTooLarge { limit } => {

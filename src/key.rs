@@ -145,6 +145,7 @@ mod tests {
             version: Version::HTTP_11,
             headers,
             forwarding: None,
+            interim: None,
         };
         [
             head(ClientHeaders::Map(map)),

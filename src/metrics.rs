@@ -23,6 +23,12 @@ pub const REQUEST_DURATION: &str = "writegate_request_duration_seconds";
 pub const UPSTREAM_REQUESTS: &str = "writegate_upstream_requests_total";
 /// Histogram, labels `upstream`, `backend`: time from sending a request to its response head.
 pub const UPSTREAM_DURATION: &str = "writegate_upstream_response_seconds";
+/// Counter, labels `upstream`, `backend`: exchanges cut off because the backend sent or took
+/// nothing for the route's `backend_idle` while a body was under way.
+pub const BACKEND_STALLS: &str = "writegate_backend_stalls_total";
+/// Counter, label `route`: requests whose client sent no body bytes for the route's
+/// `client_body` timeout.
+pub const CLIENT_BODY_TIMEOUTS: &str = "writegate_client_body_timeouts_total";
 /// Gauge, labels `upstream`, `backend`: requests in flight to the backend.
 pub const BACKEND_INFLIGHT: &str = "writegate_backend_inflight";
 
@@ -139,6 +145,16 @@ fn describe() {
         Unit::Seconds,
         "Backend time to response head."
     );
+    describe_counter!(
+        BACKEND_STALLS,
+        Unit::Count,
+        "Exchanges cut off because the backend stalled for backend_idle mid-body."
+    );
+    describe_counter!(
+        CLIENT_BODY_TIMEOUTS,
+        Unit::Count,
+        "Requests whose client sent no body bytes for the route's client_body timeout."
+    );
     describe_gauge!(
         BACKEND_INFLIGHT,
         Unit::Count,
@@ -225,16 +241,21 @@ impl RouteMetrics {
 /// One backend's counters as one upstream sees it.
 #[derive(Debug, Clone)]
 pub struct BackendMetrics {
+    pub upstream: Box<str>,
     /// 1xx..5xx, then `error`.
     requests: [Counter; 6],
     duration: Histogram,
     pub inflight: metrics::Gauge,
+    /// Exchanges cut off because the backend stalled for `backend_idle`.
+    pub stalls: Counter,
 }
 
 impl BackendMetrics {
     pub fn new(upstream: &str, backend: &str) -> BackendMetrics {
         let counter = |class: &'static str| metrics::counter!(UPSTREAM_REQUESTS, "upstream" => upstream.to_string(), "backend" => backend.to_string(), "status_class" => class);
         BackendMetrics {
+            upstream: upstream.into(),
+            stalls: metrics::counter!(BACKEND_STALLS, "upstream" => upstream.to_string(), "backend" => backend.to_string()),
             requests: [
                 counter("1xx"),
                 counter("2xx"),

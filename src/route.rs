@@ -13,6 +13,7 @@ use http::Method;
 use crate::admission::Limiter;
 use crate::coalesce::Coalescer;
 use crate::config::{CoalesceConfig, RouteConfig};
+use crate::http1::ExchangeTimeouts;
 use crate::key::KeyRule;
 use crate::metrics::RouteMetrics;
 
@@ -26,7 +27,9 @@ pub struct Route {
     /// Index into the snapshot's upstreams.
     pub upstream: usize,
     pub connect_timeout: Duration,
-    pub response_timeout: Duration,
+    /// The response timeout, and the longest a backend may stall mid-body.
+    pub exchange_timeouts: ExchangeTimeouts,
+    pub client_body_timeout: Duration,
     pub max_body: u64,
     pub key: Option<KeyRule>,
     pub coalesce: CoalesceConfig,
@@ -104,14 +107,24 @@ impl Route {
             methods: config.methods.clone().map(Into::into),
             upstream: config.upstream,
             connect_timeout: config.connect_timeout,
-            response_timeout: config.response_timeout,
+            exchange_timeouts: ExchangeTimeouts {
+                response: config.response_timeout,
+                idle: config.backend_idle_timeout,
+            },
+            client_body_timeout: config.client_body_timeout,
             max_body: config.max_body,
             key: config.key.clone(),
         }
     }
 
+    /// Without a `methods` list a route takes every method but CONNECT and TRACE: the proxy
+    /// tunnels nothing, and TRACE would echo the client's credentials to whoever asked; a route
+    /// that lists them takes them.
     fn accepts(&self, method: &Method) -> bool {
-        self.methods.as_ref().is_none_or(|m| m.contains(method))
+        match &self.methods {
+            Some(methods) => methods.contains(method),
+            None => *method != Method::CONNECT && *method != Method::TRACE,
+        }
     }
 }
 
@@ -147,6 +160,8 @@ impl Router {
 
     /// `host` is the request's host without port, in any case; `None` when the request had none.
     pub fn find(&self, host: Option<&str>, path: &str, method: &Method) -> RouteMatch<'_> {
+        // An authority-form target (CONNECT) has no path: it is matched as "/".
+        let path = if path.is_empty() { "/" } else { path };
         let mut path_matched = false;
         for route in self.routes.iter() {
             let host_ok = match (&route.host, host) {
@@ -186,7 +201,11 @@ mod tests {
             methods: methods.map(|m| m.to_vec().into()),
             upstream: 0,
             connect_timeout: Duration::from_secs(1),
-            response_timeout: Duration::from_secs(1),
+            exchange_timeouts: ExchangeTimeouts {
+                response: Duration::from_secs(1),
+                idle: Duration::from_secs(1),
+            },
+            client_body_timeout: Duration::from_secs(1),
             max_body: 1,
             key: None,
             coalesce: CoalesceConfig::default(),

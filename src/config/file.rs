@@ -178,4 +178,6 @@ pub struct CoalesceSection {
 pub struct TimeoutsSection {
     pub connect: Option<Spanned<String>>,
     pub response: Option<Spanned<String>>,
+    pub backend_idle: Option<Spanned<String>>,
+    pub client_body: Option<Spanned<String>>,
 }

@@ -24,12 +24,20 @@ use toml::Spanned;
 use crate::key::{KeyRule, KeySource, OnMissingKey};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
-use file::{BalanceKind, CoalesceModeKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind};
+use file::{
+    BalanceKind, CoalesceModeKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind, TimeoutsSection,
+};
 
 /// Default time allowed for a TCP connect to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default time from sending a request to receiving the backend's response head.
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest silence of a backend while it reads a request body or sends a response body
+/// (nginx's `proxy_read_timeout` and `proxy_send_timeout`).
+pub const DEFAULT_BACKEND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest silence of a client between two reads of its request body (nginx's
+/// `client_body_timeout`).
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default largest request body a route accepts.
 pub const DEFAULT_MAX_BODY: u64 = 8 << 20;
 /// Default time for a client to send request headers; for HTTP/1.1 it also bounds keep-alive idling.
@@ -278,6 +286,8 @@ pub struct RouteConfig {
     pub upstream: usize,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    pub backend_idle_timeout: Duration,
+    pub client_body_timeout: Duration,
     pub max_body: u64,
 }
 
@@ -640,9 +650,18 @@ impl Validator<'_, '_> {
                     .filter_map(|m| self.method(m))
                     .collect::<Vec<_>>()
             });
-            let (connect, response) = r.timeouts.map_or((None, None), |t| (t.connect, t.response));
-            let connect_timeout = self.duration(connect, DEFAULT_CONNECT_TIMEOUT);
-            let response_timeout = self.duration(response, DEFAULT_RESPONSE_TIMEOUT);
+            let timeouts = r.timeouts.unwrap_or(TimeoutsSection {
+                connect: None,
+                response: None,
+                backend_idle: None,
+                client_body: None,
+            });
+            let connect_timeout = self.duration(timeouts.connect, DEFAULT_CONNECT_TIMEOUT);
+            let response_timeout = self.duration(timeouts.response, DEFAULT_RESPONSE_TIMEOUT);
+            let backend_idle_timeout =
+                self.duration(timeouts.backend_idle, DEFAULT_BACKEND_IDLE_TIMEOUT);
+            let client_body_timeout =
+                self.duration(timeouts.client_body, DEFAULT_CLIENT_BODY_TIMEOUT);
             let max_body = self.max_body(r.max_body);
             let admission = r.admission.map(|a| self.admission(a));
             let retries = r
@@ -696,6 +715,8 @@ impl Validator<'_, '_> {
                     upstream,
                     connect_timeout,
                     response_timeout,
+                    backend_idle_timeout,
+                    client_body_timeout,
                     max_body,
                 });
             }

@@ -12,7 +12,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, StatusCode, Version};
@@ -21,8 +21,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
+use super::codec::{
+    self, Decoded, Decoder, Framing, FramingError, HeadScan, MAX_HEAD, MAX_HEADERS,
+};
 use super::fields::{self, HeadFacts, RawHeaders};
+use super::InterimSink;
 use crate::proxy::headers;
 use crate::proxy::{OutgoingRequest, ProxyRequest, RequestBody, RequestBodyError, RequestHead};
 
@@ -72,6 +75,20 @@ pub enum Http1Error {
     /// The client's request body failed while it was being sent.
     #[error("{0}")]
     RequestBody(RequestBodyError),
+    #[error("no response head within the response timeout")]
+    ResponseTimeout,
+    /// The backend took no request bytes, or sent no response bytes, for this long.
+    #[error("the backend stalled for {0:?}")]
+    Stalled(Duration),
+}
+
+/// The timeouts of one exchange with a backend.
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeTimeouts {
+    /// From the request's last byte to the response head.
+    pub response: Duration,
+    /// Longest the backend may leave request bytes unread, or its response body unsent.
+    pub idle: Duration,
 }
 
 /// A response head and how its body is framed.
@@ -171,10 +188,14 @@ pub struct ExchangeFailure {
 pub struct UpstreamConn {
     io: UpstreamStream,
     buf: BytesMut,
-    /// The response timer, kept from one exchange to the next: moving a registered timer's
-    /// deadline later is one atomic operation, while a fresh timer takes the timer wheel's lock to
-    /// be inserted and again to be removed.
+    /// The exchange's timer (response, then body silence), kept from one exchange to the next:
+    /// moving a registered timer's deadline later is one atomic operation, while a fresh timer
+    /// takes the timer wheel's lock to be inserted and again to be removed.
     response_timer: Option<Pin<Box<Sleep>>>,
+    /// When the response body last made progress, while the timer watches it for silence.
+    body_progress: Option<Instant>,
+    /// Where the response head's end has been looked for.
+    head_scan: HeadScan,
 }
 
 impl UpstreamConn {
@@ -183,12 +204,13 @@ impl UpstreamConn {
             io,
             buf: BytesMut::new(),
             response_timer: None,
+            body_progress: None,
+            head_scan: HeadScan::default(),
         }
     }
 
-    /// The connection's response timer, set to `deadline` and lent out for one exchange; hand it
-    /// back with [`UpstreamConn::return_timer`].
-    pub fn lend_timer(&mut self, deadline: Instant) -> Pin<Box<Sleep>> {
+    /// The connection's timer, set to `deadline` and lent out for one exchange.
+    fn lend_timer(&mut self, deadline: Instant) -> Pin<Box<Sleep>> {
         match self.response_timer.take() {
             Some(mut timer) => {
                 timer.as_mut().reset(deadline.into());
@@ -196,10 +218,6 @@ impl UpstreamConn {
             }
             None => Box::pin(tokio::time::sleep_until(deadline.into())),
         }
-    }
-
-    pub fn return_timer(&mut self, timer: Pin<Box<Sleep>>) {
-        self.response_timer = Some(timer);
     }
 
     /// Whether an idle connection can carry a request: the backend has neither closed it nor sent
@@ -217,63 +235,105 @@ impl UpstreamConn {
         )
     }
 
-    /// Writes `request` and reads the response head.
+    /// Writes `request` and reads the response head. The response timeout runs from when the
+    /// request's last byte was written (`sent_at` when it all went at once); while the body is
+    /// still going, the backend may leave it unread for `timeouts.idle` at most (a slow client
+    /// is its own timeout's business).
     ///
     /// Not an `async fn`: those keep a second copy of their arguments, and this future is part of
     /// every request's.
     pub fn send(
         &mut self,
         mut request: OutgoingRequest,
+        timeouts: ExchangeTimeouts,
+        sent_at: Instant,
     ) -> impl Future<Output = Result<ResponseHead, ExchangeFailure>> + Send + '_ {
         let head_request = request.head.method == Method::HEAD;
         let framing = request_framing(&request);
+        let interim = request.head.interim.take();
+        self.body_progress = None;
         async move {
-            let first = match first_piece(&mut request.body).await {
-                Ok(first) => first,
-                Err(error) => {
-                    return Err(ExchangeFailure {
-                        error: Http1Error::RequestBody(error),
-                        unsent: None,
-                    })
-                }
+            let mut timer = self.lend_timer(sent_at + timeouts.response);
+            let exchange = Exchange {
+                timer: &mut timer,
+                timeouts,
+                interim: interim.as_deref(),
+                head_request,
             };
-            let ended = request.body.is_end_stream();
-            let small_first = first.as_ref().filter(|d| d.len() <= COALESCE_BODY);
-            let start = poll_fn(|cx| {
-                Poll::Ready(self.start_write(cx, &request.head, framing, small_first, ended))
-            })
-            .await;
-            let written = match start {
-                Ok((taken, rest)) => write_counted(&mut self.io, &rest)
-                    .await
-                    .map_err(|(error, n)| (error, taken + n)),
-                Err(error) => Err((error, 0)),
-            };
-            match written {
-                Ok(()) => {}
-                Err((error, 0)) => {
-                    request.body.unread(first);
-                    return Err(ExchangeFailure {
-                        error: error.into(),
-                        unsent: Some(request),
-                    });
-                }
-                Err((error, _)) => return Err(sent_failure(error.into())),
-            }
-            // The head is on the wire. Its header values share the client's read buffer: let go
-            // of them, so that a slow backend does not keep that buffer alive.
-            let mut body = std::mem::replace(&mut request.body, RequestBody::Full(None));
-            drop(request);
-            let rest = first.filter(|d| d.len() > COALESCE_BODY);
-            if rest.is_some() || !ended {
-                // Boxed: a body that was not all there at once, or is large, is rarer.
-                let rest = Pending::data(framing, rest.unwrap_or_default());
-                let sending = self.send_rest(rest, &mut body, framing, ended, head_request);
-                return Box::pin(sending).await.map_err(sent_failure);
-            }
-            self.io.flush().await.map_err(|e| sent_failure(e.into()))?;
-            self.read_head(head_request).await.map_err(sent_failure)
+            let result = self.exchange(request, framing, exchange).await;
+            self.response_timer = Some(timer);
+            result
         }
+    }
+
+    async fn exchange(
+        &mut self,
+        mut request: OutgoingRequest,
+        framing: Framing,
+        mut x: Exchange<'_>,
+    ) -> Result<ResponseHead, ExchangeFailure> {
+        let first = match first_piece(&mut request.body).await {
+            Ok(first) => first,
+            Err(error) => {
+                return Err(ExchangeFailure {
+                    error: Http1Error::RequestBody(error),
+                    unsent: None,
+                })
+            }
+        };
+        let ended = request.body.is_end_stream();
+        let small_first = first.as_ref().filter(|d| d.len() <= COALESCE_BODY);
+        let start = poll_fn(|cx| {
+            Poll::Ready(self.start_write(cx, &request.head, framing, small_first, ended))
+        })
+        .await;
+        let mut all_at_once = true;
+        let written = match start {
+            Ok((taken, rest)) if rest.is_empty() => Ok(taken),
+            Ok((taken, rest)) => {
+                // Rare: the socket took only part of the head. The backend gets `idle` to take
+                // the rest; a timeout counts as sent, since some of it may have gone.
+                let now = Instant::now();
+                x.timer.as_mut().reset((now + x.timeouts.idle).into());
+                let writing = write_counted(&mut self.io, &rest);
+                all_at_once = false;
+                match timed(x.timer.as_mut(), writing).await {
+                    Some(Ok(())) => Ok(taken + rest.len()),
+                    Some(Err((error, n))) => Err((error.into(), taken + n)),
+                    None => Err((Http1Error::Stalled(x.timeouts.idle), usize::MAX)),
+                }
+            }
+            Err(error) => Err((error.into(), 0)),
+        };
+        match written {
+            Ok(_) => {}
+            Err((error, 0)) => {
+                request.body.unread(first);
+                return Err(ExchangeFailure {
+                    error,
+                    unsent: Some(request),
+                });
+            }
+            Err((error, _)) => return Err(sent_failure(error)),
+        }
+        // The head is on the wire. Its header values share the client's read buffer: let go
+        // of them, so that a slow backend does not keep that buffer alive.
+        let mut body = std::mem::replace(&mut request.body, RequestBody::Full(None));
+        drop(request);
+        let rest = first.filter(|d| d.len() > COALESCE_BODY);
+        if rest.is_some() || !ended {
+            // Boxed: a body that was not all there at once, or is large, is rarer.
+            let rest = Pending::data(framing, rest.unwrap_or_default());
+            let sending = self.send_rest(rest, &mut body, framing, ended, &mut x);
+            return Box::pin(sending).await.map_err(sent_failure);
+        }
+        self.io.flush().await.map_err(|e| sent_failure(e.into()))?;
+        if !all_at_once {
+            x.timer
+                .as_mut()
+                .reset((Instant::now() + x.timeouts.response).into());
+        }
+        self.read_head(&mut x).await.map_err(sent_failure)
     }
 
     /// Encodes the head (with a small first piece of body, and the last chunk when the body has
@@ -322,14 +382,19 @@ impl UpstreamConn {
         body: &mut RequestBody,
         framing: Framing,
         mut body_ended: bool,
-        head_request: bool,
+        x: &mut Exchange<'_>,
     ) -> Result<ResponseHead, Http1Error> {
         let mut early: Option<ResponseHead> = None;
         let mut last_chunk_queued = framing != Framing::Chunked;
+        let idle = x.timeouts.idle;
+        // The backend's stall clock: restarted whenever bytes move toward it, or come from the
+        // client to be sent on (waiting for a slow client is not the backend's stall).
+        let mut progress = Instant::now();
+        x.timer.as_mut().reset((progress + idle).into());
         let sent = poll_fn(|cx| loop {
             if early.is_none() {
                 // Watched while sending: a backend may answer before it has read the body.
-                if let Poll::Ready(head) = self.poll_head(cx, head_request) {
+                if let Poll::Ready(head) = self.poll_head(cx, x.head_request, x.interim) {
                     let head = head?;
                     if head.status.is_client_error()
                         || head.status.is_server_error()
@@ -342,8 +407,13 @@ impl UpstreamConn {
             }
             if pending.is_empty() {
                 if body_ended && last_chunk_queued {
-                    std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
-                    return Poll::Ready(Ok(Sent::Whole(early.take())));
+                    return match Pin::new(&mut self.io).poll_flush(cx) {
+                        Poll::Ready(flushed) => {
+                            flushed?;
+                            Poll::Ready(Ok(Sent::Whole(early.take())))
+                        }
+                        Poll::Pending => poll_stall(x.timer.as_mut(), progress, idle, cx),
+                    };
                 }
                 if body_ended {
                     pending = Pending::last_chunk();
@@ -359,22 +429,28 @@ impl UpstreamConn {
                         }
                     }
                 }
+                progress = Instant::now();
                 continue;
             }
-            if let Err(error) = std::task::ready!(pending.poll_write(&mut self.io, cx)) {
-                return Poll::Ready(Ok(Sent::WriteFailed(error)));
+            match pending.poll_write(&mut self.io, cx) {
+                Poll::Ready(Ok(())) => progress = Instant::now(),
+                Poll::Ready(Err(error)) => return Poll::Ready(Ok(Sent::WriteFailed(error))),
+                Poll::Pending => return poll_stall(x.timer.as_mut(), progress, idle, cx),
             }
         })
         .await?;
+        x.timer
+            .as_mut()
+            .reset((Instant::now() + x.timeouts.response).into());
         match sent {
             Sent::Whole(Some(head)) => Ok(head),
-            Sent::Whole(None) => self.read_head(head_request).await,
+            Sent::Whole(None) => self.read_head(x).await,
             Sent::Refused(head) => Ok(head.closing()),
             // A backend that answered and closed makes the next write fail; its answer stands, and
             // may still be there to read. (A failed socket is readable at once: this cannot hang.)
             Sent::WriteFailed(error) => match early {
                 Some(head) => Ok(head.closing()),
-                None => match self.read_head(head_request).await {
+                None => match self.read_head(x).await {
                     Ok(head) => Ok(head.closing()),
                     Err(_) => Err(error.into()),
                 },
@@ -382,8 +458,18 @@ impl UpstreamConn {
         }
     }
 
-    async fn read_head(&mut self, head_request: bool) -> Result<ResponseHead, Http1Error> {
-        poll_fn(|cx| self.poll_head(cx, head_request)).await
+    /// The response head, within the exchange's timer.
+    async fn read_head(&mut self, x: &mut Exchange<'_>) -> Result<ResponseHead, Http1Error> {
+        let (head_request, interim) = (x.head_request, x.interim);
+        let timer = &mut x.timer;
+        poll_fn(|cx| match self.poll_head(cx, head_request, interim) {
+            Poll::Ready(head) => Poll::Ready(head),
+            Poll::Pending => timer
+                .as_mut()
+                .poll(cx)
+                .map(|()| Err(Http1Error::ResponseTimeout)),
+        })
+        .await
     }
 
     /// The response head, once all of it has come; reads what the backend has sent meanwhile.
@@ -391,9 +477,10 @@ impl UpstreamConn {
         &mut self,
         cx: &mut Context<'_>,
         head_request: bool,
+        interim: Option<&dyn InterimSink>,
     ) -> Poll<Result<ResponseHead, Http1Error>> {
         loop {
-            if let Some(head) = self.parse_head(head_request)? {
+            if let Some(head) = self.parse_head(head_request, interim)? {
                 return Poll::Ready(Ok(head));
             }
             if self.buf.len() >= MAX_HEAD {
@@ -411,10 +498,15 @@ impl UpstreamConn {
         }
     }
 
-    /// Parses a complete response head out of the buffer, skipping interim (1xx) responses.
-    fn parse_head(&mut self, head_request: bool) -> Result<Option<ResponseHead>, Http1Error> {
+    /// Parses a complete response head out of the buffer. Interim (1xx) responses go to
+    /// `interim`, re-encoded with their end-to-end lines, or are dropped without one.
+    fn parse_head(
+        &mut self,
+        head_request: bool,
+        interim: Option<&dyn InterimSink>,
+    ) -> Result<Option<ResponseHead>, Http1Error> {
         loop {
-            if self.buf.is_empty() {
+            if self.buf.is_empty() || !self.head_scan.worth_parsing(&self.buf) {
                 return Ok(None);
             }
             // Uninitialized: httparse fills what it parses, and zeroing 3 KiB per head is not free.
@@ -434,9 +526,13 @@ impl UpstreamConn {
                 }
                 Err(_) => return Err(Http1Error::Malformed("invalid status line or header")),
             };
+            self.head_scan.reset();
+            // RFC 9110 §15: a status is three digits, 100 to 599.
             let code = response.code.unwrap_or(0);
             let status = StatusCode::from_u16(code)
-                .map_err(|_| Http1Error::Malformed("invalid status code"))?;
+                .ok()
+                .filter(|_| (100..=599).contains(&code))
+                .ok_or(Http1Error::Malformed("invalid status code"))?;
             if status == StatusCode::SWITCHING_PROTOCOLS {
                 return Err(Http1Error::Malformed("protocol switch is not supported"));
             }
@@ -445,14 +541,21 @@ impl UpstreamConn {
             } else {
                 Version::HTTP_11
             };
+            let (lines, facts) = fields::sort_lines(&self.buf, response.headers);
             if status.is_informational() {
+                if let Some(sink) = interim {
+                    let lines = lines.in_head(Bytes::copy_from_slice(&self.buf[..head_len]));
+                    sink.push(&encode_interim(status, &lines));
+                }
                 self.buf.advance(head_len);
                 continue;
             }
-            let (lines, facts) = fields::sort_lines(&self.buf, response.headers);
             let headers = lines.in_head(self.buf.split_to(head_len).freeze());
             let framing = response_framing(status, head_request, &facts)?;
-            let keep_alive = framing != Framing::UntilClose && facts.keeps_alive(version);
+            // With both Transfer-Encoding and Content-Length, the body is read as chunked, and
+            // the connection is not trusted with another request (RFC 9112 §6.3).
+            let both = facts.chunked_last.is_some() && facts.content_length != Ok(None);
+            let keep_alive = framing != Framing::UntilClose && facts.keeps_alive(version) && !both;
             return Ok(Some(ResponseHead {
                 status,
                 version,
@@ -463,11 +566,13 @@ impl UpstreamConn {
         }
     }
 
-    /// Reads the next piece of the response body framed by `decoder`.
+    /// Reads the next piece of the response body framed by `decoder`; an error once the backend
+    /// has sent nothing for `idle`. The clock is read only once a read has to wait.
     pub fn poll_body(
         &mut self,
         decoder: &mut Decoder,
         cx: &mut Context<'_>,
+        idle: Duration,
     ) -> Poll<Option<Result<Bytes, Http1Error>>> {
         loop {
             match decoder.decode(&mut self.buf) {
@@ -476,12 +581,36 @@ impl UpstreamConn {
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
             }
-            match std::task::ready!(codec::poll_read_buf(&mut self.io, cx, &mut self.buf)) {
-                Ok(0) if decoder.at_eof() => return Poll::Ready(None),
-                Ok(0) => return Poll::Ready(Some(Err(Http1Error::ClosedInBody))),
-                Ok(_) => {}
-                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            match codec::poll_read_buf(&mut self.io, cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) if decoder.at_eof() => return Poll::Ready(None),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(Http1Error::ClosedInBody))),
+                Poll::Ready(Ok(_)) => {
+                    if self.body_progress.is_some() {
+                        self.body_progress = Some(Instant::now());
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Pending => return self.poll_body_silence(cx, idle).map(|e| Some(Err(e))),
             }
+        }
+    }
+
+    /// Ready with an error once the response body has been silent for `idle`.
+    fn poll_body_silence(&mut self, cx: &mut Context<'_>, idle: Duration) -> Poll<Http1Error> {
+        let progress = match self.body_progress {
+            Some(at) => at,
+            None => {
+                let now = Instant::now();
+                self.body_progress = Some(now);
+                let timer = self.lend_timer(now + idle);
+                self.response_timer = Some(timer);
+                now
+            }
+        };
+        match self.response_timer.as_mut() {
+            Some(timer) => poll_stall::<()>(timer.as_mut(), progress, idle, cx)
+                .map(|stalled| stalled.err().unwrap_or(Http1Error::Stalled(idle))),
+            None => Poll::Pending,
         }
     }
 
@@ -496,6 +625,61 @@ impl UpstreamConn {
     pub fn is_clean(&self) -> bool {
         self.buf.is_empty()
     }
+}
+
+/// What one exchange needs besides the connection: its timer (lent by the connection) and where
+/// interim responses go.
+struct Exchange<'a> {
+    timer: &'a mut Pin<Box<Sleep>>,
+    timeouts: ExchangeTimeouts,
+    interim: Option<&'a dyn InterimSink>,
+    head_request: bool,
+}
+
+/// Runs `future` until `timer` fires; `None` if it fired first.
+async fn timed<F: Future>(mut timer: Pin<&mut Sleep>, future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    poll_fn(|cx| match future.as_mut().poll(cx) {
+        Poll::Ready(done) => Poll::Ready(Some(done)),
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+    })
+    .await
+}
+
+/// For a wait on the backend that began when it last made `progress`: pending while that was
+/// less than `idle` ago (moving `timer` on when it fired early), then a stall error.
+fn poll_stall<T>(
+    mut timer: Pin<&mut Sleep>,
+    progress: Instant,
+    idle: Duration,
+    cx: &mut Context<'_>,
+) -> Poll<Result<T, Http1Error>> {
+    loop {
+        std::task::ready!(timer.as_mut().poll(cx));
+        let deadline = progress + idle;
+        if deadline <= Instant::now() {
+            return Poll::Ready(Err(Http1Error::Stalled(idle)));
+        }
+        timer.as_mut().reset(deadline.into());
+    }
+}
+
+/// An interim response as the client gets it: status line and end-to-end lines.
+fn encode_interim(status: StatusCode, lines: &RawHeaders) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in lines.iter() {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
 }
 
 fn sent_failure(error: Http1Error) -> ExchangeFailure {
@@ -660,6 +844,11 @@ mod tests {
     use super::*;
     use crate::proxy::ClientHeaders;
 
+    const TEST_TIMEOUTS: ExchangeTimeouts = ExchangeTimeouts {
+        response: Duration::from_secs(10),
+        idle: Duration::from_secs(10),
+    };
+
     /// A backend that answered and closed before the body went: writing the body fails (the
     /// closed socket resets), and the answer, already in our socket, is still what comes back.
     #[tokio::test]
@@ -686,7 +875,7 @@ mod tests {
             body,
         );
         let head = conn
-            .send(Box::new(request))
+            .send(Box::new(request), TEST_TIMEOUTS, Instant::now())
             .await
             .map_err(|failure| failure.error)
             .expect("the backend's answer, not the failed write");
@@ -720,7 +909,7 @@ mod tests {
         );
         let mut conn = UpstreamConn::new(UpstreamStream::Tcp(stream));
         let exchange = tokio::spawn(async move {
-            conn.send(Box::new(request))
+            conn.send(Box::new(request), TEST_TIMEOUTS, Instant::now())
                 .await
                 .map(|head| head.status)
                 .map_err(|failure| failure.error.to_string())

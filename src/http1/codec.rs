@@ -10,9 +10,13 @@ use tokio::io::AsyncRead;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most header lines in one message head.
 pub const MAX_HEADERS: usize = 100;
-/// Longest chunk-size line (with extensions) or trailer section accepted in a chunked body.
-const MAX_CHUNK_LINE: usize = 4096;
-const MAX_TRAILERS: usize = 16 * 1024;
+/// Longest chunk-size line accepted in a chunked body, extensions and CRLF included.
+pub const MAX_CHUNK_LINE: usize = 4096;
+/// Longest trailer section accepted in a chunked body: its field lines with their CRLFs (the
+/// empty line that ends the section not counted).
+pub const MAX_TRAILERS: usize = 16 * 1024;
+/// Most hex digits in a chunk size: 16 hold any `u64`.
+const MAX_CHUNK_DIGITS: usize = 16;
 /// Free space ensured in a read buffer before each read.
 const READ_SPACE: usize = 8 * 1024;
 /// The first read into an empty, unallocated buffer: most heads (and small bodies with them) fit,
@@ -40,8 +44,12 @@ pub enum FramingError {
     BadChunkSize,
     #[error("chunk data not followed by CRLF")]
     BadChunkEnd,
-    #[error("chunk size line or trailers too long")]
+    #[error("chunk size line too long")]
     ChunkLineTooLong,
+    #[error("trailer section too long")]
+    TrailersTooLong,
+    #[error("line in chunked body not ended by CRLF")]
+    BadLineEnd,
 }
 
 /// Adds one Content-Length header value to the length `found` so far; several values (in one line
@@ -77,6 +85,48 @@ pub fn trim(bytes: &[u8]) -> &[u8] {
         .rposition(|b| !b.is_ascii_whitespace())
         .map_or(start, |e| e + 1);
     &bytes[start..end]
+}
+
+/// Tells when a message head arriving in pieces may be complete, looking at each byte once: a
+/// head trickled a byte at a time would otherwise be parsed again from its start on every read,
+/// quadratic in its length. The first look parses at once (most heads come in one read); after
+/// that, only a blank line or a full buffer is worth a parse.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HeadScan {
+    /// Bytes of the head looked at so far; 0 before the first look.
+    scanned: usize,
+}
+
+impl HeadScan {
+    /// Whether `head` (the head so far, from its first byte) should be parsed now.
+    pub fn worth_parsing(&mut self, head: &[u8]) -> bool {
+        let from = self.scanned;
+        self.scanned = head.len();
+        if from == 0 || head.len() >= MAX_HEAD {
+            return true;
+        }
+        let Some(new) = head.get(from..) else {
+            return true;
+        };
+        new.iter().enumerate().any(|(i, &b)| {
+            let at = from + i;
+            b == b'\n' && ends_blank_line(head, at)
+        })
+    }
+
+    /// The head was taken out of the buffer: the next one starts afresh.
+    pub fn reset(&mut self) {
+        self.scanned = 0;
+    }
+}
+
+/// Whether the LF at `lf` ends an empty line (`LF LF` or `LF CR LF`).
+fn ends_blank_line(head: &[u8], lf: usize) -> bool {
+    match lf.checked_sub(1).map(|i| head[i]) {
+        Some(b'\n') => true,
+        Some(b'\r') => lf.checked_sub(2).is_some_and(|i| head[i] == b'\n'),
+        _ => false,
+    }
 }
 
 /// Decodes one message body from a read buffer, a piece at a time.
@@ -178,15 +228,27 @@ impl Decoder {
                     self.state = State::ChunkSize;
                 }
                 State::Trailers(seen) => {
-                    // Trailers are read and dropped: the proxy does not forward them.
-                    let Some(line) = take_line(buf, MAX_TRAILERS - seen)? else {
-                        return Ok(Decoded::NeedMore);
+                    // Trailers are read and dropped: the proxy does not forward them. `seen` never
+                    // passes MAX_TRAILERS, so the room left cannot wrap; the 2 is for the empty
+                    // line that ends the section.
+                    let room = MAX_TRAILERS.saturating_sub(seen) + 2;
+                    let line = match take_line(buf, room) {
+                        Ok(Some(line)) => line,
+                        Ok(None) => return Ok(Decoded::NeedMore),
+                        Err(FramingError::ChunkLineTooLong) => {
+                            return Err(FramingError::TrailersTooLong)
+                        }
+                        Err(e) => return Err(e),
                     };
-                    self.state = if line.is_empty() {
-                        State::Done
-                    } else {
-                        State::Trailers(seen + line.len() + 2)
-                    };
+                    if line.is_empty() {
+                        self.state = State::Done;
+                        continue;
+                    }
+                    let seen = seen.saturating_add(line.len() + 2);
+                    if seen > MAX_TRAILERS {
+                        return Err(FramingError::TrailersTooLong);
+                    }
+                    self.state = State::Trailers(seen);
                 }
             }
         }
@@ -204,35 +266,54 @@ impl Decoder {
     }
 }
 
-/// Splits one CRLF-terminated line (without the CRLF) off `buf`, if a whole one is there.
+/// Splits one CRLF-terminated line (without the CRLF) off `buf`, if a whole one is there. The line
+/// and its CRLF take at most `limit` bytes; a bare LF, or a CR anywhere but before the LF, is an
+/// error (RFC 9112 §7.1 has no other line end in chunked framing; hyper agrees).
 fn take_line(buf: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, FramingError> {
-    match buf.iter().take(limit + 2).position(|&b| b == b'\n') {
-        Some(end) => {
-            let mut line = buf.split_to(end + 1);
-            line.truncate(end);
-            if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
-            }
-            Ok(Some(line))
+    let window = &buf[..buf.len().min(limit)];
+    let Some(lf) = window.iter().position(|&b| b == b'\n') else {
+        if buf.len() >= limit {
+            return Err(FramingError::ChunkLineTooLong);
         }
-        None if buf.len() > limit => Err(FramingError::ChunkLineTooLong),
-        None => Ok(None),
+        return Ok(None);
+    };
+    let Some(cr) = lf.checked_sub(1).filter(|&cr| window[cr] == b'\r') else {
+        return Err(FramingError::BadLineEnd);
+    };
+    if window[..cr].contains(&b'\r') {
+        return Err(FramingError::BadLineEnd);
     }
+    let mut line = buf.split_to(lf + 1);
+    line.truncate(cr);
+    Ok(Some(line))
 }
 
+/// A chunk-size line: `1*HEXDIG [ *(SP / HTAB) ";" chunk-ext ]` (RFC 9112 §7.1). Leading
+/// whitespace, a sign, and control characters in extensions are refused; so are more than 16
+/// digits (hyper takes leading zeros past that; no sender needs them, and a short limit keeps
+/// every parser in the chain agreeing).
 fn parse_chunk_size(line: &[u8]) -> Result<u64, FramingError> {
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .map(trim)
-        .unwrap_or_default();
-    if digits.is_empty() || digits.len() > 15 {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > MAX_CHUNK_DIGITS {
         return Err(FramingError::BadChunkSize);
     }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let v = (d as char).to_digit(16).ok_or(FramingError::BadChunkSize)?;
-        Ok(n << 4 | u64::from(v))
-    })
+    let rest = &line[digits..];
+    let after_space = rest.iter().position(|&b| b != b' ' && b != b'\t');
+    match after_space {
+        None => {}
+        Some(at) if rest[at] == b';' => {
+            let ext = &rest[at + 1..];
+            if ext.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+                return Err(FramingError::BadChunkSize);
+            }
+        }
+        Some(_) => return Err(FramingError::BadChunkSize),
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+        // Hex digits checked above; 16 of them fit a u64, so neither step overflows.
+        let v = (d as char).to_digit(16).unwrap_or(0);
+        n << 4 | u64::from(v)
+    }))
 }
 
 /// Writes the chunked-encoding frame header for `len` bytes of data.

@@ -58,6 +58,8 @@ pub fn name_is(name: &[u8], lower: &str) -> bool {
 enum Role {
     EndToEnd,
     Date,
+    /// Passed on; counted and checked, as a request has exactly one.
+    Host,
     /// Passed on, but a request's `100-continue` is the server's to answer.
     Expect,
     ContentLength,
@@ -74,6 +76,7 @@ fn role(name: &[u8]) -> Role {
     match name.len() {
         2 if is("te") => Role::HopByHop,
         4 if is("date") => Role::Date,
+        4 if is("host") => Role::Host,
         6 if is("expect") => Role::Expect,
         7 if is("trailer") || is("upgrade") => Role::HopByHop,
         10 if is("connection") => Role::Connection,
@@ -85,6 +88,60 @@ fn role(name: &[u8]) -> Role {
         19 if is("proxy-authorization") => Role::HopByHop,
         _ => Role::EndToEnd,
     }
+}
+
+/// Whether `value` is `uri-host [":" port]` (RFC 9112 §3.2, RFC 3986 §3.2.2): an IP literal in
+/// brackets or a reg-name (unreserved, percent-encoded and sub-delim characters, which covers
+/// IPv4 addresses), then an optional port of digits. An empty host is allowed (§3.2 asks for an
+/// empty Host when the target has no authority).
+pub fn is_valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(close) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &value[1..close];
+        let literal_ok = !literal.is_empty()
+            && literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.'));
+        if !literal_ok {
+            return false;
+        }
+        (&[][..], &value[close + 1..])
+    } else {
+        match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &[][..]),
+        }
+    };
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.len() <= 5 && digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    port_ok && host.iter().all(|&b| is_reg_name_byte(b))
+}
+
+fn is_reg_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'%'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+        )
 }
 
 /// True for the headers that are never passed on (for maps from elsewhere: HTTP/2).
@@ -111,6 +168,9 @@ pub struct HeadFacts {
     pub has_date: bool,
     /// `Expect: 100-continue`.
     pub expects_continue: bool,
+    /// How many `Host` lines, and whether each was a valid `uri-host [":" port]`.
+    pub hosts: u8,
+    pub host_valid: bool,
     /// `Connection` names some other header, which must go too.
     names_others: bool,
 }
@@ -125,6 +185,8 @@ impl Default for HeadFacts {
             content_length: Ok(None),
             has_date: false,
             expects_continue: false,
+            hosts: 0,
+            host_valid: true,
             names_others: false,
         }
     }
@@ -136,6 +198,10 @@ impl HeadFacts {
         match role {
             Role::EndToEnd => return true,
             Role::Date => self.has_date = true,
+            Role::Host => {
+                self.hosts = self.hosts.saturating_add(1);
+                self.host_valid &= is_valid_host(value);
+            }
             Role::Expect => self.expects_continue |= value.eq_ignore_ascii_case(b"100-continue"),
             Role::ContentLength => {
                 if let Ok(found) = self.content_length {
@@ -214,7 +280,8 @@ pub fn sort_lines(buf: &[u8], headers: &[httparse::Header<'_>]) -> (Lines, HeadF
 }
 
 /// The headers a `Connection` header names (rare: most name none). Framing headers are the
-/// codec's to handle, whatever `Connection` says.
+/// codec's to handle and `Host` the proxy's to forward, whatever `Connection` says: an HTTP/1.0
+/// request with `Connection: Host` must not reach the backend without one.
 fn connection_named<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
     headers
         .iter()
@@ -222,7 +289,10 @@ fn connection_named<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
         .flat_map(|header| header.value.split(|&b| b == b',').map(codec::trim))
         .filter(|token| {
             !token.is_empty()
-                && !matches!(role(token), Role::ContentLength | Role::TransferEncoding)
+                && !matches!(
+                    role(token),
+                    Role::ContentLength | Role::TransferEncoding | Role::Host
+                )
         })
         .collect()
 }

@@ -19,4 +19,11 @@ pub mod codec;
 pub mod fields;
 pub mod server;
 
-pub use client::{Http1Error, ResponseHead, UpstreamConn, UpstreamStream};
+pub use client::{ExchangeTimeouts, Http1Error, ResponseHead, UpstreamConn, UpstreamStream};
+
+/// Where a backend's interim (1xx) responses go: the client connection of the request, which
+/// writes them ahead of the final response. Only HTTP/1.1 clients get one (RFC 9110 §15.2).
+pub trait InterimSink: Send + Sync + std::fmt::Debug {
+    /// Queues one interim response, encoded whole; dropped if the client already has too many.
+    fn push(&self, response: &[u8]);
+}

@@ -30,8 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::codec::{self, Decoded, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS};
+use super::codec::{
+    self, Decoded, Decoder, Framing, FramingError, HeadScan, MAX_HEAD, MAX_HEADERS,
+};
 use super::fields::{self, HeadFacts};
+use super::InterimSink;
 use crate::proxy::{
     ClientBody, ClientHeaders, OutgoingRequest, PendingHeaders, ProxyRequest, ProxyService,
     RequestBody, ResponseBody,
@@ -45,6 +48,10 @@ const GATHER: usize = 16 * 1024;
 /// How much of a body not yet being read a connection buffers while watching for its client
 /// leaving; a larger body's client is noticed leaving when its reader starts.
 const BODY_READ_AHEAD: usize = 16 * 1024;
+/// Interim (1xx) responses from a backend held for the client at once; more are dropped.
+const MAX_INTERIM: usize = 16 * 1024;
+/// Longest silence between two reads of a request body until the route sets its own.
+pub const DEFAULT_CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A client transport: plain TCP or TLS.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -91,6 +98,16 @@ struct Wire<I> {
     continue_owed: usize,
     /// The request's body reader has started: from then on it notices a close itself.
     body_started: bool,
+    /// Where the next request head's end has been looked for.
+    head_scan: HeadScan,
+    /// A backend's interim responses, to be written before the final one.
+    interim: Vec<u8>,
+    /// Longest silence between two reads of a request body (the route's `client_body`).
+    body_idle: Duration,
+    /// Times that silence; made the first time a body read has to wait, then kept.
+    body_timer: Option<Pin<Box<Sleep>>>,
+    /// When the body last made progress, while `body_timer` runs for this request.
+    body_progress: Option<Instant>,
 }
 
 type SharedWire<I> = Arc<Mutex<Wire<I>>>;
@@ -130,6 +147,11 @@ pub fn serve<I: ClientIo>(
         decoder: Decoder::new(Framing::Empty),
         continue_owed: 0,
         body_started: false,
+        head_scan: HeadScan::default(),
+        interim: Vec::new(),
+        body_idle: DEFAULT_CLIENT_BODY_TIMEOUT,
+        body_timer: None,
+        body_progress: None,
     }));
     async move {
         let mut stop = StopWatch {
@@ -184,7 +206,12 @@ async fn exchange<I: ClientIo>(
         let mut handling = std::pin::pin!(service.handle(head.request));
         poll_fn(|cx| match handling.as_mut().poll(cx) {
             Poll::Ready(response) => Poll::Ready(Some(response)),
-            Poll::Pending => poll_client_gone(wire, cx).map(|()| None),
+            Poll::Pending => {
+                if poll_write_interim(wire, cx).is_ready() {
+                    return Poll::Ready(None);
+                }
+                poll_client_gone(wire, cx).map(|()| None)
+            }
         })
         .await
     }
@@ -362,7 +389,23 @@ async fn read_head<I: ClientIo>(wire: &SharedWire<I>, first: bool) -> NextReques
 
 /// Parses a complete head in the buffer into a request; `None` when more bytes are needed.
 fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<NextRequest> {
-    if w.buf.is_empty() {
+    // Empty lines before a request line are ignored (RFC 9112 §2.2), and dropped here so that a
+    // stream of them neither grows the buffer nor makes every later look parse them again.
+    let blank = w
+        .buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(w.buf.len());
+    let blank = if w.buf[..blank].ends_with(b"\r") {
+        blank - 1
+    } else {
+        blank
+    };
+    if blank > 0 {
+        bytes::Buf::advance(&mut w.buf, blank);
+        w.head_scan.reset();
+    }
+    if w.buf.is_empty() || !w.head_scan.worth_parsing(&w.buf) {
         return None;
     }
     // Uninitialized: httparse fills what it parses, and zeroing 3 KiB per head is not free.
@@ -405,9 +448,13 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     let target_span = target_start..target_start + target.len();
     let (lines, facts) = fields::sort_lines(&w.buf, parsed.headers);
     let head = w.buf.split_to(head_len).freeze();
+    w.head_scan.reset();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(target_span)) else {
         return Some(bad_request("invalid request target"));
     };
+    if let Err(reason) = check_host(version, &uri, &facts) {
+        return Some(bad_request(reason));
+    }
     let mut headers = lines.in_head(head);
     let (framing, mut keep_alive) = match request_framing(version, &facts) {
         Ok(framing) => framing,
@@ -427,22 +474,55 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
         };
     w.decoder = Decoder::new(framing);
     w.body_started = false;
+    w.body_progress = None;
+    w.body_idle = DEFAULT_CLIENT_BODY_TIMEOUT;
+    let shared_sink: Arc<dyn InterimSink> = shared.clone();
     let body = if framing == Framing::Empty {
         H1Body { wire: None }
     } else {
         H1Body { wire: Some(shared) }
     };
-    let request = Box::new(ProxyRequest::new(
+    let mut request = Box::new(ProxyRequest::new(
         method,
         uri,
         version,
         ClientHeaders::Lines(headers),
         RequestBody::streaming(ClientBody::H1(body), u64::MAX),
     ));
+    // HTTP/1.0 clients cannot take interim responses (RFC 9110 §15.2).
+    if version == Version::HTTP_11 {
+        request.head.interim = Some(shared_sink);
+    }
     Some(NextRequest::Ready(Head {
         request,
         keep_alive,
     }))
+}
+
+/// Host rules of RFC 9112 §3.2: at most one Host line, one in every HTTP/1.1 request, each a valid
+/// `uri-host [":" port]`. An absolute-form target's authority stands in for Host (§3.2.2), so
+/// it must be a valid one too, for `http` or `https`, without user information.
+fn check_host(version: Version, uri: &Uri, facts: &HeadFacts) -> Result<(), &'static str> {
+    match facts.hosts {
+        0 if version == Version::HTTP_11 => return Err("an HTTP/1.1 request needs a Host header"),
+        0 | 1 => {}
+        _ => return Err("more than one Host header"),
+    }
+    if !facts.host_valid {
+        return Err("the Host header is not a valid host[:port]");
+    }
+    if let Some(scheme) = uri.scheme_str() {
+        if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+            return Err("the request target's scheme is not http or https");
+        }
+        let valid = uri
+            .authority()
+            .is_some_and(|a| fields::is_valid_host(a.as_str().as_bytes()));
+        if !valid {
+            return Err("the request target's authority is not a valid host[:port]");
+        }
+    }
+    Ok(())
 }
 
 fn bad_request(reason: &'static str) -> NextRequest {
@@ -482,6 +562,11 @@ fn request_framing(
                 StatusCode::NOT_IMPLEMENTED,
                 "transfer codings other than chunked are not supported",
             ));
+        }
+        // A Content-Length beside Transfer-Encoding is ignored, but only a well-formed one: a
+        // malformed one is a parser disagreement some hop may resolve the other way.
+        if facts.content_length.is_err() {
+            return Err((StatusCode::BAD_REQUEST, "invalid Content-Length"));
         }
         // With both, Transfer-Encoding wins and the connection closes after the response. (The
         // proxy frames the body itself toward the backend: neither header is passed on.)
@@ -537,6 +622,7 @@ pub struct H1Body {
 trait BodySource: Send + Sync + std::fmt::Debug {
     fn poll_piece(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>>;
     fn remaining(&self) -> Option<u64>;
+    fn set_idle_timeout(&self, idle: Duration);
 }
 
 /// Why a request body could not be read.
@@ -548,6 +634,8 @@ pub enum BodyError {
     Closed,
     #[error("malformed chunked body: {0}")]
     Framing(#[from] FramingError),
+    #[error("the client sent no body bytes for {0:?}")]
+    TimedOut(Duration),
 }
 
 impl<I: ClientIo> std::fmt::Debug for Wire<I> {
@@ -584,11 +672,17 @@ impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
             }
-            match ready!(codec::poll_read_buf(&mut w.io, cx, &mut w.buf)) {
-                Ok(0) if w.decoder.at_eof() => return Poll::Ready(None),
-                Ok(0) => return Poll::Ready(Some(Err(BodyError::Closed))),
-                Ok(_) => {}
-                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            let read = codec::poll_read_buf(&mut w.io, cx, &mut w.buf);
+            match read {
+                Poll::Pending => return w.poll_body_silence(cx).map(|e| Some(Err(e))),
+                Poll::Ready(Ok(0)) if w.decoder.at_eof() => return Poll::Ready(None),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(BodyError::Closed))),
+                Poll::Ready(Ok(_)) => {
+                    if w.body_progress.is_some() {
+                        w.body_progress = Some(Instant::now());
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
             }
         }
     }
@@ -596,6 +690,67 @@ impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
     fn remaining(&self) -> Option<u64> {
         lock(self).decoder.remaining()
     }
+
+    fn set_idle_timeout(&self, idle: Duration) {
+        lock(self).body_idle = idle;
+    }
+}
+
+impl<I: ClientIo> Wire<I> {
+    /// Called when a body read has to wait: ready with an error once the client has sent nothing
+    /// for `body_idle`. The clock is read only once a read waits, and a timer that fires early
+    /// (the body moved meanwhile) is moved on rather than reset on every read.
+    fn poll_body_silence(&mut self, cx: &mut Context<'_>) -> Poll<BodyError> {
+        let idle = self.body_idle;
+        let progress = match self.body_progress {
+            Some(at) => at,
+            None => {
+                let now = Instant::now();
+                self.body_progress = Some(now);
+                match &mut self.body_timer {
+                    Some(timer) => timer.as_mut().reset(now + idle),
+                    None => self.body_timer = Some(Box::pin(tokio::time::sleep_until(now + idle))),
+                }
+                now
+            }
+        };
+        let Some(timer) = self.body_timer.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let deadline = progress + idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(BodyError::TimedOut(idle));
+            }
+            timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl<I: ClientIo> InterimSink for Mutex<Wire<I>> {
+    fn push(&self, response: &[u8]) {
+        let mut w = lock(self);
+        if w.interim.len() + response.len() <= MAX_INTERIM {
+            w.interim.extend_from_slice(response);
+        }
+    }
+}
+
+/// Writes what interim responses are waiting; ready only if the client connection failed.
+fn poll_write_interim<I: ClientIo>(wire: &SharedWire<I>, cx: &mut Context<'_>) -> Poll<()> {
+    let mut guard = lock(wire);
+    let w = &mut *guard;
+    while !w.interim.is_empty() {
+        match ready!(Pin::new(&mut w.io).poll_write(cx, &w.interim)) {
+            Ok(0) | Err(_) => return Poll::Ready(()),
+            Ok(n) => drop(w.interim.drain(..n)),
+        }
+        if w.interim.is_empty() && ready!(Pin::new(&mut w.io).poll_flush(cx)).is_err() {
+            return Poll::Ready(());
+        }
+    }
+    Poll::Pending
 }
 
 impl Body for H1Body {
@@ -628,6 +783,13 @@ impl H1Body {
     fn remaining(&self) -> Option<u64> {
         self.wire.as_ref().map_or(Some(0), |w| w.remaining())
     }
+
+    /// Sets the longest silence between two reads of this body (the route's `client_body`).
+    pub fn set_idle_timeout(&self, idle: Duration) {
+        if let Some(wire) = &self.wire {
+            wire.set_idle_timeout(idle);
+        }
+    }
 }
 
 /// How a response is to be written.
@@ -642,7 +804,9 @@ struct Reply {
 ///
 /// The head is encoded before the returned future is first polled, and the future keeps only the
 /// body: not an `async fn`, which would keep the whole response (and a second copy of it) for
-/// the whole write, in every request's state.
+/// the whole write, in every request's state. A backend body that fails before any byte went to
+/// the client is answered 502 instead; one that fails later closes the connection. While the
+/// backend is slow the client is watched, so that one that leaves stops the backend's read.
 fn write_response<'a, I: ClientIo>(
     wire: &'a SharedWire<I>,
     out: &'a mut Vec<u8>,
@@ -671,32 +835,74 @@ fn write_response<'a, I: ClientIo>(
         map: &parts.headers,
         pending: pending.as_ref(),
     };
+    take_interim(wire, out);
     encode_head(out, status, fields, framing, keep_alive, reply.version);
     drop(pending);
     drop(parts);
     let mut ended = no_body || body.is_end_stream();
     async move {
+        let mut written = false;
         loop {
             // Gather what the body has ready, so that a small response leaves in one write.
             while !ended && out.len() < GATHER {
                 let piece = poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
                 match piece {
                     Poll::Pending => break,
-                    ready => {
-                        ended = take_piece(wire, out, framing, ready, &body).await?;
-                    }
+                    ready => match take_piece(wire, out, framing, ready, &body).await {
+                        Ok(end) => ended = end,
+                        Err(PieceError::Body(e)) if !written => {
+                            let text = body.failure_message(&e);
+                            out.clear();
+                            out.extend_from_slice(&rejection_text(StatusCode::BAD_GATEWAY, &text));
+                            write_all(wire, out).await?;
+                            return Ok(false);
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                 }
             }
             if ended && framing == Framing::Chunked {
                 out.extend_from_slice(codec::LAST_CHUNK);
             }
             write_all(wire, out).await?;
+            written = true;
             out.clear();
             if ended {
                 return Ok(keep_alive);
             }
-            let piece = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+            let piece = poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(piece) => Poll::Ready(Some(piece)),
+                Poll::Pending => poll_client_gone(wire, cx).map(|()| None),
+            })
+            .await;
+            let Some(piece) = piece else {
+                // The client left: dropping the body closes the backend connection unread.
+                return Err(io::ErrorKind::ConnectionAborted.into());
+            };
             ended = take_piece(wire, out, framing, Poll::Ready(piece), &body).await?;
+        }
+    }
+}
+
+/// Moves interim responses not yet written in front of the final response's head.
+fn take_interim<I: ClientIo>(wire: &SharedWire<I>, out: &mut Vec<u8>) {
+    let mut w = lock(wire);
+    if !w.interim.is_empty() {
+        out.append(&mut w.interim);
+    }
+}
+
+/// Why a response body stopped: the backend's side, or the write to the client.
+enum PieceError {
+    Body(super::Http1Error),
+    Write(io::Error),
+}
+
+impl From<PieceError> for io::Error {
+    fn from(error: PieceError) -> io::Error {
+        match error {
+            PieceError::Body(e) => io::Error::other(e),
+            PieceError::Write(e) => e,
         }
     }
 }
@@ -708,11 +914,11 @@ async fn take_piece<I: ClientIo>(
     framing: Framing,
     piece: Poll<Option<Result<Frame<Bytes>, super::Http1Error>>>,
     body: &ResponseBody,
-) -> io::Result<bool> {
+) -> Result<bool, PieceError> {
     let frame = match piece {
         Poll::Pending | Poll::Ready(None) => return Ok(true),
         // The backend broke off: the client must not see a complete response.
-        Poll::Ready(Some(Err(e))) => return Err(io::Error::other(e)),
+        Poll::Ready(Some(Err(e))) => return Err(PieceError::Body(e)),
         Poll::Ready(Some(Ok(frame))) => frame,
     };
     if let Ok(data) = frame.into_data() {
@@ -723,9 +929,9 @@ async fn take_piece<I: ClientIo>(
         } else if out.len() + data.len() <= GATHER {
             out.extend_from_slice(&data);
         } else {
-            write_all(wire, out).await?;
+            write_all(wire, out).await.map_err(PieceError::Write)?;
             out.clear();
-            write_all(wire, &data).await?;
+            write_all(wire, &data).await.map_err(PieceError::Write)?;
         }
     }
     Ok(body.is_end_stream())
@@ -752,7 +958,7 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     let mut has_date = fields.map.contains_key(DATE);
     for (name, value) in fields.map {
-        if !written_by_codec(name.as_str().as_bytes(), framing) {
+        if !written_by_codec(name.as_str().as_bytes(), framing, status) {
             header_line(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
@@ -762,7 +968,7 @@ fn encode_head(
         for (name, value) in pending.lines.iter() {
             if name.eq_ignore_ascii_case(b"via") {
                 backend_via = true;
-            } else if !written_by_codec(name, framing) {
+            } else if !written_by_codec(name, framing, status) {
                 header_line(out, name, value);
             }
         }
@@ -804,10 +1010,15 @@ fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// Headers this server writes itself: `Connection`, and the framing ones unless there is no body.
-fn written_by_codec(name: &[u8], framing: Framing) -> bool {
+/// A 204 carries no Content-Length at all (RFC 9110 §8.6); a 304 or a HEAD response keeps the
+/// length of the body it stands for.
+fn written_by_codec(name: &[u8], framing: Framing, status: StatusCode) -> bool {
     match name.len() {
         10 => name.eq_ignore_ascii_case(b"connection"),
-        14 => framing != Framing::Empty && name.eq_ignore_ascii_case(b"content-length"),
+        14 => {
+            (framing != Framing::Empty || status == StatusCode::NO_CONTENT)
+                && name.eq_ignore_ascii_case(b"content-length")
+        }
         17 => framing != Framing::Empty && name.eq_ignore_ascii_case(b"transfer-encoding"),
         _ => false,
     }
@@ -820,6 +1031,11 @@ fn rejection(status: StatusCode, reason: &str) -> Vec<u8> {
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
+    rejection_text(status, &text)
+}
+
+/// A complete response with `text` as its plain-text body; the connection closes after it.
+fn rejection_text(status: StatusCode, text: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(160 + text.len());
     let mut headers = HeaderMap::new();
     headers.insert(

@@ -9,7 +9,7 @@
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, VIA};
@@ -21,7 +21,7 @@ use super::headers;
 use crate::admission::AdmissionPermit;
 use crate::http1::codec::Decoder;
 use crate::http1::fields::RawHeaders;
-use crate::http1::server::H1Body;
+use crate::http1::server::{BodyError, H1Body};
 use crate::http1::{Http1Error, ResponseHead};
 use crate::upstream::{InflightGuard, UpstreamConn};
 
@@ -59,6 +59,8 @@ where
 pub enum RequestBodyError {
     #[error("request body exceeds {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("the client sent no body bytes for {0:?}")]
+    TimedOut(Duration),
     #[error("reading the request body failed: {0}")]
     Client(#[source] BoxError),
 }
@@ -74,15 +76,20 @@ pub enum ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = RequestBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         match self.get_mut() {
-            ClientBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ClientBody::H2(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ClientBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(|e| match e {
+                BodyError::TimedOut(idle) => RequestBodyError::TimedOut(idle),
+                e => RequestBodyError::Client(e.into()),
+            }),
+            ClientBody::H2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|e| RequestBodyError::Client(e.into())),
         }
     }
 
@@ -137,6 +144,18 @@ impl RequestBody {
         }
     }
 
+    /// Sets the longest silence between two reads of an HTTP/1 client's body (HTTP/2 streams
+    /// are hyper's to time).
+    pub fn set_idle_timeout(&mut self, idle: Duration) {
+        if let RequestBody::Streaming {
+            inner: ClientBody::H1(body),
+            ..
+        } = self
+        {
+            body.set_idle_timeout(idle);
+        }
+    }
+
     /// The body's length when known before it is read.
     pub fn exact_len(&self) -> Option<u64> {
         if self.is_end_stream() {
@@ -179,7 +198,7 @@ impl Body for RequestBody {
                     Some(piece) => Frame::data(piece),
                     None => match ready!(Pin::new(inner).poll_frame(cx)) {
                         None => return Poll::Ready(None),
-                        Some(Err(e)) => return Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
+                        Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                         Some(Ok(frame)) => frame,
                     },
                 };
@@ -240,6 +259,11 @@ enum ResponseKind {
     },
     Upstream {
         decoder: Decoder,
+        /// Longest silence of the backend while it sends the body (`backend_idle`).
+        idle: Duration,
+        /// The 502's text, kept when the body failed (its lease, which names the upstream, is
+        /// gone by then).
+        failure: Option<String>,
         keep_alive: bool,
         /// Present until the body ends; holds the connection the body is read from.
         lease: Option<UpstreamLease>,
@@ -288,10 +312,16 @@ impl UpstreamLease {
 /// The client's response for a backend's response head, its body streaming from the backend
 /// connection held by `lease`. Its header lines stay pending (the codec has dropped the hop-by-hop
 /// ones): a consumer other than the HTTP/1 server calls [`complete_headers`] first.
-pub fn upstream_response(head: ResponseHead, lease: UpstreamLease) -> Response<ResponseBody> {
+pub fn upstream_response(
+    head: ResponseHead,
+    lease: UpstreamLease,
+    idle: Duration,
+) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody {
         kind: ResponseKind::Upstream {
             decoder: Decoder::new(head.framing),
+            idle,
+            failure: None,
             keep_alive: head.keep_alive,
             lease: Some(lease),
             pending: Some(PendingHeaders {
@@ -339,6 +369,18 @@ impl ResponseBody {
         }
     }
 
+    /// The one-line body of the 502 that replaces this response when its body fails before any
+    /// of it reached the client.
+    pub fn failure_message(&self, error: &Http1Error) -> String {
+        match &self.kind {
+            ResponseKind::Upstream {
+                failure: Some(text),
+                ..
+            } => text.clone(),
+            _ => failure_text(error, None),
+        }
+    }
+
     pub fn full(data: Bytes) -> ResponseBody {
         ResponseBody::buffered(data, None)
     }
@@ -376,19 +418,25 @@ impl Body for ResponseBody {
             ResponseKind::Full { data, .. } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseKind::Upstream {
                 decoder,
+                idle,
                 keep_alive,
                 lease,
+                failure,
                 ..
             } => {
                 let Some(held) = lease else {
                     return Poll::Ready(None);
                 };
-                let piece = ready!(held.conn.poll_body(decoder, cx));
+                let piece = ready!(held.conn.poll_body(decoder, cx, *idle));
                 match &piece {
                     None => finish(lease, *keep_alive),
                     Some(Ok(_)) if decoder.is_done() => finish(lease, *keep_alive),
                     // An error mid-body: drop the lease, closing the connection.
-                    Some(Err(_)) => drop(lease.take()),
+                    Some(Err(error)) => {
+                        held.inflight.body_failed(error);
+                        *failure = Some(failure_text(error, Some(held.inflight.upstream_name())));
+                        drop(lease.take());
+                    }
                     Some(Ok(_)) => {}
                 }
                 Poll::Ready(piece.map(|p| p.map(Frame::data)))
@@ -414,6 +462,17 @@ impl Body for ResponseBody {
             },
         }
     }
+}
+
+fn failure_text(error: &Http1Error, upstream: Option<&str>) -> String {
+    let mut text = format!("502 Bad Gateway: the backend's response broke off: {error}");
+    if let Some(name) = upstream {
+        text.push_str(" (upstream \"");
+        text.push_str(name);
+        text.push_str("\")");
+    }
+    text.push('\n');
+    text
 }
 
 fn finish(lease: &mut Option<UpstreamLease>, keep_alive: bool) {

@@ -9,7 +9,6 @@
 use std::future::{poll_fn, Future};
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -74,6 +73,10 @@ pub(super) async fn buffer_body(body: RequestBody, limit: u64) -> Result<Bytes, 
     match read_whole(body, usize::MAX).await {
         Ok(body) => Ok(body),
         Err(Some(RequestBodyError::Client(_))) => Err(ProxyError::ClientBody),
+        Err(Some(RequestBodyError::TimedOut(idle))) => Err(ProxyError::ClientBodyTimeout {
+            idle,
+            reached_backend: false,
+        }),
         Err(Some(RequestBodyError::TooLarge { .. }) | None) => {
             Err(ProxyError::BodyTooLarge { limit })
         }
@@ -132,7 +135,7 @@ fn exchange<'a>(
         let sent = dispatch(route, upstream, upstream.balancer.hash_key(key), request)
             .await
             .map_err(|failed| (failed.error, failed.backend))?;
-        collect(sent, route.response_timeout).await
+        collect(sent, route).await
     }
 }
 
@@ -141,10 +144,12 @@ fn exchange<'a>(
 /// and the read of its body each in a slot of its own, and every write's job was 2.9 KB.
 fn collect(
     sent: Dispatched,
-    timeout: Duration,
+    route: &Route,
 ) -> impl Future<Output = Result<SharedResponse, (ProxyError, Option<Arc<str>>)>> + Send {
     let backend = sent.backend;
-    let mut response = super::body::upstream_response(sent.head, sent.lease);
+    let timeout = route.exchange_timeouts.response;
+    let mut response =
+        super::body::upstream_response(sent.head, sent.lease, route.exchange_timeouts.idle);
     let backend_lines = response.body_mut().take_pending_headers();
     let (head, mut body) = response.into_parts();
     let (status, headers) = (head.status, head.headers);

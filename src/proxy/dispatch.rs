@@ -77,7 +77,7 @@ pub(super) fn dispatch<'a>(
                 .send(
                     request,
                     route.connect_timeout,
-                    route.response_timeout,
+                    route.exchange_timeouts,
                     sent_at,
                 )
                 .await

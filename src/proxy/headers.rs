@@ -5,8 +5,10 @@
 //! them out of what it parses, and [`strip_hop_by_hop`] cleans maps from elsewhere (HTTP/2).
 //! Toward the backend the proxy adds `X-Forwarded-For` (appended to the client's, folded into one
 //! line), `X-Forwarded-Proto` and `X-Forwarded-Host` (replacing the client's), `Via` (appended)
-//! and an `X-Request-Id` when the client sent none: see [`Forwarding`]. `Host` is kept as the
-//! client sent it.
+//! and an `X-Request-Id` when the client sent none: see [`Forwarding`]. `Host` is the one the route
+//! was chosen by: the request target's authority when it has one (absolute form, HTTP/2; RFC 9112
+//! §3.2.2), else the client's `Host`, else empty (an HTTP/1.0 client may send none, and HTTP/1.1
+//! toward the backend requires the line).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -80,7 +82,7 @@ pub fn append_to_list(headers: &mut HeaderMap, name: &HeaderName, value: &Header
 /// retry sends the same ones.
 #[derive(Debug, Clone)]
 pub struct Forwarding {
-    /// The host named by the URI (HTTP/2, absolute form): becomes `Host` if the client sent none.
+    /// The host named by the URI (HTTP/2, absolute form): replaces the client's `Host`.
     pub authority: Option<HeaderValue>,
     /// The client's IP, for `X-Forwarded-For`.
     pub client_ip: HeaderValue,
@@ -142,14 +144,19 @@ pub fn encode(out: &mut Vec<u8>, headers: &ClientHeaders, forwarding: Option<&Fo
         }
         return;
     };
-    let mut host = None;
+    let mut host = forwarding.authority.as_ref().map(HeaderValue::as_bytes);
+    if let Some(authority) = host {
+        put_line(out, b"Host", authority);
+    }
     let (mut folded, mut has_request_id) = (false, false);
     for (name, value) in headers.iter() {
         match line_kind(name) {
             Line::Keep => put_line(out, name, value),
             Line::Host => {
-                host.get_or_insert(value);
-                put_line(out, name, value);
+                if host.is_none() {
+                    host = Some(value);
+                    put_line(out, name, value);
+                }
             }
             Line::RequestId => {
                 has_request_id = true;
@@ -159,14 +166,9 @@ pub fn encode(out: &mut Vec<u8>, headers: &ClientHeaders, forwarding: Option<&Fo
             Line::Replaced | Line::Framing => {}
         }
     }
-    if host.is_none() {
-        host = forwarding.authority.as_ref().map(HeaderValue::as_bytes);
-        if let Some(authority) = host {
-            put_line(out, b"Host", authority);
-        }
-    }
-    if let Some(host) = host {
-        put_line(out, b"X-Forwarded-Host", host);
+    match host {
+        Some(host) => put_line(out, b"X-Forwarded-Host", host),
+        None => put_line(out, b"Host", b""),
     }
     let earlier = |name: &'static str| folded.then(|| headers.get_all(name)).into_iter().flatten();
     put_list(
@@ -308,7 +310,7 @@ mod tests {
                 ("x-request-id", "client-1"),
                 ("x-key", "k"),
             ],
-            Some(&forwarding(Some("ignored.example"), 1)),
+            Some(&forwarding(None, 1)),
         );
         let mut lines: Vec<&str> = out.split_terminator("\r\n").collect();
         lines.sort_unstable();
@@ -345,7 +347,17 @@ mod tests {
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         assert!(id.ends_with("0000000000000007"), "{id}");
         let other = encoded(&[], Some(&forwarding(None, 8)));
-        assert!(!other.contains("Host"), "no host to add: {other}");
+        assert!(
+            other.starts_with("Host: \r\n") && !other.contains("X-Forwarded-Host"),
+            "no host known: an empty Host line (RFC 9112 §3.2): {other}"
+        );
+        // The target's authority replaces the client's Host: routing used the authority.
+        let absolute = encoded(
+            &[("host", "b.example"), ("x-key", "k")],
+            Some(&forwarding(Some("a.example"), 9)),
+        );
+        assert!(absolute.starts_with("Host: a.example\r\n"), "{absolute}");
+        assert!(!absolute.contains("b.example"), "{absolute}");
         assert!(!other.contains(id), "ids differ per request: {other}");
     }
 

@@ -156,6 +156,12 @@ impl ProxyService {
             let response = match self.forward(&snapshot, request, &mut exchange).await {
                 Ok(response) => response,
                 Err(error) => {
+                    if let (ProxyError::ClientBodyTimeout { .. }, Some(route)) =
+                        (&error, exchange.route)
+                    {
+                        metrics::counter!(crate::metrics::CLIENT_BODY_TIMEOUTS, "route" => route.name.to_string())
+                            .increment(1);
+                    }
                     if error.fault() != Fault::Client {
                         tracing::warn!(
                             route = exchange.route.map(|r| &*r.name),
@@ -225,6 +231,7 @@ impl ProxyService {
                 });
             }
             request.body.limit_to(route.max_body);
+            request.body.set_idle_timeout(route.client_body_timeout);
             let key = match &route.key {
                 Some(rule) => request_key(rule, &request.head)?,
                 None => None,
@@ -266,7 +273,11 @@ impl ProxyService {
                 failed.error
             })?;
             exchange.backend = Some(sent.backend);
-            Ok(body::upstream_response(sent.head, sent.lease))
+            Ok(body::upstream_response(
+                sent.head,
+                sent.lease,
+                route.exchange_timeouts.idle,
+            ))
         }
     }
 
@@ -370,6 +381,13 @@ pub(crate) fn classify_send_error(error: SendError, max_body: u64) -> ProxyError
             error: Http1Error::RequestBody(RequestBodyError::Client(_)),
             ..
         } => ProxyError::ClientBody,
+        SendError::Exchange {
+            error: Http1Error::RequestBody(RequestBodyError::TimedOut(idle)),
+            sent,
+        } => ProxyError::ClientBodyTimeout {
+            idle: *idle,
+            reached_backend: *sent,
+        },
         _ => ProxyError::Upstream(error),
     }
 }

@@ -7,11 +7,14 @@
 //! request and serializing it again cost more than the rest of a small request's path. HTTP/2
 //! requests arrive as hyper's map and keep it.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, Method, Uri, Version};
 
 use super::body::RequestBody;
 use super::headers::Forwarding;
 use crate::http1::fields::{LineIter, RawHeaders};
+use crate::http1::InterimSink;
 
 /// A request on its way to a backend. Boxed: it passes through several futures (dispatch, retry,
 /// send), and each would otherwise hold room for it.
@@ -34,6 +37,8 @@ pub struct RequestHead {
     pub headers: ClientHeaders,
     /// What the proxy adds toward the backend; set once the request is routed.
     pub forwarding: Option<Forwarding>,
+    /// Where a backend's interim responses go: the HTTP/1.1 client's connection, if any.
+    pub interim: Option<Arc<dyn InterimSink>>,
 }
 
 /// A client's end-to-end headers (hop-by-hop ones already left out).
@@ -108,6 +113,7 @@ impl ProxyRequest {
                 version,
                 headers,
                 forwarding: None,
+                interim: None,
             },
             body,
         }

@@ -134,8 +134,12 @@ async fn check(backend: &Backend, config: &HealthCheckConfig) -> Result<(), Stri
             .map_err(|e| format!("connect: {e}"))?;
         let request = check_request(backend, config)?;
         // The connection is dropped after the head: a check needs only the status.
+        let timeouts = crate::http1::ExchangeTimeouts {
+            response: config.timeout,
+            idle: config.timeout,
+        };
         let head = conn
-            .send(Box::new(request))
+            .send(Box::new(request), timeouts, std::time::Instant::now())
             .await
             .map_err(|e| format!("exchange: {}", e.error))?;
         Ok::<StatusCode, String>(head.status)

@@ -18,6 +18,7 @@ use metrics::Counter;
 use crate::admission::Limiter;
 use crate::balance::{Balancer, KeyHash};
 use crate::config::OutlierConfig;
+use crate::http1::Http1Error;
 use crate::metrics::BackendMetrics;
 pub use health::{clock_ms, ms_at, Health, Outcome};
 pub use pool::{SendError, SendFailure, UpstreamConn};
@@ -97,12 +98,29 @@ impl Backend {
 pub struct InflightGuard {
     backend: Arc<Backend>,
     upstream: Arc<AtomicUsize>,
-    gauge: metrics::Gauge,
+    metrics: Arc<BackendMetrics>,
 }
 
 impl InflightGuard {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
+    }
+
+    pub fn upstream_name(&self) -> &str {
+        &self.metrics.upstream
+    }
+
+    /// A response body broke off: logged, and counted when the backend went silent.
+    pub fn body_failed(&self, error: &Http1Error) {
+        if matches!(error, Http1Error::Stalled(_)) {
+            self.metrics.stalls.increment(1);
+        }
+        tracing::warn!(
+            upstream = &*self.metrics.upstream,
+            backend = self.backend.label(),
+            error = %error,
+            "backend response body broke off; closing its connection and the client's"
+        );
     }
 }
 
@@ -110,7 +128,7 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.backend.inflight.fetch_sub(1, Ordering::Relaxed);
         self.upstream.fetch_sub(1, Ordering::Relaxed);
-        self.gauge.decrement(1.0);
+        self.metrics.inflight.decrement(1.0);
     }
 }
 
@@ -123,7 +141,7 @@ pub struct Member {
     pub max_inflight: Option<usize>,
     picks: Counter,
     ejections: Counter,
-    pub metrics: BackendMetrics,
+    pub metrics: Arc<BackendMetrics>,
 }
 
 impl Member {
@@ -135,7 +153,7 @@ impl Member {
         Member {
             picks: metrics::counter!(crate::metrics::BACKEND_PICKS, &labels),
             ejections: metrics::counter!(crate::metrics::BACKEND_EJECTIONS, &labels),
-            metrics: BackendMetrics::new(upstream, backend.label()),
+            metrics: Arc::new(BackendMetrics::new(upstream, backend.label())),
             backend,
             weight,
             max_inflight: None,
@@ -257,7 +275,7 @@ impl Upstream {
         InflightGuard {
             backend: Arc::clone(&member.backend),
             upstream: Arc::clone(&self.inflight),
-            gauge: member.metrics.inflight.clone(),
+            metrics: Arc::clone(&member.metrics),
         }
     }
 }

@@ -6,15 +6,14 @@
 //! config reloads. A small LIFO stack per backend does all three: the most recently used connection
 //! is the one least likely to have been closed by the backend's idle timer.
 
-use std::future::{poll_fn, Future};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 
 use super::Backend;
-use crate::http1::{Http1Error, ResponseHead, UpstreamStream};
+use crate::http1::{ExchangeTimeouts, Http1Error, ResponseHead, UpstreamStream};
 use crate::proxy::OutgoingRequest;
 
 /// Idle connections kept per backend; more are closed when returned.
@@ -91,14 +90,14 @@ impl Backend {
     ///
     /// On success the connection comes back with the response; hand it to [`Backend::reuse`] once the
     /// response body has been read to its end. `now` is the time the caller last read; the
-    /// response timeout runs from then. (Not an `async fn`, which would keep a second copy of the
+    /// response timeout runs from when the request's last byte was written. (Not an `async fn`, which would keep a second copy of the
     /// request for the whole exchange.)
     #[allow(clippy::manual_async_fn)] // see the doc comment
     pub fn send(
         &self,
         mut request: OutgoingRequest,
         connect_timeout: Duration,
-        response_timeout: Duration,
+        timeouts: ExchangeTimeouts,
         now: Instant,
     ) -> impl Future<Output = Result<(ResponseHead, UpstreamConn), SendFailure>> + Send + '_ {
         async move {
@@ -118,26 +117,16 @@ impl Backend {
                     },
                 };
                 let fresh = sent_at.is_some();
-                let deadline = sent_at.unwrap_or(now) + response_timeout;
-                let mut timer = conn.lend_timer(deadline);
-                let answered = {
-                    let mut exchange = std::pin::pin!(conn.send(request));
-                    poll_fn(|cx| match exchange.as_mut().poll(cx) {
-                        Poll::Ready(answer) => Poll::Ready(Some(answer)),
-                        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
-                    })
-                    .await
-                };
-                conn.return_timer(timer);
+                let answered = conn.send(request, timeouts, sent_at.unwrap_or(now)).await;
                 match answered {
-                    None => {
+                    Ok(head) => return Ok((head, conn)),
+                    Err(failure) if matches!(failure.error, Http1Error::ResponseTimeout) => {
                         return Err(SendFailure {
                             error: SendError::ResponseTimeout,
                             unsent: None,
                         })
                     }
-                    Some(Ok(head)) => return Ok((head, conn)),
-                    Some(Err(failure)) => match failure.unsent {
+                    Err(failure) => match failure.unsent {
                         // A pooled connection closed under us before the request was written: the
                         // request is handed back untouched, so another connection may carry it.
                         Some(unsent) if !fresh => request = unsent,
