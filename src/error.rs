@@ -38,8 +38,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request body is larger than this route's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
-    #[error("reading the request body from the client failed")]
-    ClientBody,
+    /// With the reason the body could not be read (malformed framing, the client gone).
+    #[error("reading the request body from the client failed: {0}")]
+    ClientBody(String),
     /// The client went silent mid-body; `reached_backend` when part of the request had been
     /// sent (that backend connection is closed, so the backend sees a cut-off request).
     #[error("the client sent no body bytes for {idle:?}")]
@@ -71,7 +72,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BadRequest(_)
-            | ProxyError::ClientBody
+            | ProxyError::ClientBody(_)
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -99,7 +100,7 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed
             | ProxyError::BadRequest(_)
             | ProxyError::BodyTooLarge { .. }
-            | ProxyError::ClientBody
+            | ProxyError::ClientBody(_)
             | ProxyError::ClientBodyTimeout { .. }
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => Fault::Client,
@@ -119,7 +120,7 @@ impl ProxyError {
             ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
-            ProxyError::ClientBody => "client_body",
+            ProxyError::ClientBody(_) => "client_body",
             ProxyError::ClientBodyTimeout { .. } => "client_body_timeout",
             ProxyError::MissingKey(_) => "missing_key",
             ProxyError::KeyTooLong { .. } => "key_too_long",
@@ -201,7 +202,10 @@ impl ProxyError {
             ProxyError::NoRoute => "no route matches this host and path",
             ProxyError::MethodNotAllowed => "this route does not accept the request method",
             ProxyError::BadRequest(reason) => reason,
-            ProxyError::ClientBody => "the request body could not be read",
+            ProxyError::ClientBody(reason) => {
+                let _ = write!(out, "the request body could not be read: {reason}");
+                return;
+            }
             ProxyError::NoBackend => "no backend is available",
             ProxyError::KeyQueueFull { .. } => "too many requests are waiting on this key",
             ProxyError::KeyWaitTimeout { .. } => {

@@ -72,7 +72,9 @@ pub(super) fn write<'a, 's: 'a>(
 pub(super) async fn buffer_body(body: RequestBody, limit: u64) -> Result<Bytes, ProxyError> {
     match read_whole(body, usize::MAX).await {
         Ok(body) => Ok(body),
-        Err(Some(RequestBodyError::Client(_))) => Err(ProxyError::ClientBody),
+        Err(Some(RequestBodyError::Client(reason))) => {
+            Err(ProxyError::ClientBody(reason.to_string()))
+        }
         Err(Some(RequestBodyError::TimedOut(idle))) => Err(ProxyError::ClientBodyTimeout {
             idle,
             reached_backend: false,

@@ -378,9 +378,9 @@ pub(crate) fn classify_send_error(error: SendError, max_body: u64) -> ProxyError
             ..
         } => ProxyError::BodyTooLarge { limit: max_body },
         SendError::Exchange {
-            error: Http1Error::RequestBody(RequestBodyError::Client(_)),
+            error: Http1Error::RequestBody(RequestBodyError::Client(reason)),
             ..
-        } => ProxyError::ClientBody,
+        } => ProxyError::ClientBody(reason.to_string()),
         SendError::Exchange {
             error: Http1Error::RequestBody(RequestBodyError::TimedOut(idle)),
             sent,
