@@ -50,6 +50,8 @@ pub enum FramingError {
     TrailersTooLong,
     #[error("line in chunked body not ended by CRLF")]
     BadLineEnd,
+    #[error("malformed trailer field")]
+    BadTrailer,
 }
 
 /// Adds one Content-Length header value to the length `found` so far; several values (in one line
@@ -244,6 +246,9 @@ impl Decoder {
                         self.state = State::Done;
                         continue;
                     }
+                    if !is_field_line(&line) {
+                        return Err(FramingError::BadTrailer);
+                    }
                     let seen = seen.saturating_add(line.len() + 2);
                     if seen > MAX_TRAILERS {
                         return Err(FramingError::TrailersTooLong);
@@ -286,6 +291,25 @@ fn take_line(buf: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, Frami
     let mut line = buf.split_to(lf + 1);
     line.truncate(cr);
     Ok(Some(line))
+}
+
+/// Whether a trailer line is `token ":" field-value` (RFC 9110 §5): trailers are dropped, but one
+/// that another parser would read differently (obs-fold, no name, control characters) is refused,
+/// as hyper and httparse refuse it.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    !name.is_empty()
+        && name.iter().all(|&b| is_tchar(b))
+        && value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// A chunk-size line: `1*HEXDIG [ *(SP / HTAB) ";" chunk-ext ]` (RFC 9112 §7.1). Leading
@@ -470,6 +494,27 @@ mod tests {
         assert_eq!(rest, b"NEXT");
     }
 
+    /// A head trickled a byte at a time is parsed on the first look and then only when a blank
+    /// line may have ended it: a handful of parses, not one per byte.
+    #[test]
+    fn a_trickled_head_is_parsed_only_when_it_may_be_complete() {
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\n";
+        let mut scan = HeadScan::default();
+        let parses: Vec<usize> = (1..=head.len())
+            .filter(|&end| scan.worth_parsing(&head[..end]))
+            .collect();
+        assert_eq!(parses, [1, head.len()]);
+        let mut scan = HeadScan::default();
+        assert!(scan.worth_parsing(b"GET / HTTP/1.1\n"));
+        assert!(!scan.worth_parsing(b"GET / HTTP/1.1\nHost: x\n"));
+        assert!(
+            scan.worth_parsing(b"GET / HTTP/1.1\nHost: x\n\n"),
+            "bare LF heads too"
+        );
+        scan.reset();
+        assert!(scan.worth_parsing(b"G"), "a reset scan looks at once");
+    }
+
     #[test]
     fn length_bodies_stop_at_their_length() {
         let (body, done, rest) = decode_all(Framing::Length(3), b"abcdef").unwrap();
@@ -491,6 +536,13 @@ mod tests {
         );
         assert_eq!(
             decode_all(Framing::Chunked, &[b'1'; 5000]),
+            Err(FramingError::ChunkLineTooLong),
+            "no line end within the limit"
+        );
+        let mut long_ext = b"1;".to_vec();
+        long_ext.extend_from_slice(&[b'e'; 5000]);
+        assert_eq!(
+            decode_all(Framing::Chunked, &long_ext),
             Err(FramingError::ChunkLineTooLong)
         );
         assert_eq!(
