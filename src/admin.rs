@@ -1,5 +1,10 @@
-//! The admin listener: `/healthz` (alive), `/readyz` (every upstream has a usable backend),
+//! The admin listener: `/healthz` (alive), `/readyz` (this process serves: its listeners are
+//! bound and a config is loaded), `/readyz/upstream/NAME` (that upstream has a usable backend),
 //! `/status` (JSON: config, reloads, upstreams, backends, routes) and `/metrics` (Prometheus).
+//!
+//! Readiness is the process's, not its backends': a load balancer probing `/readyz` of every
+//! replica would otherwise pull them all when one pool dies, although each still serves every
+//! other route (and answers that pool's requests with a fast 503).
 //!
 //! It is a separate listener, loopback by default, so that health probes never compete with client
 //! traffic for routes and never reach a backend.
@@ -53,31 +58,34 @@ impl AdminService {
                     "metrics are not enabled in this process\n".to_string(),
                 ),
             },
-            "/readyz" => match not_ready_reason(&self.snapshots.load()) {
-                None => text(StatusCode::OK, "ready\n".to_string()),
-                Some(reason) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {reason}\n"),
+            // The admin listener runs only once the proxy's listeners are bound and its config
+            // loaded, and stops with them.
+            "/readyz" => text(StatusCode::OK, "ready\n".to_string()),
+            path => match path.strip_prefix("/readyz/upstream/") {
+                Some(name) => upstream_readiness(&self.snapshots.load(), name),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "not found: try /healthz, /readyz, /readyz/upstream/NAME, /status or /metrics\n"
+                        .to_string(),
                 ),
             },
-            _ => text(
-                StatusCode::NOT_FOUND,
-                "not found: try /healthz, /readyz, /status or /metrics\n".to_string(),
-            ),
         }
     }
 }
 
-/// Why the proxy cannot serve every route, or `None` when it can.
-fn not_ready_reason(snapshot: &Snapshot) -> Option<String> {
-    let unusable: Vec<&str> = snapshot
-        .upstreams
-        .iter()
-        .filter(|u| !u.has_usable_backend())
-        .map(|u| &*u.name)
-        .collect();
-    (!unusable.is_empty())
-        .then(|| format!("no usable backend in upstream(s) {}", unusable.join(", ")))
+/// `/readyz/upstream/NAME`: 200 while the upstream has a usable backend, 503 while it has none.
+fn upstream_readiness(snapshot: &Snapshot, name: &str) -> Response<ResponseBody> {
+    match snapshot.upstreams.iter().find(|u| &*u.name == name) {
+        None => text(
+            StatusCode::NOT_FOUND,
+            format!("no upstream named {name:?}\n"),
+        ),
+        Some(u) if u.has_usable_backend() => text(StatusCode::OK, "ready\n".to_string()),
+        Some(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: no usable backend in upstream {name:?}\n"),
+        ),
+    }
 }
 
 /// The `/status` document: the running config and what reloads did.
@@ -90,7 +98,8 @@ fn status(snapshot: &Snapshot, reloads: &ReloadStatus) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": started().elapsed().as_secs_f64(),
         "config_file": snapshot.config.path.display().to_string(),
-        "ready": not_ready_reason(snapshot).is_none(),
+        // The process serves; each upstream says whether it has a usable backend.
+        "ready": true,
         "upstreams": upstreams_status(snapshot),
         "routes": routes_status(snapshot),
         "reload": {
@@ -136,6 +145,7 @@ fn upstreams_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
             serde_json::json!({
                 "name": config.name,
                 "balance": balance_name(config),
+                "ready": upstream.has_usable_backend(),
                 "inflight": upstream.inflight.load(std::sync::atomic::Ordering::Relaxed),
                 "admission": upstream.admission.as_deref().map(limiter_status),
                 "backends": backends,

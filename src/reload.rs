@@ -130,8 +130,14 @@ pub struct Reloader {
 
 impl Reloader {
     /// Watches for changes and SIGHUP until `stop` flips.
+    ///
+    /// Each version of the files is judged once: `judged` holds the bytes of the last version
+    /// tried, refused or not, so that events that change none of them (a log file written in the
+    /// same directory) try nothing again. `running` holds the bytes of the config in service: a
+    /// file edited back to them clears the error that a refused version left in `/status`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut last_inputs = self.triggers.last_inputs.take();
+        let mut running = self.triggers.last_inputs.take();
+        let mut judged = running.clone();
         loop {
             let events = &mut self.triggers.events;
             let hangup = &mut self.triggers.hangup;
@@ -147,15 +153,31 @@ impl Reloader {
                     .await
                     .ok()
                     .flatten();
-                if now.is_some() && now == last_inputs {
+                if now.is_some() && now == judged {
                     continue; // an event in a watched directory that changed none of our files
+                }
+                judged = now.clone();
+                if now.is_some() && now == running {
+                    self.back_to_running();
+                    continue;
                 }
             } else {
                 tracing::info!("SIGHUP received: reloading the config");
             }
             if let Some(inputs) = self.reload().await {
-                last_inputs = Some(inputs);
+                running = Some(inputs);
+                judged = running.clone();
             }
+        }
+    }
+
+    /// The files hold the running config again, after a refused edit: nothing to reload, and
+    /// no error to show any more.
+    fn back_to_running(&self) {
+        let had_error = self.state.status().error.is_some();
+        if had_error {
+            tracing::info!(file = %self.path.display(), "the config file is back to the running config");
+            self.state.update(|s| s.error = None);
         }
     }
 

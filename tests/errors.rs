@@ -162,9 +162,16 @@ async fn no_usable_backend_is_503_at_once() {
     assert!(reply.text().contains("no backend is available"));
     assert_names_route_and_upstream(&reply);
     assert_eq!(b.count(), 0, "a backend marked down gets nothing");
-    let ready = get(proxy.admin.unwrap(), "/readyz").await;
+    let admin = proxy.admin.unwrap();
+    // The process serves (every other route would): ready. The upstream is not.
+    assert_eq!(get(admin, "/readyz").await.status, StatusCode::OK);
+    let ready = get(admin, "/readyz/upstream/up").await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(ready.text().contains("up"), "{}", ready.text());
+    assert!(ready.text().contains("\"up\""), "{}", ready.text());
+    assert_eq!(
+        get(admin, "/readyz/upstream/nope").await.status,
+        StatusCode::NOT_FOUND
+    );
     proxy.shutdown().await;
 }
 

@@ -687,3 +687,41 @@ async fn connect_and_trace_need_a_route_that_allows_them() {
     assert_eq!(b.count(), 1);
     proxy.shutdown().await;
 }
+
+/// A backend that takes the head and then reads nothing: the upload stalls, and after
+/// backend_idle the client gets a 504 instead of waiting for ever.
+#[tokio::test]
+async fn a_backend_that_stops_reading_the_upload_is_a_504() {
+    let (addr, _) = raw_backend(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        // Holds the connection open, reading nothing more; the test ends well before this does.
+        tokio::time::sleep(STEP).await;
+        drop(stream);
+    })
+    .await;
+    let proxy = start_proxy(&config_with_route(
+        addr,
+        "max_body = \"64MiB\"\ntimeouts = { backend_idle = \"300ms\" }",
+    ))
+    .await;
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    const LEN: usize = 48 << 20;
+    let upload = tokio::spawn(async move {
+        let head = format!("PUT /w HTTP/1.1\r\nHost: x\r\nContent-Length: {LEN}\r\n\r\n");
+        writer.write_all(head.as_bytes()).await.unwrap();
+        let piece = vec![b'u'; 1 << 20];
+        for _ in 0..LEN / piece.len() {
+            if writer.write_all(&piece).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut reply = Vec::new();
+    let _ = bounded("the 504", reader.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 504"), "{reply}");
+    assert!(reply.contains("stopped reading the request"), "{reply}");
+    upload.abort();
+    proxy.shutdown().await;
+}

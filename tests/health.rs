@@ -195,8 +195,9 @@ async fn active_checks_take_a_backend_out_and_bring_it_back() {
         started.elapsed() < Duration::from_secs(1),
         "answered at once, not after a timeout"
     );
+    assert_eq!(get(admin, "/readyz").await.status, StatusCode::OK);
     assert_eq!(
-        get(admin, "/readyz").await.status,
+        get(admin, "/readyz/upstream/up").await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
     health.store(200, Ordering::SeqCst);
@@ -205,7 +206,7 @@ async fn active_checks_take_a_backend_out_and_bring_it_back() {
     })
     .await;
     assert_eq!(get(proxy.addr, "/work").await.status, 200);
-    assert_eq!(get(admin, "/readyz").await.status, 200);
+    assert_eq!(get(admin, "/readyz/upstream/up").await.status, 200);
     proxy.shutdown().await;
 }
 

@@ -68,6 +68,18 @@ fn the_unit_is_hardened() {
     ] {
         assert!(text.lines().any(|l| l == line), "the unit needs {line}");
     }
+    // `systemctl reload` checks the file first, so that a bad edit fails the command.
+    let reloads: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("ExecReload="))
+        .collect();
+    assert_eq!(
+        reloads,
+        [
+            "ExecReload=/usr/local/bin/writegate check --config /etc/writegate/writegate.toml",
+            "ExecReload=/bin/kill -HUP $MAINPID"
+        ]
+    );
     let Ok(output) = Command::new("systemd-analyze")
         .args(["security", "--offline=true", unit])
         .output()

@@ -301,3 +301,32 @@ async fn queued_writes_and_backend_state_survive_a_reload() {
     );
     proxy.shutdown().await;
 }
+
+/// A refused file is judged once: writes to other files in its directory (a log file beside it)
+/// try nothing again; and restoring the running config clears the error without a SIGHUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_file_is_judged_once_and_restoring_it_clears_the_error() {
+    let a = named_backend("a", Duration::ZERO).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("writegate.toml");
+    let good = config_text(&[a.addr], "");
+    std::fs::write(&path, &good).unwrap();
+    let (proxy, state) = start_reloading_proxy(&path).await;
+    rename_over(
+        &path,
+        &good.replace("upstream = \"writers\"", "upstream = \"nobody\""),
+    );
+    eventually("the failed reload", || state.status().failed >= 1).await;
+    let log = dir.path().join("writegate.log");
+    for line in 0..5 {
+        std::fs::write(&log, format!("log line {line}\n")).unwrap();
+        // Longer than the debounce, so that each write is an event of its own.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(state.status().failed, 1, "{:?}", state.status());
+    rename_over(&path, &good);
+    eventually("the error to clear", || state.status().error.is_none()).await;
+    let status = state.status();
+    assert_eq!((status.failed, status.succeeded), (1, 0), "{status:?}");
+    proxy.shutdown().await;
+}

@@ -20,9 +20,9 @@ use super::request::{OutgoingRequest, ProxyRequest, RequestHead};
 use crate::admission::AdmissionPermit;
 use crate::balance::KeyHash;
 use crate::error::ProxyError;
-use crate::http1::ResponseHead;
+use crate::http1::{Http1Error, ResponseHead};
 use crate::route::Route;
-use crate::upstream::{clock_ms, ms_at, Outcome, Upstream};
+use crate::upstream::{clock_ms, ms_at, Outcome, SendError, Upstream};
 
 /// A response head from a backend, with what must be held until its body is read.
 pub(super) struct Dispatched {
@@ -108,6 +108,13 @@ pub(super) fn dispatch<'a>(
                 }
                 Err(failure) => {
                     member.metrics.failed();
+                    if let SendError::Exchange {
+                        error: Http1Error::Stalled(_),
+                        ..
+                    } = &failure.error
+                    {
+                        member.metrics.stalls.increment(1);
+                    }
                     let error = classify_send_error(failure.error, route.max_body);
                     if !matches!(error, ProxyError::Upstream(_)) {
                         // The client's body was too large or broke off: not the backend's fault.
