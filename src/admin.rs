@@ -46,7 +46,10 @@ impl AdminService {
             "/status" => json(status(&self.snapshots.load(), &self.reloads.status())),
             "/metrics" => match crate::metrics::handle() {
                 Some(handle) => {
-                    let mut response = text(StatusCode::OK, handle.render());
+                    let mut scrape =
+                        current_series_only(&handle.render(), &self.snapshots.load());
+                    scrape.push_str(&crate::metrics::process_metrics());
+                    let mut response = text(StatusCode::OK, scrape);
                     response.headers_mut().insert(
                         CONTENT_TYPE,
                         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -71,6 +74,51 @@ impl AdminService {
             },
         }
     }
+}
+
+/// The scrape without the samples of backends, upstreams and routes the running config no longer
+/// has. The exporter keeps every series it has seen (it has no way to delete one), and a removed
+/// backend's last `writegate_backend_healthy` would otherwise stay in every scrape, for ever.
+fn current_series_only(scrape: &str, snapshot: &Snapshot) -> String {
+    use std::collections::HashSet;
+    let backends: HashSet<&str> = snapshot
+        .upstreams
+        .iter()
+        .flat_map(|u| u.members.iter().map(|m| m.backend.label()))
+        .collect();
+    let upstreams: HashSet<&str> = snapshot.upstreams.iter().map(|u| &*u.name).collect();
+    let routes: HashSet<&str> = snapshot
+        .router
+        .routes()
+        .iter()
+        .map(|r| &*r.name)
+        .chain(["-"])
+        .collect();
+    let current = |line: &str| {
+        let known = |label: &str, set: &HashSet<&str>| {
+            label_value(line, label).is_none_or(|value| set.contains(value))
+        };
+        line.starts_with('#')
+            || (known("backend", &backends)
+                && known("upstream", &upstreams)
+                && known("route", &routes))
+    };
+    let mut out = String::with_capacity(scrape.len());
+    for line in scrape.lines().filter(|line| current(line)) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// The value of `label` in a sample line (`name{a="x",b="y"} 1`), when it has one. Values here
+/// are config names and addresses: no escaped quotes to care for.
+fn label_value<'l>(line: &'l str, label: &str) -> Option<&'l str> {
+    let labels = &line[line.find('{')? + 1..line.find('}')?];
+    labels.split("\",").find_map(|pair| {
+        let value = pair.strip_prefix(label)?.strip_prefix("=\"")?;
+        Some(value.strip_suffix('"').unwrap_or(value))
+    })
 }
 
 /// `/readyz/upstream/NAME`: 200 while the upstream has a usable backend, 503 while it has none.

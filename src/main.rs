@@ -175,20 +175,27 @@ fn with_config(path: Option<PathBuf>, command: fn(Config) -> ExitCode) -> ExitCo
     match Config::load(&path) {
         Ok(config) => command(config),
         Err(errors) => {
-            eprintln!("{errors}");
-            eprintln!(
+            let summary = format!(
                 "writegate: {} error(s) in {}",
                 errors.0.len(),
                 path.display()
             );
+            say(&mut std::io::stderr(), &format!("{errors}\n{summary}"));
             ExitCode::FAILURE
         }
     }
 }
 
 fn check(config: Config) -> ExitCode {
-    println!("{}", config.describe());
+    say(&mut std::io::stdout(), &config.describe());
     ExitCode::SUCCESS
+}
+
+/// Writes `text` and a newline. A reader that went away (`writegate check | head -1`) is no
+/// error of ours: the rest is dropped and the exit status stays the one the command documents,
+/// where `println!` would panic.
+fn say(out: &mut impl std::io::Write, text: &str) {
+    let _ = writeln!(out, "{text}").and_then(|()| out.flush());
 }
 
 fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {

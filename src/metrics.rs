@@ -122,6 +122,8 @@ pub const CONFIG_LAST_RELOAD_SUCCESS: &str =
 
 /// Counter, label `listener`: TLS handshakes that failed or timed out.
 pub const TLS_HANDSHAKE_FAILURES: &str = "writegate_tls_handshake_failures_total";
+/// Gauge, label `version`: always 1, to join the build to other series.
+pub const BUILD_INFO: &str = "writegate_build_info";
 
 /// Registers help texts with the installed recorder.
 fn describe() {
@@ -185,6 +187,140 @@ fn describe() {
         Unit::Count,
         "Requests refused by a key queue, by reason."
     );
+    describe_counter!(
+        UPSTREAM_CONNECTIONS,
+        Unit::Count,
+        "Connections opened to each backend (the pool reuses them)."
+    );
+    describe_counter!(
+        BACKEND_EJECTIONS,
+        Unit::Count,
+        "Ejections of each backend by passive outlier detection."
+    );
+    describe_counter!(
+        ADMISSION_ADMITTED,
+        Unit::Count,
+        "Requests admitted by an admission limit."
+    );
+    describe_counter!(
+        ADMISSION_REJECTED,
+        Unit::Count,
+        "Requests shed by an admission limit, by reason."
+    );
+    describe_gauge!(
+        ADMISSION_QUEUE_DEPTH,
+        Unit::Count,
+        "Requests waiting for an admission slot."
+    );
+    describe_gauge!(
+        ADMISSION_LIMIT,
+        Unit::Count,
+        "The current admission limit (it moves when adaptive)."
+    );
+    describe_gauge!(
+        BACKEND_HEALTHY,
+        "1 while a backend passes its active health checks, 0 while it fails them."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        Unit::Count,
+        "Config reload attempts, by result."
+    );
+    describe_gauge!(
+        CONFIG_LAST_RELOAD_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the last successful config reload."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes that failed or timed out, by listener."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which writegate build runs."
+    );
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// The `process_*` families Prometheus client libraries export, read from `/proc` at scrape
+/// time (the recorder has no collector hook): CPU seconds, resident memory, open and allowed
+/// file descriptors, start time. Empty where `/proc` is not there.
+pub fn process_metrics() -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() else {
+        return out;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    };
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as f64,
+        _ => 4096.0,
+    };
+    let mut family = |name: &str, kind: &str, help: &str, value: Option<f64>| {
+        if let Some(value) = value {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        }
+    };
+    let cpu = field(14).zip(field(15)).map(|(u, s)| (u + s) / ticks);
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time spent in seconds.",
+        cpu,
+    );
+    family(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        field(24).map(|pages| pages * page),
+    );
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+    });
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        boot.zip(field(22))
+            .map(|(boot, start)| boot + start / ticks),
+    );
+    let open = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as f64);
+    family(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        open,
+    );
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    let max = (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
+        .then_some(limit.rlim_cur as f64);
+    family(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        max,
+    );
+    out
 }
 
 /// The methods that get their own label value; the rest count as `other`.

@@ -529,3 +529,41 @@ fn admission_health_and_retry_options_are_validated() {
         "out of range",
     );
 }
+
+/// `writegate check ... | head -1`: a reader that has gone away ends the program quietly with the
+/// status the command documents, not a panic about a broken pipe. The pipe's read end is closed
+/// before the program starts, so every run meets the broken pipe.
+#[test]
+fn check_into_a_closed_pipe_exits_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe(2) fills both descriptors on success; each is owned exactly once below.
+    let (read_end, write_end) = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0, "pipe(2)");
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    drop(read_end);
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[[routes]]\nname = 1\n").unwrap();
+    for (path, status) in [(&good, 0), (&bad, 1)] {
+        let out = Command::new(env!("CARGO_BIN_EXE_writegate"))
+            .args(["check", "--config", path.to_str().unwrap()])
+            .stdout(std::process::Stdio::from(write_end.try_clone().unwrap()))
+            .stderr(if status == 0 {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::from(write_end.try_clone().unwrap())
+            })
+            .output()
+            .expect("run writegate");
+        assert_eq!(
+            out.status.code(),
+            Some(status),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+}

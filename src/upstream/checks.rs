@@ -48,7 +48,10 @@ fn spawn(snapshot: &Snapshot, stop: &watch::Receiver<bool>) {
                 "upstream" => upstream.name.to_string(),
                 "backend" => member.backend.label().to_string()
             );
-            healthy.set(1.0);
+            // The backend's live state, carried across reloads: a reload must not make a backend
+            // that fails its checks look healthy.
+            let down = member.backend.health.actively_down();
+            healthy.set(if down { 0.0 } else { 1.0 });
             tokio::spawn(check_loop(
                 Arc::clone(&member.backend),
                 check.clone(),
