@@ -144,7 +144,7 @@ fn status(snapshot: &Snapshot, reloads: &ReloadStatus) -> serde_json::Value {
     };
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": started().elapsed().as_secs_f64(),
+        "uptime_seconds": uptime_seconds(),
         "config_file": snapshot.config.path.display().to_string(),
         // The process serves; each upstream says whether it has a usable backend.
         "ready": true,
@@ -185,6 +185,10 @@ fn upstreams_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
                             "usable": m.usable(now),
                             "ejected": m.backend.health.is_ejected(now),
                             "failing_health_checks": m.backend.health.actively_down(),
+                            "last_health_check_failure": m.backend.health.last_check_failure(),
+                            "last_state_change": m.backend.health.last_change(),
+                            "requests": m.backend.exchange_counts().0,
+                            "errors": m.backend.exchange_counts().1,
                             "idle_connections": m.backend.idle_connections(),
                         }),
                     }
@@ -257,10 +261,18 @@ fn routes_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// When this process started serving (first use), for uptime.
-fn started() -> Instant {
-    static STARTED: OnceLock<Instant> = OnceLock::new();
-    *STARTED.get_or_init(Instant::now)
+/// Seconds since the process started (from `/proc`; where it cannot tell, since this module
+/// was first used).
+fn uptime_seconds() -> f64 {
+    static FIRST_USE: OnceLock<Instant> = OnceLock::new();
+    let first_use = *FIRST_USE.get_or_init(Instant::now);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    match crate::metrics::process_start_time() {
+        Some(start) if start <= now => now - start,
+        _ => first_use.elapsed().as_secs_f64(),
+    }
 }
 
 fn json(value: serde_json::Value) -> Response<ResponseBody> {

@@ -249,19 +249,12 @@ fn describe() {
 pub fn process_metrics() -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let Some(stat) = std::fs::read_to_string("/proc/self/stat").ok() else {
+    let Some(stat) = ProcStat::read() else {
         return out;
     };
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+    let field = |n: usize| stat.field(n);
+    let ticks = clock_ticks();
     // SAFETY: sysconf only reads a system constant.
-    let ticks = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        t if t > 0 => t as f64,
-        _ => 100.0,
-    };
     let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
         p if p > 0 => p as f64,
         _ => 4096.0,
@@ -287,16 +280,11 @@ pub fn process_metrics() -> String {
         "Resident memory size in bytes.",
         field(24).map(|pages| pages * page),
     );
-    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
-    });
     family(
         "process_start_time_seconds",
         "gauge",
         "Start time of the process since unix epoch in seconds.",
-        boot.zip(field(22))
-            .map(|(boot, start)| boot + start / ticks),
+        stat.start_time(),
     );
     let open = std::fs::read_dir("/proc/self/fd")
         .ok()
@@ -321,6 +309,49 @@ pub fn process_metrics() -> String {
         max,
     );
     out
+}
+
+/// This process's `/proc/self/stat`, split into fields.
+struct ProcStat {
+    /// The fields after the command name (which is in parentheses and may hold spaces).
+    fields: Vec<String>,
+}
+
+impl ProcStat {
+    fn read() -> Option<ProcStat> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let (_, rest) = stat.rsplit_once(')')?;
+        Some(ProcStat {
+            fields: rest.split_whitespace().map(str::to_string).collect(),
+        })
+    }
+
+    /// Field `n`, numbered as proc(5) numbers them (from 1; the first after the name is 3).
+    fn field(&self, n: usize) -> Option<f64> {
+        self.fields.get(n.checked_sub(3)?)?.parse().ok()
+    }
+
+    /// When the process started, in Unix seconds: boot time plus the start's clock ticks.
+    fn start_time(&self) -> Option<f64> {
+        let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())
+        })?;
+        Some(boot + self.field(22)? / clock_ticks())
+    }
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        t if t > 0 => t as f64,
+        _ => 100.0,
+    }
+}
+
+/// Unix time in seconds at which this process started, where `/proc` tells.
+pub fn process_start_time() -> Option<f64> {
+    ProcStat::read()?.start_time()
 }
 
 /// The methods that get their own label value; the rest count as `other`.

@@ -195,6 +195,18 @@ async fn active_checks_take_a_backend_out_and_bring_it_back() {
         started.elapsed() < Duration::from_secs(1),
         "answered at once, not after a timeout"
     );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(admin, "/status").await.text()).unwrap();
+    let backend = &status["upstreams"][0]["backends"][0];
+    assert_eq!(backend["failing_health_checks"], true);
+    assert!(
+        backend["last_health_check_failure"]
+            .as_str()
+            .is_some_and(|r| r.contains("503")),
+        "{backend}"
+    );
+    assert!(backend["last_state_change"].as_f64().is_some(), "{backend}");
+    assert_eq!(status["upstreams"][0]["ready"], false);
     assert_eq!(get(admin, "/readyz").await.status, StatusCode::OK);
     assert_eq!(
         get(admin, "/readyz/upstream/up").await.status,

@@ -123,6 +123,24 @@ async fn status_shows_upstreams_backends_and_routes() {
     assert_eq!(backend["weight"], 2);
     assert_eq!(backend["inflight"], 0);
     assert_eq!(backend["usable"], true);
+    assert_eq!(
+        (backend["requests"].as_u64(), backend["errors"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert!(backend["last_state_change"].is_null(), "never changed");
+    assert_eq!(status["upstreams"][0]["ready"], true);
+    // Counted from the process's start, not from the first look at /status.
+    let uptime = status["uptime_seconds"].as_f64().unwrap();
+    let start = writegate::metrics::process_start_time().expect("/proc tells the start");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (uptime - (now - start)).abs() < 1.0,
+        "{uptime} vs {}",
+        now - start
+    );
     assert_eq!(status["upstreams"][0]["balance"], "least_conn");
     let route = &status["routes"][0];
     assert_eq!(route["name"], "r");

@@ -85,7 +85,9 @@ pub(super) fn dispatch<'a>(
                 Ok((head, conn)) => {
                     let responded = Instant::now();
                     member.metrics.responded(head.status, responded - sent_at);
-                    let outcome = if head.status.is_server_error() {
+                    let failed = head.status.is_server_error();
+                    member.backend.count_exchange(failed);
+                    let outcome = if failed {
                         Outcome::Failure
                     } else {
                         Outcome::Success
@@ -108,6 +110,7 @@ pub(super) fn dispatch<'a>(
                 }
                 Err(failure) => {
                     member.metrics.failed();
+                    member.backend.count_exchange(true);
                     if let SendError::Exchange {
                         error: Http1Error::Stalled(_),
                         ..

@@ -93,6 +93,7 @@ async fn check_loop(
             }
             Err(reason) => {
                 (passes, failures) = (0, failures + 1);
+                backend.health.check_failed(reason.clone());
                 if !down && failures >= config.unhealthy_threshold {
                     backend.health.set_actively_down(true);
                     healthy_gauge.set(0.0);

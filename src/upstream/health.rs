@@ -13,8 +13,8 @@
 //! and after a full `max_ejection_time` without ejection the doubling starts over.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::OutlierConfig;
 
@@ -43,6 +43,10 @@ pub struct Health {
     on_probation: AtomicBool,
     /// Held down by active health checks.
     actively_down: AtomicBool,
+    /// Unix time (ms) of the last change between usable and not (0: none yet).
+    changed_at_unix_ms: AtomicU64,
+    /// Why the last failed active check failed, for `/status`.
+    last_check_failure: Mutex<Option<String>>,
 }
 
 /// How an exchange with a backend went, for outlier detection.
@@ -116,11 +120,42 @@ impl Health {
             .store(now_ms + duration.as_millis() as u64, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.on_probation.store(true, Ordering::Relaxed);
+        self.mark_changed();
     }
 
     /// Sets the active health checks' verdict.
     pub fn set_actively_down(&self, down: bool) {
-        self.actively_down.store(down, Ordering::Relaxed);
+        if self.actively_down.swap(down, Ordering::Relaxed) != down {
+            self.mark_changed();
+        }
+    }
+
+    /// Notes why an active check failed (kept after the backend recovers, as the last failure).
+    pub fn check_failed(&self, reason: String) {
+        *self
+            .last_check_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    }
+
+    pub fn last_check_failure(&self) -> Option<String> {
+        self.last_check_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Unix time in seconds of the last change between usable and not, if there was one.
+    pub fn last_change(&self) -> Option<f64> {
+        let ms = self.changed_at_unix_ms.load(Ordering::Relaxed);
+        (ms > 0).then(|| ms as f64 / 1000.0)
+    }
+
+    fn mark_changed(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.changed_at_unix_ms.store(now, Ordering::Relaxed);
     }
 
     pub fn actively_down(&self) -> bool {

@@ -10,7 +10,7 @@ pub mod health;
 mod pool;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use metrics::Counter;
@@ -41,6 +41,10 @@ pub struct Backend {
     )>,
     /// New connections opened to this backend (reuse = 1 − connections / requests).
     connections_opened: Counter,
+    /// Exchanges since the backend first appeared, and those that failed (no response, or a
+    /// 5xx), for `/status`: live state, carried across reloads.
+    exchanges: AtomicU64,
+    failed_exchanges: AtomicU64,
 }
 
 impl Backend {
@@ -65,7 +69,25 @@ impl Backend {
             smooth_weight: AtomicI64::new(0),
             pool: pool::Pool::default(),
             health: Health::default(),
+            exchanges: AtomicU64::new(0),
+            failed_exchanges: AtomicU64::new(0),
         }
+    }
+
+    /// Counts one exchange, and whether it failed (no response, or a 5xx).
+    pub fn count_exchange(&self, failed: bool) {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failed_exchanges.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Exchanges so far, and how many of them failed.
+    pub fn exchange_counts(&self) -> (u64, u64) {
+        (
+            self.exchanges.load(Ordering::Relaxed),
+            self.failed_exchanges.load(Ordering::Relaxed),
+        )
     }
 
     pub fn address(&self) -> SocketAddr {
