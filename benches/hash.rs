@@ -44,6 +44,7 @@ fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> (Balance
         consistent_hash: Some(HashConfig {
             algorithm,
             balance_factor: factor,
+            balance_min_inflight: 0,
         }),
         backends,
         admission: None,

@@ -218,7 +218,9 @@ async fn a_hot_key_spills_to_its_next_backend_and_comes_back() {
         b.push(gated_backend(&gate).await);
     }
     let addrs: Vec<_> = b.iter().map(|b| b.addr).collect();
-    let config = hash_config(&addrs, "path_segment:2", "hash_balance_factor = 1.25", "");
+    // No floor: the bound applies from the first request in flight.
+    let bound = "hash_balance_factor = 1.25\nhash_balance_min_inflight = 0";
+    let config = hash_config(&addrs, "path_segment:2", bound, "");
     let proxy = start_proxy(&config).await;
     let addr = proxy.addr;
     let hot = || async move { send(addr, req(Method::PUT, "/kv/hot", b"v")).await };
@@ -278,8 +280,9 @@ async fn picks_and_spills_are_counted_without_keys_in_labels() {
         b.push(gated_backend(&gate).await);
     }
     let addrs: Vec<_> = b.iter().map(|b| b.addr).collect();
-    let config = hash_config(&addrs, "path_segment:2", "hash_balance_factor = 1.25", "")
-        .replace("\"hashed\"", "\"metered\"");
+    let bound = "hash_balance_factor = 1.25\nhash_balance_min_inflight = 0";
+    let config =
+        hash_config(&addrs, "path_segment:2", bound, "").replace("\"hashed\"", "\"metered\"");
     let proxy = start_proxy(&config).await;
     let addr = proxy.addr;
     let mut held = Vec::new();
@@ -319,5 +322,56 @@ async fn picks_and_spills_are_counted_without_keys_in_labels() {
         "{text}"
     );
     assert!(!text.contains("secret-key-42"), "keys never become labels");
+    proxy.shutdown().await;
+}
+
+/// Four clients over three backends with the example config's `hash_balance_factor = 1.25`: no
+/// backend is loaded, so every key stays on its one backend (without `hash_balance_min_inflight`
+/// the bound allowed 3 in flight each, and 71 of 100 keys reached all three backends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_low_load_keys_stay_home_under_bounded_loads() {
+    let backends = [
+        named_backend("a", Duration::from_millis(2)).await,
+        named_backend("b", Duration::from_millis(2)).await,
+        named_backend("c", Duration::from_millis(2)).await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let proxy = start_proxy(&hash_config(
+        &addrs,
+        "path",
+        "hash_balance_factor = 1.25",
+        "",
+    ))
+    .await;
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let addr = proxy.addr;
+            tokio::spawn(async move {
+                let mut client = Client::connect(addr).await;
+                for i in 0..250 {
+                    let key = (i * 7 + c * 13) % 100;
+                    let reply = client
+                        .send(req(Method::PUT, &format!("/k{key}"), b"v"))
+                        .await;
+                    assert_eq!(reply.status, 200);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        bounded("a client's 250 writes", client).await.unwrap();
+    }
+    let mut homes: HashMap<String, Vec<usize>> = HashMap::new();
+    for (index, backend) in backends.iter().enumerate() {
+        for uri in backend.uris() {
+            let seen = homes.entry(uri).or_default();
+            if !seen.contains(&index) {
+                seen.push(index);
+            }
+        }
+    }
+    assert_eq!(homes.len(), 100);
+    let wandered: Vec<_> = homes.iter().filter(|(_, b)| b.len() > 1).collect();
+    assert!(wandered.is_empty(), "keys that left home: {wandered:?}");
     proxy.shutdown().await;
 }

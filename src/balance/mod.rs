@@ -28,6 +28,8 @@ pub enum Balancer {
         table: HashTable,
         /// `hash_balance_factor`; `None` disables bounded loads.
         balance_factor: Option<f64>,
+        /// `hash_balance_min_inflight`: below it, a backend is never full.
+        min_inflight: usize,
         /// Sum of the members' weights, for bounded loads.
         total_weight: u64,
     },
@@ -67,6 +69,7 @@ impl Balancer {
         Balancer::ConsistentHash {
             table,
             balance_factor: hash.balance_factor,
+            min_inflight: hash.balance_min_inflight,
             total_weight: weights.iter().map(|&w| u64::from(w)).sum(),
         }
     }
@@ -104,12 +107,15 @@ impl Balancer {
                 Balancer::ConsistentHash {
                     table,
                     balance_factor,
+                    min_inflight,
                     total_weight,
                 },
                 Some(key),
             ) if !members.is_empty() => {
-                let bound =
-                    balance_factor.map(|f| LoadBound::new(f, *total_weight, upstream_inflight));
+                let bound = balance_factor.map(|f| LoadBound {
+                    floor: *min_inflight,
+                    ..LoadBound::new(f, *total_weight, upstream_inflight)
+                });
                 (table, bound, key)
             }
             _ => {
@@ -164,21 +170,35 @@ pub enum KeyHash {
 }
 
 /// The bounded-load capacity test for one pick.
+///
+/// HAProxy's `hash-balance-factor` and Envoy's `hash_balance_factor` apply the bound from the
+/// first request. At low load it is a handful of requests (4 in flight over 3 backends with c =
+/// 1.25 allow 3 each), so two hot keys on one backend already push a third key off its home,
+/// and keys wander over every backend while none is busy: bad for a write proxy, whose backends
+/// keep per-key caches and locks. Below `floor` requests in flight a backend therefore always
+/// takes its own keys; the bound starts to matter once a backend is really loaded.
 struct LoadBound {
     /// factor × (upstream in-flight + 1) / total weight: capacity per unit of weight.
     per_weight: f64,
+    /// In-flight requests below which a backend is never full.
+    floor: usize,
 }
 
 impl LoadBound {
     fn new(factor: f64, total_weight: u64, upstream_inflight: usize) -> LoadBound {
         LoadBound {
             per_weight: factor * (upstream_inflight as f64 + 1.0) / total_weight.max(1) as f64,
+            floor: 0,
         }
     }
 
     fn fits(&self, member: &Member) -> bool {
+        let inflight = member.backend.inflight();
+        if inflight < self.floor {
+            return true;
+        }
         let capacity = (self.per_weight * f64::from(member.weight)).ceil();
-        (member.backend.inflight() + 1) as f64 <= capacity
+        (inflight + 1) as f64 <= capacity
     }
 }
 
@@ -197,6 +217,15 @@ mod tests {
     }
 
     fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> Upstream {
+        upstream_with_floor(n, algorithm, factor, 0)
+    }
+
+    fn upstream_with_floor(
+        n: usize,
+        algorithm: HashAlgorithm,
+        factor: Option<f64>,
+        floor: usize,
+    ) -> Upstream {
         let backends: Vec<BackendConfig> = (0..n)
             .map(|i| {
                 let label = format!("127.0.0.{}:9000", i + 1);
@@ -215,6 +244,7 @@ mod tests {
             consistent_hash: Some(HashConfig {
                 algorithm,
                 balance_factor: factor,
+                balance_min_inflight: floor,
             }),
             backends,
             admission: None,
@@ -253,6 +283,27 @@ mod tests {
             let back = pick(&up, key, 0).unwrap();
             assert_eq!(back, own, "the key returns when its backend has room");
         }
+    }
+
+    /// At low load the bound alone moves keys (4 in flight over 3 backends allow 3 each); with a
+    /// floor of 8 the key stays home until its backend really is loaded, then spills.
+    #[test]
+    fn below_the_floor_a_key_stays_home() {
+        let up = upstream_with_floor(3, HashAlgorithm::Rendezvous, Some(1.25), 8);
+        let own = pick(&up, b"k", 0).unwrap();
+        let mut held: Vec<_> = (0..7).map(|_| up.start_on(own.member)).collect();
+        assert_eq!(pick(&up, b"k", 7).unwrap(), own, "7 in flight: home");
+        let bare = upstream(3, HashAlgorithm::Rendezvous, Some(1.25));
+        let _bare_held: Vec<_> = (0..3).map(|_| bare.start_on(own.member)).collect();
+        assert!(
+            pick(&bare, b"k", 3).unwrap().spilled,
+            "without a floor it spills at 3"
+        );
+        held.push(up.start_on(own.member));
+        assert!(
+            pick(&up, b"k", 8).unwrap().spilled,
+            "at the floor the bound applies"
+        );
     }
 
     #[test]
@@ -294,6 +345,7 @@ mod tests {
                 consistent_hash: Some(HashConfig {
                     algorithm,
                     balance_factor: None,
+                    balance_min_inflight: 0,
                 }),
                 backends: Vec::new(),
                 admission: None,

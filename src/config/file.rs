@@ -86,6 +86,7 @@ pub struct UpstreamSection {
     pub balance: Option<Spanned<BalanceKind>>,
     pub hash_algorithm: Option<Spanned<HashAlgorithmKind>>,
     pub hash_balance_factor: Option<Spanned<f64>>,
+    pub hash_balance_min_inflight: Option<Spanned<i64>>,
     pub backends: Spanned<Vec<BackendEntry>>,
     pub max_inflight_per_backend: Option<Spanned<i64>>,
     pub tls_ca: Option<Spanned<String>>,

@@ -28,6 +28,8 @@ use file::{
     BalanceKind, CoalesceModeKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind, TimeoutsSection,
 };
 
+/// Requests in flight below which a consistent-hash backend always takes its own keys.
+pub const DEFAULT_HASH_BALANCE_MIN_INFLIGHT: usize = 8;
 /// Default time allowed for a TCP connect to a backend.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default time from sending a request to receiving the backend's response head.
@@ -203,6 +205,9 @@ pub struct HashConfig {
     pub algorithm: HashAlgorithm,
     /// `hash_balance_factor`: bounded loads when set.
     pub balance_factor: Option<f64>,
+    /// `hash_balance_min_inflight`: below this many requests in flight a backend always takes
+    /// its own keys, whatever the bound says.
+    pub balance_min_inflight: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -884,6 +889,11 @@ impl Validator<'_, '_> {
                     u.hash_balance_factor.as_ref().map(Spanned::span),
                     "hash_balance_factor",
                 ),
+                (
+                    u.hash_balance_min_inflight.is_some(),
+                    u.hash_balance_min_inflight.as_ref().map(Spanned::span),
+                    "hash_balance_min_inflight",
+                ),
             ] {
                 if present {
                     self.sink.at(
@@ -912,9 +922,17 @@ impl Validator<'_, '_> {
                 None
             }
         });
+        let balance_min_inflight = u
+            .hash_balance_min_inflight
+            .clone()
+            .map_or(Some(DEFAULT_HASH_BALANCE_MIN_INFLIGHT), |n| {
+                self.count("hash_balance_min_inflight", n, 0, 1_000_000)
+            })
+            .unwrap_or(DEFAULT_HASH_BALANCE_MIN_INFLIGHT);
         Some(HashConfig {
             algorithm,
             balance_factor,
+            balance_min_inflight,
         })
     }
 
