@@ -68,6 +68,11 @@ fn the_unit_is_hardened() {
     ] {
         assert!(text.lines().any(|l| l == line), "the unit needs {line}");
     }
+    // The documentation it names is where README's install steps put it.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(text.contains("Documentation=file:///usr/share/doc/writegate/README.md"));
+    assert!(readme.contains("install -D -m 0644 README.md /usr/share/doc/writegate/README.md"));
     // `systemctl reload` checks the file first, so that a bad edit fails the command.
     let reloads: Vec<&str> = text
         .lines()
