@@ -208,6 +208,12 @@ fn run_binary_with_one_request(config: &str) -> Vec<String> {
 }
 
 fn run_binary_with_one_request_as(config: &str, log_format: &str) -> Vec<String> {
+    run_binary_as(config, log_format, "HTTP/1.1 502")
+}
+
+/// Runs the binary with `config`, sends one PUT once it listens and expects a reply starting with
+/// `expected`, stops it, returns stderr.
+fn run_binary_as(config: &str, log_format: &str, expected: &str) -> Vec<String> {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
@@ -250,7 +256,7 @@ fn run_binary_with_one_request_as(config: &str, log_format: &str) -> Vec<String>
         .unwrap();
     let mut reply = String::new();
     stream.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 502"), "{reply}");
+    assert!(reply.starts_with(expected), "{reply}");
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -309,5 +315,52 @@ fn json_logs_have_one_object_per_line_with_stable_access_fields() {
     assert_eq!(line["route"], "r");
     assert_eq!(line["backend"], "127.0.0.1:9");
     assert!(line["duration_us"].is_u64());
+    assert!(line["head_us"].is_u64());
     assert_eq!(line["client"], "127.0.0.1");
+    let id = line["request_id"].as_str().unwrap();
+    assert!(
+        id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{line}"
+    );
+    assert_eq!(line["retries"], 0);
+    assert_eq!(line["outcome"], "connect_failed");
+    assert_eq!(line["bytes_in"], 1);
+    assert!(line["bytes_out"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(line["complete"], true);
+}
+
+/// The access line's duration is the whole request, body included (nginx's `$request_time`):
+/// a backend that sends its head at once and its body 300 ms later.
+#[test]
+fn access_duration_covers_the_whole_response() {
+    use std::io::{Read, Write};
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = backend.local_addr().unwrap();
+    let serving = std::thread::spawn(move || {
+        let (mut stream, _) = backend.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf);
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        stream.write_all(b"slow").unwrap();
+    });
+    let config = ONE_ROUTE.replace("127.0.0.1:9", &addr.to_string());
+    let log = run_binary_as(&config, "json", "HTTP/1.1 200");
+    serving.join().unwrap();
+    let line = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|j| j["target"] == "writegate::access")
+        .unwrap_or_else(|| panic!("no access line: {log:?}"));
+    let (head, whole) = (
+        line["head_us"].as_u64().unwrap(),
+        line["duration_us"].as_u64().unwrap(),
+    );
+    assert!(whole >= 300_000, "{line}");
+    assert!(head < whole, "{line}");
+    assert_eq!(line["bytes_out"], 4);
+    assert_eq!(line["outcome"], "-");
+    assert_eq!(line["complete"], true);
 }

@@ -17,6 +17,7 @@ use http::{Response, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::access::AccessLine;
 use super::headers;
 use crate::admission::AdmissionPermit;
 use crate::http1::codec::Decoder;
@@ -245,6 +246,8 @@ impl Body for RequestBody {
 #[derive(Debug)]
 pub struct ResponseBody {
     kind: ResponseKind,
+    /// The request's access line, written when this body is done (see [`access`]).
+    access: Option<Box<AccessLine>>,
 }
 
 #[derive(Debug)]
@@ -318,6 +321,7 @@ pub fn upstream_response(
     idle: Duration,
 ) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody {
+        access: None,
         kind: ResponseKind::Upstream {
             decoder: Decoder::new(head.framing),
             idle,
@@ -389,6 +393,7 @@ impl ResponseBody {
     /// moved into the response's map (see [`complete_headers`]).
     pub fn buffered(data: Bytes, pending: Option<PendingHeaders>) -> ResponseBody {
         ResponseBody {
+            access: None,
             kind: ResponseKind::Full {
                 data: Some(data),
                 pending,
@@ -398,6 +403,7 @@ impl ResponseBody {
 
     pub fn empty() -> ResponseBody {
         ResponseBody {
+            access: None,
             kind: ResponseKind::Full {
                 data: None,
                 pending: None,
@@ -414,7 +420,45 @@ impl Body for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
-        match &mut self.get_mut().kind {
+        let this = self.get_mut();
+        let piece = this.poll_piece(cx);
+        if let (Some(line), Poll::Ready(Some(Ok(frame)))) = (&mut this.access, &piece) {
+            line.bytes_out += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        piece
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Full { data, .. } => data.is_none(),
+            ResponseKind::Upstream { decoder, .. } => decoder.is_done(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseKind::Upstream { decoder, .. } => match decoder.remaining() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::new(),
+            },
+        }
+    }
+}
+
+impl ResponseBody {
+    /// Writes `line` to the access log once this body is done or dropped.
+    pub(super) fn log_when_done(&mut self, line: Box<AccessLine>) {
+        self.access = Some(line);
+    }
+
+    fn poll_piece(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
+        match &mut self.kind {
             ResponseKind::Full { data, .. } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ResponseKind::Upstream {
                 decoder,
@@ -443,25 +487,6 @@ impl Body for ResponseBody {
             }
         }
     }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            ResponseKind::Full { data, .. } => data.is_none(),
-            ResponseKind::Upstream { decoder, .. } => decoder.is_done(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            ResponseKind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-            ResponseKind::Upstream { decoder, .. } => match decoder.remaining() {
-                Some(n) => SizeHint::with_exact(n),
-                None => SizeHint::new(),
-            },
-        }
-    }
 }
 
 fn failure_text(error: &Http1Error, upstream: Option<&str>) -> String {
@@ -483,6 +508,15 @@ fn finish(lease: &mut Option<UpstreamLease>, keep_alive: bool) {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
+        if let Some(mut line) = self.access.take() {
+            // The proxy's own bodies cannot break off; a backend's is whole once decoded.
+            line.complete = match &self.kind {
+                ResponseKind::Full { .. } => true,
+                ResponseKind::Upstream {
+                    decoder, failure, ..
+                } => decoder.is_done() && failure.is_none(),
+            };
+        }
         // A body that is empty or fully read may be dropped without a final poll (hyper does not
         // poll a body that reports its end): its connection is still reusable.
         if let ResponseKind::Upstream {

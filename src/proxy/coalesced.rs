@@ -64,6 +64,7 @@ pub(super) fn write<'a, 's: 'a>(
             .await
             .map_err(|refusal| ProxyError::refused(refusal, &route.name))?;
         exchange.backend = shared.backend.clone();
+        exchange.outcome = Some(disposition.as_str());
         Ok(into_response(shared, disposition))
     }
 }

@@ -29,12 +29,15 @@ pub(super) struct Dispatched {
     pub head: ResponseHead,
     pub lease: UpstreamLease,
     pub backend: Arc<str>,
+    /// Sends before this one, to other backends.
+    pub retries: u32,
 }
 
 /// A request that got no backend response; `backend` is the last one tried, if any.
 pub(super) struct NotDispatched {
     pub error: ProxyError,
     pub backend: Option<Arc<str>>,
+    pub retries: u32,
 }
 
 impl From<ProxyError> for NotDispatched {
@@ -42,6 +45,7 @@ impl From<ProxyError> for NotDispatched {
         NotDispatched {
             error,
             backend: None,
+            retries: 0,
         }
     }
 }
@@ -69,6 +73,7 @@ pub(super) fn dispatch<'a>(
                 return Err(last_failure.unwrap_or(NotDispatched {
                     error: ProxyError::NoBackend,
                     backend: None,
+                    retries: 0,
                 }));
             };
             let backend = member.backend.shared_label();
@@ -106,6 +111,7 @@ pub(super) fn dispatch<'a>(
                         head,
                         lease,
                         backend,
+                        retries: tried.len() as u32,
                     });
                 }
                 Err(failure) => {
@@ -124,6 +130,7 @@ pub(super) fn dispatch<'a>(
                         return Err(NotDispatched {
                             error,
                             backend: Some(backend),
+                            retries: tried.len() as u32,
                         });
                     }
                     upstream.record(index, Outcome::Failure, clock_ms());
@@ -141,15 +148,18 @@ pub(super) fn dispatch<'a>(
                             );
                             tried.push(index);
                             request = next;
+                            // Sends so far, less the first (the retry is not sent yet).
                             last_failure = Some(NotDispatched {
                                 error,
                                 backend: Some(backend),
+                                retries: tried.len() as u32 - 1,
                             });
                         }
                         _ => {
                             return Err(NotDispatched {
                                 error,
                                 backend: Some(backend),
+                                retries: tried.len() as u32,
                             })
                         }
                     }

@@ -211,7 +211,7 @@ fn put_list<'v>(
 }
 
 /// The id of request `number`: a per-process random prefix and the number, as 32 hex digits.
-fn request_id(number: u64, out: &mut [u8; 32]) {
+pub(super) fn request_id(number: u64, out: &mut [u8; 32]) {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     let prefix = *PREFIX.get_or_init(process_seed);
     hex_into(prefix, &mut out[..16]);

@@ -6,6 +6,7 @@
 //! a [`ProxyError`]. Nothing here retries a request whose bytes may have reached a backend unless
 //! the route says it is idempotent.
 
+mod access;
 mod body;
 mod coalesced;
 mod dispatch;
@@ -126,7 +127,16 @@ struct Exchange<'s> {
     route: Option<&'s Route>,
     upstream: Option<&'s Upstream>,
     backend: Option<Arc<str>>,
+    /// The number behind the `X-Request-Id` the proxy generated, when it did.
+    request_number: Option<u64>,
+    /// Sends after the first, to other backends.
+    retries: u32,
+    /// A coalesced write's disposition.
+    outcome: Option<&'static str>,
 }
+
+/// Requests refused at admission or key-queue limits, summarized in the log.
+static OVERLOAD: access::OverloadSummary = access::OverloadSummary::new();
 
 impl ProxyService {
     pub fn new(snapshots: Arc<ArcSwap<Snapshot>>, conn: Arc<ClientConn>) -> ProxyService {
@@ -145,24 +155,29 @@ impl ProxyService {
         let started = Instant::now();
         let snapshot = self.snapshots.load_full();
         let method = request.head.method.clone();
-        let logged_uri = snapshot
+        // Boxed, and only with the access log on: the plain path carries one pointer.
+        let access = snapshot
             .config
             .log
             .access_log
-            .then(|| Box::new(request.head.uri.clone()));
+            .then(|| Box::new(self.access_line(&request, started)));
         async move {
             let mut active = self.conn.activity.begin();
             let mut exchange = Exchange::default();
-            let response = match self.forward(&snapshot, request, &mut exchange).await {
+            let mut failure = None;
+            let mut response = match self.forward(&snapshot, request, &mut exchange).await {
                 Ok(response) => response,
                 Err(error) => {
+                    failure = Some(error.label());
                     if let (ProxyError::ClientBodyTimeout { .. }, Some(route)) =
                         (&error, exchange.route)
                     {
                         metrics::counter!(crate::metrics::CLIENT_BODY_TIMEOUTS, "route" => route.name.to_string())
                             .increment(1);
                     }
-                    if error.fault() != Fault::Client {
+                    if error.fault() == Fault::Proxy {
+                        OVERLOAD.note(error.label(), clock_ms());
+                    } else if error.fault() != Fault::Client {
                         tracing::warn!(
                             route = exchange.route.map(|r| &*r.name),
                             upstream = exchange.upstream.map(|u| &*u.name),
@@ -184,17 +199,19 @@ impl ProxyService {
             let took = ended - started;
             let route_metrics = exchange.route.map_or(&snapshot.unrouted, |r| &r.metrics);
             route_metrics.record(&method, response.status(), took);
-            if let Some(uri) = logged_uri {
-                tracing::info!(
-                    target: "writegate::access",
-                    client = %self.conn.peer.ip(),
-                    method = %method,
-                    path = uri.path(),
-                    status = response.status().as_u16(),
-                    route = exchange.route.map_or("-", |r| &*r.name),
-                    backend = exchange.backend.as_deref().unwrap_or("-"),
-                    duration_us = took.as_micros() as u64,
-                );
+            if let Some(mut line) = access {
+                line.head_at = ended;
+                line.status = response.status().as_u16();
+                line.route = exchange.route.map(|r| r.name.clone());
+                line.backend = exchange.backend.take();
+                line.retries = exchange.retries;
+                line.outcome = failure.or(exchange.outcome).unwrap_or("-");
+                if let (access::RequestId::None, Some(n)) =
+                    (&line.request_id, exchange.request_number)
+                {
+                    line.request_id = access::RequestId::Generated(n);
+                }
+                response.body_mut().log_when_done(line);
             }
             response
         }
@@ -242,7 +259,7 @@ impl ProxyService {
                 let method = &request.head.method;
                 if settings.methods.contains(method) {
                     let key = Bytes::copy_from_slice(key);
-                    self.rewrite_request(&mut request.head)?;
+                    exchange.request_number = Some(self.rewrite_request(&mut request.head)?);
                     // The rarer paths are boxed so that the common one's future stays small.
                     return Box::pin(coalesced::write(
                         snapshot, route, coalescer, key, request, exchange,
@@ -256,7 +273,7 @@ impl ProxyService {
                 }
             }
             let key = key.and_then(|k| upstream.balancer.hash_key(k));
-            self.rewrite_request(&mut request.head)?;
+            exchange.request_number = Some(self.rewrite_request(&mut request.head)?);
             if dispatch::replayable(route, &request.head.method)
                 && !http_body::Body::is_end_stream(&request.body)
             {
@@ -270,9 +287,11 @@ impl ProxyService {
             drop(read_lock);
             let sent = sent.map_err(|failed| {
                 exchange.backend = failed.backend;
+                exchange.retries = failed.retries;
                 failed.error
             })?;
             exchange.backend = Some(sent.backend);
+            exchange.retries = sent.retries;
             Ok(body::upstream_response(
                 sent.head,
                 sent.lease,
@@ -281,8 +300,36 @@ impl ProxyService {
         }
     }
 
+    /// The start of a request's access line: what is known before it is routed.
+    fn access_line(&self, request: &ProxyRequest, started: Instant) -> access::AccessLine {
+        let head = &request.head;
+        let client_id = head
+            .headers
+            .get("x-request-id")
+            .and_then(|id| std::str::from_utf8(id).ok());
+        access::AccessLine {
+            started,
+            head_at: started,
+            client: self.conn.peer.ip(),
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            status: 0,
+            route: None,
+            backend: None,
+            request_id: client_id.map_or(access::RequestId::None, |id| {
+                access::RequestId::Client(id.into())
+            }),
+            retries: 0,
+            outcome: "-",
+            bytes_in: request.body.exact_len(),
+            bytes_out: 0,
+            complete: false,
+        }
+    }
+
     /// Decides what the backend receives besides the client's head: see [`Forwarding`].
-    fn rewrite_request(&self, head: &mut RequestHead) -> Result<(), ProxyError> {
+    /// Returns the number of the `X-Request-Id` generated when the client sent none.
+    fn rewrite_request(&self, head: &mut RequestHead) -> Result<u64, ProxyError> {
         let uri = &head.uri;
         let mut authority = None;
         if uri.scheme().is_some() || uri.authority().is_some() {
@@ -306,14 +353,15 @@ impl ProxyService {
                 "an HTTP/1.1 request needs a Host header",
             ));
         }
+        let request_number = Forwarding::next_request_number();
         head.forwarding = Some(Forwarding {
             authority,
             client_ip: self.conn.peer_ip.clone(),
             scheme: self.conn.scheme.clone(),
             via: headers::via_token(head.version),
-            request_number: Forwarding::next_request_number(),
+            request_number,
         });
-        Ok(())
+        Ok(request_number)
     }
 }
 
