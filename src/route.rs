@@ -20,7 +20,7 @@ use crate::metrics::RouteMetrics;
 /// One route as the request path uses it.
 #[derive(Debug)]
 pub struct Route {
-    pub name: Box<str>,
+    pub name: Arc<str>,
     path_prefix: Box<str>,
     host: Option<Box<str>>,
     methods: Option<Box<[Method]>>,

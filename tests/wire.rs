@@ -423,3 +423,42 @@ async fn framing_the_proxy_cannot_trust_is_refused_with_a_reason() {
     assert_eq!(b.count(), 0);
     proxy.shutdown().await;
 }
+
+/// A backend that writes its response head and body in two writes with Nagle's algorithm on (as
+/// Python's `http.server` does) holds the body until the head is acknowledged; a proxy that
+/// delays that ACK made every such response wait 40 ms. Twenty keep-alive writes: with the stall
+/// they take 800 ms or more; without, a few ms.
+#[tokio::test]
+async fn a_backend_with_nagle_on_does_not_stall_its_responses() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Nagle stays on: the default, as in Python's socketserver.
+                let mut buf = Vec::new();
+                while read_request(&mut stream, &mut buf).await.is_some() {
+                    let head = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n";
+                    if stream.write_all(head).await.is_err()
+                        || stream.write_all(b"stored\n").await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = start_proxy(&simple_config(&[(addr, 1)], "")).await;
+    let mut client = Client::connect(proxy.addr).await;
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let reply = client.send(req(Method::PUT, "/k", b"hello")).await;
+        expect(&reply, 200, "stored\n");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(400),
+        "20 writes took {took:?}: the backend's body waited for delayed ACKs"
+    );
+    proxy.shutdown().await;
+}

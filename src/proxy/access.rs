@@ -26,7 +26,7 @@ pub struct AccessLine {
     pub method: Method,
     pub uri: Uri,
     pub status: u16,
-    pub route: Option<Box<str>>,
+    pub route: Option<Arc<str>>,
     pub backend: Option<Arc<str>>,
     /// The client's `X-Request-Id`, or the one the proxy generated.
     pub request_id: RequestId,
