@@ -67,17 +67,27 @@ fn unknown_field() {
         &with("colour = \"blue\"\n"),
         12,
         1,
-        "unknown field `colour`",
+        "unknown option `colour`",
     );
     let text = BASE.replace("name = \"up\"", "name = \"up\"\nbalanse = \"least_conn\"");
-    assert_one(&text, 7, 1, "unknown field `balanse`");
+    assert_one(
+        &text,
+        7,
+        1,
+        "unknown option `balanse`; did you mean `balance`?",
+    );
 }
 
 #[test]
 fn wrong_type_and_unknown_balance() {
-    assert_one(&with("max_body = 5\n"), 12, 12, "invalid type");
+    assert_one(
+        &with("max_body = 5\n"),
+        12,
+        12,
+        "`max_body` wants a string in quotes, not integer `5`",
+    );
     let text = BASE.replace("name = \"up\"", "name = \"up\"\nbalance = \"random\"");
-    assert_one(&text, 7, 11, "unknown variant `random`");
+    assert_one(&text, 7, 11, "`balance` cannot be `random`");
 }
 
 #[test]
@@ -382,7 +392,7 @@ fn keyed_routing_options_are_validated() {
         &hashed("hash_algorithm = \"maglev\"", "key = \"path\""),
         8,
         18,
-        "unknown variant `maglev`",
+        "`hash_algorithm` cannot be `maglev`",
     );
     assert_one(
         &hashed("", "key = \"path\"\nmax_key_length = \"0\""),
@@ -394,7 +404,7 @@ fn keyed_routing_options_are_validated() {
         &hashed("", "key = \"path\"\non_missing_key = \"guess\""),
         15,
         18,
-        "unknown variant `guess`",
+        "`on_missing_key` cannot be `guess`",
     );
     // Hash options on a least_conn upstream, key options without a key.
     let text = BASE.replace(
@@ -432,7 +442,7 @@ fn coalescing_options_are_validated() {
         &coalesce("mode = \"merge\""),
         15,
         8,
-        "unknown variant `merge`",
+        "`mode` cannot be `merge`",
     );
     assert_one(
         &coalesce("methods = [\"PUT\", \"GET\"]"),
@@ -462,7 +472,7 @@ fn coalescing_options_are_validated() {
         &coalesce("mode = \"dedupe\"\nbatch = 3"),
         16,
         1,
-        "unknown field `batch`",
+        "unknown option `batch`",
     );
     let keyless = with("\n[routes.coalesce]\nmode = \"serialize\"\n");
     assert_one(&keyless, 13, 1, "needs a key");
@@ -501,7 +511,7 @@ fn admission_health_and_retry_options_are_validated() {
         &admission("max_queue = 3"),
         13,
         1,
-        "missing field `max_inflight`",
+        "required option `max_inflight` is missing",
     );
     let upstream = |lines: &str| BASE.replace("\n[[routes]]", &format!("{lines}\n\n[[routes]]"));
     assert_one(
@@ -566,4 +576,54 @@ fn check_into_a_closed_pipe_exits_quietly() {
         );
         assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
     }
+}
+
+/// Unknown options, wrong types and bad values are all reported in one run, each where it is and
+/// in words: what the option wants, and the nearest known name for a typo.
+#[test]
+fn every_schema_error_is_reported_in_words() {
+    let text = "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n\n\
+                [[upstreams]]\nname = \"u\"\nbalance = \"consistant_hash\"\nhash_algorithm = \"ketamma\"\nbackends = [{ address = \"127.0.0.1:1\" }]\n\n\
+                [[routes]]\nname = \"r\"\nupstream = \"u\"\nretriez = 2\nretries = \"2\"\nmax_bodi = \"1KiB\"\n";
+    let errors = Config::parse(Path::new("five.toml"), text)
+        .expect_err("five errors")
+        .to_string();
+    let lines: Vec<&str> = errors.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "five.toml:7:11: `balance` cannot be `consistant_hash`; did you mean `consistent_hash`? (one of: least_conn, consistent_hash)",
+            "five.toml:8:18: `hash_algorithm` cannot be `ketamma`; did you mean `ketama`? (one of: rendezvous, ketama)",
+            "five.toml:14:1: unknown option `retriez`; did you mean `retries`?",
+            "five.toml:15:11: `retries` wants a whole number, not string \"2\" (write 2 without quotes)",
+            "five.toml:16:1: unknown option `max_bodi`; did you mean `max_body`?",
+        ],
+        "{errors}"
+    );
+    let twice = Config::parse(
+        Path::new("t.toml"),
+        "[log]\naccess_log = false\naccess_log = true\n",
+    )
+    .expect_err("a duplicate key")
+    .to_string();
+    assert_eq!(twice, "t.toml:3:1: `access_log` is set twice in this table");
+}
+
+#[test]
+fn routes_that_shadow_each_other_are_an_error() {
+    let base = "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n\n\
+                [[upstreams]]\nname = \"u\"\nbackends = [{ address = \"127.0.0.1:1\" }]\n";
+    let routes = "[[routes]]\nname = \"a\"\nupstream = \"u\"\nhost = \"x.example\"\npath_prefix = \"/kv\"\n\n\
+                  [[routes]]\nname = \"b\"\nupstream = \"u\"\nhost = \"X.example\"\npath_prefix = \"/kv\"\n";
+    let errors = Config::parse(Path::new("s.toml"), &format!("{base}\n{routes}"))
+        .expect_err("b never matches")
+        .to_string();
+    assert!(
+        errors.contains("route \"b\" has the same host, path_prefix and methods as route \"a\""),
+        "{errors}"
+    );
+    // Disjoint methods split one path between two routes: allowed.
+    let split = "[[routes]]\nname = \"reads\"\nupstream = \"u\"\nmethods = [\"GET\"]\n\n\
+                 [[routes]]\nname = \"writes\"\nupstream = \"u\"\nmethods = [\"PUT\"]\n";
+    assert!(Config::parse(Path::new("s.toml"), &format!("{base}\n{split}")).is_ok());
 }

@@ -8,6 +8,7 @@
 
 mod error;
 pub mod file;
+mod schema;
 pub mod units;
 
 use std::collections::HashSet;
@@ -313,13 +314,11 @@ impl Config {
     /// Validates `text`; `path` is only used in messages and kept as [`Config::path`].
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let mut sink = ErrorSink::new(path, text);
-        let file: FileConfig = match toml::from_str(text) {
-            Ok(file) => file,
-            Err(e) => {
-                let span = e.span().unwrap_or(0..0);
-                sink.at(span, one_line(e.message()));
-                return Err(sink.finish().expect_err("an error was recorded"));
-            }
+        let Some(file) = schema::read(text, &mut sink) else {
+            return Err(sink
+                .finish()
+                .err()
+                .unwrap_or_else(|| ConfigErrors(Vec::new())));
         };
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let config = Validator {
@@ -408,10 +407,6 @@ impl Config {
             backends
         )
     }
-}
-
-fn one_line(message: &str) -> String {
-    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Walks the file schema, converting values and recording every problem.
@@ -613,12 +608,55 @@ impl Validator<'_, '_> {
         (upstreams, tls_configs)
     }
 
+    /// Two routes with the same host and path_prefix whose methods overlap: the second would
+    /// never match (nginx refuses a duplicate location the same way).
+    fn no_shadowed_routes(&mut self, sections: &[file::RouteSection]) {
+        let shape = |r: &file::RouteSection| {
+            let host = r.host.as_ref().map(|h| h.get_ref().to_ascii_lowercase());
+            let prefix = r
+                .path_prefix
+                .as_ref()
+                .map_or_else(|| "/".to_string(), |p| p.get_ref().clone());
+            let methods: Option<Vec<String>> = r
+                .methods
+                .as_ref()
+                .map(|m| m.iter().map(|m| m.get_ref().to_ascii_uppercase()).collect());
+            (host, prefix, methods)
+        };
+        for (i, later) in sections.iter().enumerate() {
+            let (host, prefix, methods) = shape(later);
+            let shadowed_by = sections[..i].iter().find(|earlier| {
+                let (h, p, m) = shape(earlier);
+                let overlap = match (&m, &methods) {
+                    (Some(a), Some(b)) => a.iter().any(|x| b.contains(x)),
+                    _ => true,
+                };
+                // Same names are reported as duplicates already.
+                h == host
+                    && p == prefix
+                    && overlap
+                    && earlier.name.get_ref() != later.name.get_ref()
+            });
+            if let Some(earlier) = shadowed_by {
+                self.sink.at(
+                    later.name.span(),
+                    format!(
+                        "route {:?} has the same host, path_prefix and methods as route {:?}: one of them would never match",
+                        later.name.get_ref(),
+                        earlier.name.get_ref()
+                    ),
+                );
+            }
+        }
+    }
+
     fn routes(
         &mut self,
         sections: Vec<file::RouteSection>,
         upstreams: &[UpstreamConfig],
     ) -> Vec<RouteConfig> {
         self.unique_names("route", sections.iter().map(|r| &r.name));
+        self.no_shadowed_routes(&sections);
         let mut out = Vec::new();
         for r in sections {
             let upstream = upstreams
