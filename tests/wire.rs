@@ -425,9 +425,10 @@ async fn framing_the_proxy_cannot_trust_is_refused_with_a_reason() {
 }
 
 /// A backend that writes its response head and body in two writes with Nagle's algorithm on (as
-/// Python's `http.server` does) holds the body until the head is acknowledged; a proxy that
-/// delays that ACK made every such response wait 40 ms. Twenty keep-alive writes: with the stall
-/// they take 800 ms or more; without, a few ms.
+/// Python's `http.server` does) holds the body until the head is acknowledged, and so does a
+/// client that writes its request that way; a proxy that delays those ACKs made every such
+/// exchange wait 40 ms. Twenty keep-alive writes each way: with the stall they take 800 ms or
+/// more; without, a few ms.
 #[tokio::test]
 async fn a_backend_with_nagle_on_does_not_stall_its_responses() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -459,6 +460,28 @@ async fn a_backend_with_nagle_on_does_not_stall_its_responses() {
     assert!(
         took < std::time::Duration::from_millis(400),
         "20 writes took {took:?}: the backend's body waited for delayed ACKs"
+    );
+    // The same from the client's side: head and body in two writes, Nagle on.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        stream
+            .write_all(b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+            .await
+            .unwrap();
+        stream.write_all(b"hello").await.unwrap();
+        let mut reply = Vec::new();
+        while !reply.ends_with(b"stored\n") {
+            let mut buf = [0u8; 1024];
+            let n = bounded("a reply", stream.read(&mut buf)).await.unwrap();
+            assert!(n > 0, "closed after {reply:?}");
+            reply.extend_from_slice(&buf[..n]);
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(400),
+        "20 writes took {took:?}: the client's body waited for delayed ACKs"
     );
     proxy.shutdown().await;
 }

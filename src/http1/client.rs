@@ -56,22 +56,9 @@ impl UpstreamStream {
     /// receiver with nothing to send delays that ACK: every such response took 44 ms. Linux
     /// turns quick ACKs off again on its own, so this is asked for each time.
     fn ack_now(&self) {
-        use std::os::fd::AsRawFd;
-        let fd = match self {
-            UpstreamStream::Tcp(stream) => stream.as_raw_fd(),
-            UpstreamStream::Tls(stream) => stream.get_ref().0.as_raw_fd(),
-        };
-        let on: libc::c_int = 1;
-        // SAFETY: a valid socket of ours and an int option of the size given; a failure only
-        // means the ACK waits, as it would have.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_QUICKACK,
-                (&on as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
+        match self {
+            UpstreamStream::Tcp(stream) => super::ack_now(stream),
+            UpstreamStream::Tls(stream) => super::ack_now(stream.get_ref().0),
         }
     }
 

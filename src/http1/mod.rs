@@ -21,6 +21,26 @@ pub mod server;
 
 pub use client::{ExchangeTimeouts, Http1Error, ResponseHead, UpstreamConn, UpstreamStream};
 
+/// Acknowledges what `socket` has received now rather than after the delayed-ACK timer (up to
+/// 40 ms): for when part of a message has come and the rest is awaited. A peer that writes a
+/// message in two writes with Nagle's algorithm on holds the second until the first is
+/// acknowledged. Linux turns quick ACKs off again on its own, so this is asked for each time; a
+/// failure only means the ACK waits, as it would have.
+pub fn ack_now(socket: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket of ours and an int option of the size given.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Where a backend's interim (1xx) responses go: the client connection of the request, which
 /// writes them ahead of the final response. Only HTTP/1.1 clients get one (RFC 9110 §15.2).
 pub trait InterimSink: Send + Sync + std::fmt::Debug {

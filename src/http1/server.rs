@@ -60,15 +60,27 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_idle_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// Acknowledges what has arrived at once (see [`super::ack_now`]): called when part of a
+    /// request has come and the rest is awaited.
+    fn ack_now(&self) {}
 }
 
 impl ClientIo for TcpStream {
     fn poll_idle_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
+
+    fn ack_now(&self) {
+        super::ack_now(self);
+    }
 }
 
-impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {}
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    fn ack_now(&self) {
+        super::ack_now(self.get_ref().0);
+    }
+}
 
 /// The listener's timeouts, as one connection applies them.
 #[derive(Debug, Clone, Copy)]
@@ -674,7 +686,14 @@ impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
             }
             let read = codec::poll_read_buf(&mut w.io, cx, &mut w.buf);
             match read {
-                Poll::Pending => return w.poll_body_silence(cx).map(|e| Some(Err(e))),
+                Poll::Pending => {
+                    if w.body_progress.is_none() {
+                        // The first wait for more of this body: a client with Nagle on holds
+                        // the body until its head is acknowledged.
+                        w.io.ack_now();
+                    }
+                    return w.poll_body_silence(cx).map(|e| Some(Err(e)));
+                }
                 Poll::Ready(Ok(0)) if w.decoder.at_eof() => return Poll::Ready(None),
                 Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(BodyError::Closed))),
                 Poll::Ready(Ok(_)) => {
