@@ -39,7 +39,7 @@ use metrics::{Counter, Gauge};
 use tokio::sync::oneshot;
 
 use crate::config::{CoalesceConfig, CoalesceMode};
-use crate::proxy::{PendingHeaders, ResponseBody};
+use crate::wire::PendingHeaders;
 
 const SHARDS: usize = 64;
 
@@ -114,17 +114,6 @@ pub struct SharedResponse {
     pub body: Bytes,
     /// The backend that answered, for access logs.
     pub backend: Option<Arc<str>>,
-}
-
-impl SharedResponse {
-    /// One client's copy, its backend header lines still to be written as they came.
-    pub fn into_response(self) -> http::Response<ResponseBody> {
-        let mut response =
-            http::Response::new(ResponseBody::buffered(self.body, self.backend_lines));
-        *response.status_mut() = self.status;
-        *response.headers_mut() = self.headers;
-        response
-    }
 }
 
 /// How a client's write was carried out; sent in `x-writegate-coalesce`.

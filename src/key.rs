@@ -9,7 +9,7 @@ use std::fmt;
 
 use http::header::HeaderName;
 
-use crate::proxy::RequestHead;
+use crate::wire::RequestHead;
 
 /// Where a route finds its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,8 +122,8 @@ pub struct KeyRule {
 mod tests {
     use super::*;
 
-    use crate::http1::fields::request_lines;
-    use crate::proxy::ClientHeaders;
+    use crate::wire::fields::request_lines;
+    use crate::wire::ClientHeaders;
     use http::{HeaderMap, HeaderValue, Method, Uri, Version};
 
     /// The same request as an HTTP/2 client's map and as an HTTP/1 client's lines.

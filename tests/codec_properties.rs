@@ -6,7 +6,7 @@
 use bytes::BytesMut;
 use http_body_util::BodyExt;
 use proptest::prelude::*;
-use writegate::http1::codec::{
+use writegate::wire::codec::{
     Decoded, Decoder, Framing, FramingError, MAX_CHUNK_LINE, MAX_TRAILERS,
 };
 

@@ -21,13 +21,14 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-use super::codec::{
+use crate::wire::codec::{
     self, Decoded, Decoder, Framing, FramingError, HeadScan, MAX_HEAD, MAX_HEADERS,
 };
-use super::fields::{self, HeadFacts, RawHeaders};
-use super::InterimSink;
-use crate::proxy::headers;
-use crate::proxy::{OutgoingRequest, ProxyRequest, RequestBody, RequestBodyError, RequestHead};
+use crate::wire::fields::{self, HeadFacts, RawHeaders};
+use crate::wire::headers;
+use crate::wire::{
+    InterimSink, OutgoingRequest, ProxyRequest, RequestBody, RequestBodyError, RequestHead,
+};
 
 /// Body data up to this size is copied next to the head so that both leave in one write.
 const COALESCE_BODY: usize = 16 * 1024;
@@ -870,7 +871,7 @@ mod tests {
     use http::{HeaderMap, Uri};
 
     use super::*;
-    use crate::proxy::ClientHeaders;
+    use crate::wire::ClientHeaders;
 
     const TEST_TIMEOUTS: ExchangeTimeouts = ExchangeTimeouts {
         response: Duration::from_secs(10),

@@ -9,14 +9,10 @@
 //! is httparse's (as in hyper); header lines stay spans of the received head and are written on as
 //! they came, with no `HeaderMap` in between.
 //!
-//! - [`codec`]: message framing (Content-Length, chunked, until close) and the body decoder.
-//! - [`fields`]: a head's header lines: hop-by-hop ones read and dropped, the rest passed on.
 //! - [`client`]: one keep-alive connection to a backend.
 //! - [`server`]: one client connection, from accept to close, holding no buffer while idle.
 
 pub mod client;
-pub mod codec;
-pub mod fields;
 pub mod server;
 
 pub use client::{ExchangeTimeouts, Http1Error, ResponseHead, UpstreamConn, UpstreamStream};
@@ -39,11 +35,4 @@ pub fn ack_now(socket: &tokio::net::TcpStream) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
-}
-
-/// Where a backend's interim (1xx) responses go: the client connection of the request, which
-/// writes them ahead of the final response. Only HTTP/1.1 clients get one (RFC 9110 §15.2).
-pub trait InterimSink: Send + Sync + std::fmt::Debug {
-    /// Queues one interim response, encoded whole; dropped if the client already has too many.
-    fn push(&self, response: &[u8]);
 }

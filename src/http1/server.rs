@@ -25,20 +25,37 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, DATE};
 use http::{HeaderMap, Method, Response, StatusCode, Uri, Version};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use super::codec::{
+use super::Http1Error;
+use crate::wire::codec::{
     self, Decoded, Decoder, Framing, FramingError, HeadScan, MAX_HEAD, MAX_HEADERS,
 };
-use super::fields::{self, HeadFacts};
-use super::InterimSink;
-use crate::proxy::{
-    ClientBody, ClientHeaders, OutgoingRequest, PendingHeaders, ProxyRequest, ProxyService,
-    RequestBody, ResponseBody,
+use crate::wire::fields::{self, HeadFacts};
+use crate::wire::{
+    BodyError, BodySource, ClientBody, ClientHeaders, H1Body, InterimSink, OutgoingRequest,
+    PendingHeaders, ProxyRequest, RequestBody,
 };
+
+/// What a connection hands each request to: the proxy, or a test's own handler. Like hyper's
+/// `Service`, it is all this server knows of what lies above it.
+pub trait Handler: Clone + Send + Sync + 'static {
+    type Body: ResponseSource;
+    /// Answers one request (its body is read through the connection as it is polled).
+    fn handle(self, request: OutgoingRequest) -> impl Future<Output = Response<Self::Body>> + Send;
+}
+
+/// A response body as the connection writes it. `Sync`: the writer holds it across awaits
+/// inside a future that must be `Send`.
+pub trait ResponseSource: Body<Data = Bytes, Error = Http1Error> + Send + Sync + Unpin {
+    /// A backend's header lines not yet in the response's map, written as they came.
+    fn take_pending_headers(&mut self) -> Option<PendingHeaders>;
+    /// The one-line body of the 502 sent instead when this body fails before any of it left.
+    fn failure_message(&self, error: &Http1Error) -> String;
+}
 
 /// The start of every HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -147,9 +164,9 @@ enum NextRequest {
 ///
 /// Not an `async fn`: those keep a second copy of their arguments for the whole call, and this
 /// future is most of an idle connection's memory. The shared wire is built before the first poll.
-pub fn serve<I: ClientIo>(
+pub fn serve<I: ClientIo, H: Handler>(
     io: I,
-    service: ProxyService,
+    service: H,
     timeouts: Timeouts,
     stop: Arc<StopSignal>,
 ) -> impl Future<Output = Served<I>> + Send {
@@ -202,9 +219,9 @@ pub fn serve<I: ClientIo>(
 
 /// Runs one request through the proxy and writes its response; true when the connection may
 /// carry another request.
-async fn exchange<I: ClientIo>(
+async fn exchange<I: ClientIo, H: Handler>(
     wire: &SharedWire<I>,
-    service: ProxyService,
+    service: H,
     head: Head,
     stop: &StopSignal,
 ) -> bool {
@@ -490,9 +507,9 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
     w.body_idle = DEFAULT_CLIENT_BODY_TIMEOUT;
     let shared_sink: Arc<dyn InterimSink> = shared.clone();
     let body = if framing == Framing::Empty {
-        H1Body { wire: None }
+        H1Body::new(None)
     } else {
-        H1Body { wire: Some(shared) }
+        H1Body::new(Some(shared))
     };
     let mut request = Box::new(ProxyRequest::new(
         method,
@@ -624,32 +641,6 @@ fn poll_client_gone<I: ClientIo>(wire: &SharedWire<I>, cx: &mut Context<'_>) -> 
     }
 }
 
-/// The request body, read from the client connection as it is polled.
-#[derive(Debug)]
-pub struct H1Body {
-    wire: Option<Arc<dyn BodySource>>,
-}
-
-/// A client connection's side of reading a request body, with its transport type erased.
-trait BodySource: Send + Sync + std::fmt::Debug {
-    fn poll_piece(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>>;
-    fn remaining(&self) -> Option<u64>;
-    fn set_idle_timeout(&self, idle: Duration);
-}
-
-/// Why a request body could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("the client closed the connection before the body ended")]
-    Closed,
-    #[error("malformed chunked body: {0}")]
-    Framing(#[from] FramingError),
-    #[error("the client sent no body bytes for {0:?}")]
-    TimedOut(Duration),
-}
-
 impl<I: ClientIo> std::fmt::Debug for Wire<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Wire")
@@ -772,45 +763,6 @@ fn poll_write_interim<I: ClientIo>(wire: &SharedWire<I>, cx: &mut Context<'_>) -
     Poll::Pending
 }
 
-impl Body for H1Body {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match &self.wire {
-            None => Poll::Ready(None),
-            Some(wire) => wire.poll_piece(cx).map(|p| p.map(|p| p.map(Frame::data))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.remaining() == Some(0)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.remaining() {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::new(),
-        }
-    }
-}
-
-impl H1Body {
-    fn remaining(&self) -> Option<u64> {
-        self.wire.as_ref().map_or(Some(0), |w| w.remaining())
-    }
-
-    /// Sets the longest silence between two reads of this body (the route's `client_body`).
-    pub fn set_idle_timeout(&self, idle: Duration) {
-        if let Some(wire) = &self.wire {
-            wire.set_idle_timeout(idle);
-        }
-    }
-}
-
 /// How a response is to be written.
 #[derive(Clone, Copy)]
 struct Reply {
@@ -826,10 +778,10 @@ struct Reply {
 /// the whole write, in every request's state. A backend body that fails before any byte went to
 /// the client is answered 502 instead; one that fails later closes the connection. While the
 /// backend is slow the client is watched, so that one that leaves stops the backend's read.
-fn write_response<'a, I: ClientIo>(
+fn write_response<'a, I: ClientIo, B: ResponseSource + 'a>(
     wire: &'a SharedWire<I>,
     out: &'a mut Vec<u8>,
-    response: Response<ResponseBody>,
+    response: Response<B>,
     reply: Reply,
 ) -> impl Future<Output = io::Result<bool>> + Send + 'a {
     let (parts, mut body) = response.into_parts();
@@ -913,7 +865,7 @@ fn take_interim<I: ClientIo>(wire: &SharedWire<I>, out: &mut Vec<u8>) {
 
 /// Why a response body stopped: the backend's side, or the write to the client.
 enum PieceError {
-    Body(super::Http1Error),
+    Body(Http1Error),
     Write(io::Error),
 }
 
@@ -927,12 +879,12 @@ impl From<PieceError> for io::Error {
 }
 
 /// Adds one body piece to `out` (or writes a large one straight out); true at the body's end.
-async fn take_piece<I: ClientIo>(
+async fn take_piece<I: ClientIo, B: ResponseSource>(
     wire: &SharedWire<I>,
     out: &mut Vec<u8>,
     framing: Framing,
-    piece: Poll<Option<Result<Frame<Bytes>, super::Http1Error>>>,
-    body: &ResponseBody,
+    piece: Poll<Option<Result<Frame<Bytes>, Http1Error>>>,
+    body: &B,
 ) -> Result<bool, PieceError> {
     let frame = match piece {
         Poll::Pending | Poll::Ready(None) => return Ok(true),

@@ -6,241 +6,22 @@
 //! upstream response: when the body has been read to its end the connection goes back to the pool,
 //! and when it is dropped early the connection is closed and the in-flight count still falls.
 
-use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, VIA};
-use http::{Response, Version};
+use bytes::Bytes;
+use http::header::{HeaderValue, VIA};
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::access::AccessLine;
-use super::headers;
 use crate::admission::AdmissionPermit;
-use crate::http1::codec::Decoder;
-use crate::http1::fields::RawHeaders;
-use crate::http1::server::{BodyError, H1Body};
+use crate::http1::server::ResponseSource;
 use crate::http1::{Http1Error, ResponseHead};
 use crate::upstream::{InflightGuard, UpstreamConn};
-
-/// Reads all of `body` into one `Bytes`; `Err(None)` once it passes `limit` bytes. A body that
-/// arrives in one piece (small writes do) is neither copied nor reallocated. Trailers are dropped.
-pub(super) async fn read_whole<B>(mut body: B, limit: usize) -> Result<Bytes, Option<B::Error>>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    let mut whole = Bytes::new();
-    let mut joined = BytesMut::new();
-    while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let Ok(data) = frame.map_err(Some)?.into_data() else {
-            continue;
-        };
-        if whole.len() + joined.len() + data.len() > limit {
-            return Err(None);
-        }
-        if whole.is_empty() && joined.is_empty() {
-            whole = data;
-        } else if !data.is_empty() {
-            joined.extend_from_slice(&std::mem::take(&mut whole));
-            joined.extend_from_slice(&data);
-        }
-    }
-    Ok(if joined.is_empty() {
-        whole
-    } else {
-        joined.freeze()
-    })
-}
-
-/// Why a request body stopped short.
-#[derive(Debug, thiserror::Error)]
-pub enum RequestBodyError {
-    #[error("request body exceeds {limit} bytes")]
-    TooLarge { limit: u64 },
-    #[error("the client sent no body bytes for {0:?}")]
-    TimedOut(Duration),
-    #[error("reading the request body failed: {0}")]
-    Client(#[source] BoxError),
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A client's request body: from our HTTP/1.1 connection, or from hyper's HTTP/2 server.
-#[derive(Debug)]
-pub enum ClientBody {
-    H1(H1Body),
-    H2(Incoming),
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = RequestBodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
-        match self.get_mut() {
-            ClientBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(|e| match e {
-                BodyError::TimedOut(idle) => RequestBodyError::TimedOut(idle),
-                e => RequestBodyError::Client(e.into()),
-            }),
-            ClientBody::H2(body) => Pin::new(body)
-                .poll_frame(cx)
-                .map_err(|e| RequestBodyError::Client(e.into())),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::H1(body) => body.is_end_stream(),
-            ClientBody::H2(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::H1(body) => body.size_hint(),
-            ClientBody::H2(body) => body.size_hint(),
-        }
-    }
-}
-
-/// The body sent to a backend.
-#[derive(Debug)]
-pub enum RequestBody {
-    /// The client's body, streamed, with the bytes still allowed before `max_body` is hit. `front`
-    /// is a piece taken out and put back (a send that wrote nothing hands it back).
-    Streaming {
-        inner: ClientBody,
-        front: Option<Bytes>,
-        remaining: u64,
-        limit: u64,
-    },
-    /// A body held in memory (sent once).
-    Full(Option<Bytes>),
-}
-
-impl RequestBody {
-    pub fn streaming(inner: ClientBody, limit: u64) -> RequestBody {
-        RequestBody::Streaming {
-            inner,
-            front: None,
-            remaining: limit,
-            limit,
-        }
-    }
-
-    /// Caps a streamed body at `limit` bytes (the route's `max_body`, known once it is chosen).
-    pub fn limit_to(&mut self, max: u64) {
-        if let RequestBody::Streaming {
-            remaining, limit, ..
-        } = self
-        {
-            *remaining = max;
-            *limit = max;
-        }
-    }
-
-    /// Sets the longest silence between two reads of an HTTP/1 client's body (HTTP/2 streams
-    /// are hyper's to time).
-    pub fn set_idle_timeout(&mut self, idle: Duration) {
-        if let RequestBody::Streaming {
-            inner: ClientBody::H1(body),
-            ..
-        } = self
-        {
-            body.set_idle_timeout(idle);
-        }
-    }
-
-    /// The body's length when known before it is read.
-    pub fn exact_len(&self) -> Option<u64> {
-        if self.is_end_stream() {
-            return Some(0);
-        }
-        self.size_hint().exact()
-    }
-
-    /// Puts back a piece taken by `poll_frame`, to be read again first.
-    pub fn unread(&mut self, piece: Option<Bytes>) {
-        let Some(piece) = piece else { return };
-        match self {
-            RequestBody::Streaming {
-                front, remaining, ..
-            } => {
-                *remaining += piece.len() as u64;
-                *front = Some(piece);
-            }
-            RequestBody::Full(data) => *data = Some(piece),
-        }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = RequestBodyError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
-        match self.get_mut() {
-            RequestBody::Streaming {
-                inner,
-                front,
-                remaining,
-                limit,
-            } => {
-                let frame = match front.take() {
-                    Some(piece) => Frame::data(piece),
-                    None => match ready!(Pin::new(inner).poll_frame(cx)) {
-                        None => return Poll::Ready(None),
-                        Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                        Some(Ok(frame)) => frame,
-                    },
-                };
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > *remaining {
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
-                            limit: *limit,
-                        })));
-                    }
-                    *remaining -= len;
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            RequestBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Streaming { inner, front, .. } => front.is_none() && inner.is_end_stream(),
-            RequestBody::Full(data) => data.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Streaming { inner, front, .. } => {
-                let extra = front.as_ref().map_or(0, |f| f.len() as u64);
-                let hint = inner.size_hint();
-                match hint.exact() {
-                    Some(n) => SizeHint::with_exact(n + extra),
-                    None => SizeHint::new(),
-                }
-            }
-            RequestBody::Full(data) => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-        }
-    }
-}
+use crate::wire::codec::Decoder;
+use crate::wire::{headers, PendingHeaders};
 
 /// The body of the response a client receives.
 #[derive(Debug)]
@@ -273,24 +54,6 @@ enum ResponseKind {
         /// The backend's header lines, until they are written or moved into the map.
         pending: Option<PendingHeaders>,
     },
-}
-
-/// A backend response's end-to-end header lines, not yet in the response's `HeaderMap`. The
-/// HTTP/1 server writes them as they came; [`complete_headers`] builds the map for everyone else.
-#[derive(Debug, Clone)]
-pub struct PendingHeaders {
-    pub lines: RawHeaders,
-    /// The backend's HTTP version, named in the `Via` value the proxy adds.
-    pub version: Version,
-    /// A line the proxy adds after the backend's (a coalesced write's `x-writegate-coalesce`):
-    /// carried here, it costs the HTTP/1 path no map.
-    pub added: Option<(&'static HeaderName, &'static str)>,
-}
-
-impl PendingHeaders {
-    pub fn via(&self) -> HeaderValue {
-        headers::via_value(self.version)
-    }
 }
 
 /// The backend connection and in-flight count held by a response that is still streaming.
@@ -486,6 +249,16 @@ impl ResponseBody {
                 Poll::Ready(piece.map(|p| p.map(Frame::data)))
             }
         }
+    }
+}
+
+impl ResponseSource for ResponseBody {
+    fn take_pending_headers(&mut self) -> Option<PendingHeaders> {
+        ResponseBody::take_pending_headers(self)
+    }
+
+    fn failure_message(&self, error: &Http1Error) -> String {
+        ResponseBody::failure_message(self, error)
     }
 }
 

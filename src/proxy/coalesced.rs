@@ -14,16 +14,16 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::Response;
 
-use super::body::{read_whole, RequestBody, RequestBodyError, ResponseBody};
+use super::body::ResponseBody;
 use super::dispatch::{dispatch, Dispatched};
-use super::request::OutgoingRequest;
+use super::error::ProxyError;
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
 use crate::config::CoalesceMode;
-use crate::error::ProxyError;
 use crate::route::Route;
 use crate::snapshot::Snapshot;
 use crate::upstream::{SendError, Upstream};
+use crate::wire::{read_whole, OutgoingRequest, RequestBody, RequestBodyError};
 
 /// Largest backend response a coalescing route buffers to share; larger ones answer 502.
 pub const MAX_SHARED_RESPONSE: usize = 16 << 20;
@@ -95,7 +95,16 @@ fn into_response(mut shared: SharedResponse, disposition: Disposition) -> Respon
             shared.headers.insert(X_WRITEGATE_COALESCE.clone(), value);
         }
     }
-    shared.into_response()
+    shared_response(shared)
+}
+
+/// One client's copy of a shared response, its backend header lines still to be written as they
+/// came.
+pub(super) fn shared_response(shared: SharedResponse) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::buffered(shared.body, shared.backend_lines));
+    *response.status_mut() = shared.status;
+    *response.headers_mut() = shared.headers;
+    response
 }
 
 /// The upstream exchange of one write, owning what it needs.

@@ -14,15 +14,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::Method;
 
-use super::body::{RequestBody, UpstreamLease};
+use super::body::UpstreamLease;
 use super::classify_send_error;
-use super::request::{OutgoingRequest, ProxyRequest, RequestHead};
+use super::error::ProxyError;
 use crate::admission::AdmissionPermit;
 use crate::balance::KeyHash;
-use crate::error::ProxyError;
 use crate::http1::{Http1Error, ResponseHead};
 use crate::route::Route;
 use crate::upstream::{clock_ms, ms_at, Outcome, SendError, Upstream};
+use crate::wire::{OutgoingRequest, ProxyRequest, RequestBody, RequestHead};
 
 /// A response head from a backend, with what must be held until its body is read.
 pub(super) struct Dispatched {

@@ -10,8 +10,7 @@ mod access;
 mod body;
 mod coalesced;
 mod dispatch;
-pub mod headers;
-mod request;
+pub mod error;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,19 +26,21 @@ use http::header::HeaderValue;
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 
-pub use body::{
-    ClientBody, PendingHeaders, RequestBody, RequestBodyError, ResponseBody, UpstreamLease,
-};
+pub use body::{complete_headers, ResponseBody, UpstreamLease};
 pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
-use headers::Forwarding;
-pub use request::{ClientHeaders, OutgoingRequest, ProxyRequest, RequestHead};
+use error::{Fault, ProxyError};
 
-use crate::error::{Fault, ProxyError};
+use crate::http1::server::Handler;
 use crate::http1::Http1Error;
 use crate::key::{KeyRule, OnMissingKey};
 use crate::route::{Route, RouteMatch};
 use crate::snapshot::Snapshot;
 use crate::upstream::{clock_ms, ms_at, SendError, Upstream};
+use crate::wire::headers::{self, Forwarding};
+use crate::wire::{
+    ClientBody, ClientHeaders, OutgoingRequest, ProxyRequest, RequestBody, RequestBodyError,
+    RequestHead,
+};
 
 /// What the proxy knows about one client connection; shared by its requests.
 #[derive(Debug)]
@@ -362,6 +363,18 @@ impl ProxyService {
             request_number,
         });
         Ok(request_number)
+    }
+}
+
+/// The HTTP/1 server's view of the proxy.
+impl Handler for ProxyService {
+    type Body = ResponseBody;
+
+    fn handle(
+        self,
+        request: OutgoingRequest,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send {
+        ProxyService::handle(self, request)
     }
 }
 

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use super::Backend;
 use crate::config::HealthCheckConfig;
-use crate::proxy::{ClientHeaders, ProxyRequest, RequestBody};
 use crate::snapshot::Snapshot;
+use crate::wire::{ClientHeaders, ProxyRequest, RequestBody};
 
 /// The running checks of one snapshot; dropping it stops them (a reload starts the next set).
 pub struct HealthChecks {

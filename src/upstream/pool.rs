@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::Backend;
 use crate::http1::{ExchangeTimeouts, Http1Error, ResponseHead, UpstreamStream};
-use crate::proxy::OutgoingRequest;
+use crate::wire::OutgoingRequest;
 
 /// Idle connections kept per backend; more are closed when returned.
 const MAX_IDLE_PER_BACKEND: usize = 512;

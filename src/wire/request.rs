@@ -12,9 +12,9 @@ use std::sync::Arc;
 use http::{HeaderMap, Method, Uri, Version};
 
 use super::body::RequestBody;
+use super::fields::{LineIter, RawHeaders};
 use super::headers::Forwarding;
-use crate::http1::fields::{LineIter, RawHeaders};
-use crate::http1::InterimSink;
+use super::InterimSink;
 
 /// A request on its way to a backend. Boxed: it passes through several futures (dispatch, retry,
 /// send), and each would otherwise hold room for it.

@@ -12,11 +12,12 @@ use std::time::Duration;
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use http::{Response, StatusCode};
 
+use super::coalesced::shared_response;
+use super::ResponseBody;
 use crate::admission::{Shed, ShedReason};
 use crate::coalesce::{Refusal, SharedResponse};
 use crate::http1::Http1Error;
 use crate::key::KeySource;
-use crate::proxy::ResponseBody;
 use crate::upstream::SendError;
 
 /// Who caused a failed request.
@@ -232,7 +233,7 @@ impl ProxyError {
         route: Option<&str>,
         upstream: Option<&str>,
     ) -> Response<ResponseBody> {
-        self.to_shared(route, upstream).into_response()
+        shared_response(self.to_shared(route, upstream))
     }
 
     /// The same response, buffered, for every client of a merged write.

@@ -17,9 +17,9 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
+use super::codec;
+use super::fields::{is_hop_by_hop, name_is};
 use super::request::ClientHeaders;
-use crate::http1::codec;
-use crate::http1::fields::{is_hop_by_hop, name_is};
 
 /// Removes hop-by-hop headers, including the ones `Connection` lists.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -211,7 +211,7 @@ fn put_list<'v>(
 }
 
 /// The id of request `number`: a per-process random prefix and the number, as 32 hex digits.
-pub(super) fn request_id(number: u64, out: &mut [u8; 32]) {
+pub fn request_id(number: u64, out: &mut [u8; 32]) {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     let prefix = *PREFIX.get_or_init(process_seed);
     hex_into(prefix, &mut out[..16]);
