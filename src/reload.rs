@@ -202,7 +202,7 @@ impl Reloader {
                 inputs,
             }) => {
                 self.snapshots.store(Arc::clone(&snapshot));
-                self.checks = HealthChecks::start(&snapshot);
+                self.checks = HealthChecks::start(&snapshot.config.upstreams, &snapshot.upstreams);
                 tracing::info!(file = %self.path.display(), changes = %changes, "config reloaded");
                 metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "success")
                     .increment(1);

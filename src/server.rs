@@ -133,7 +133,8 @@ impl Proxy {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_http1 = Arc::new(StopSignal::default());
-        let checks = HealthChecks::start(&self.snapshots.load());
+        let snapshot = self.snapshots.load();
+        let checks = HealthChecks::start(&snapshot.config.upstreams, &snapshot.upstreams);
         // Without reloads the first set of health checks runs until shutdown.
         let _checks = if let Some(triggers) = self.reload {
             let reloader = Reloader {

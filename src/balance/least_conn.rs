@@ -9,16 +9,15 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::upstream::Member;
+use super::Candidate;
 
-pub(super) fn pick(members: &[Member], usable: &impl Fn(usize) -> bool) -> Option<usize> {
+pub(super) fn pick<C: Candidate>(members: &[C], usable: &impl Fn(usize) -> bool) -> Option<usize> {
     // Pass 1: the lowest in-flight/weight ratio among usable members.
     let mut candidates = members.iter().enumerate().filter(|(i, _)| usable(*i));
     let (mut best, first) = candidates.next()?;
-    let (mut best_load, mut best_weight) =
-        (first.backend.inflight() as u64, u64::from(first.weight));
+    let (mut best_load, mut best_weight) = (first.inflight() as u64, u64::from(first.weight()));
     for (i, m) in candidates {
-        let (load, weight) = (m.backend.inflight() as u64, u64::from(m.weight));
+        let (load, weight) = (m.inflight() as u64, u64::from(m.weight()));
         if load * best_weight < best_load * weight {
             (best, best_load, best_weight) = (i, load, weight);
         }
@@ -28,13 +27,13 @@ pub(super) fn pick(members: &[Member], usable: &impl Fn(usize) -> bool) -> Optio
     let mut chosen_score = i64::MIN;
     let mut tied_weight = 0i64;
     for (i, m) in members.iter().enumerate() {
-        let (load, weight) = (m.backend.inflight() as u64, u64::from(m.weight));
+        let (load, weight) = (m.inflight() as u64, u64::from(m.weight()));
         if load * best_weight != best_load * weight || !usable(i) {
             continue;
         }
-        let weight = i64::from(m.weight);
+        let weight = i64::from(m.weight());
         tied_weight += weight;
-        let score = m.backend.smooth_weight.fetch_add(weight, Ordering::Relaxed) + weight;
+        let score = m.smooth_weight().fetch_add(weight, Ordering::Relaxed) + weight;
         if score > chosen_score {
             (chosen, chosen_score) = (Some(i), score);
         }
@@ -44,8 +43,7 @@ pub(super) fn pick(members: &[Member], usable: &impl Fn(usize) -> bool) -> Optio
         return Some(best);
     };
     members[index]
-        .backend
-        .smooth_weight
+        .smooth_weight()
         .fetch_sub(tied_weight, Ordering::Relaxed);
     Some(index)
 }

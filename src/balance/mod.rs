@@ -18,7 +18,18 @@ mod least_conn;
 pub mod rendezvous;
 
 use crate::config::{HashAlgorithm, UpstreamConfig};
-use crate::upstream::Member;
+
+/// What balancing needs to know of a backend. `upstream::Member` is one; balancing sits below
+/// the upstream module and never names it.
+pub trait Candidate {
+    /// The backend's address as configured: what consistent hashing hashes.
+    fn label(&self) -> &str;
+    fn weight(&self) -> u32;
+    /// Requests in flight to the backend now.
+    fn inflight(&self) -> usize;
+    /// The backend's running score for smooth weighted round-robin among equals.
+    fn smooth_weight(&self) -> &std::sync::atomic::AtomicI64;
+}
 
 /// The selection algorithm of one upstream.
 #[derive(Debug)]
@@ -53,12 +64,12 @@ pub struct Pick {
 
 impl Balancer {
     /// Builds the balancer for `members` (the usable backends of `config`, in that order).
-    pub fn new(config: &UpstreamConfig, members: &[Member]) -> Balancer {
+    pub fn new<C: Candidate>(config: &UpstreamConfig, members: &[C]) -> Balancer {
         let Some(hash) = &config.consistent_hash else {
             return Balancer::LeastConn;
         };
-        let labels: Vec<&str> = members.iter().map(|m| m.backend.label()).collect();
-        let weights: Vec<u32> = members.iter().map(|m| m.weight).collect();
+        let labels: Vec<&str> = members.iter().map(|m| m.label()).collect();
+        let weights: Vec<u32> = members.iter().map(|m| m.weight()).collect();
         let table = match hash.algorithm {
             _ if members.is_empty() => HashTable::Ketama(ketama::Ring::build(&[], &[])),
             HashAlgorithm::Rendezvous => {
@@ -95,9 +106,9 @@ impl Balancer {
     /// Only members for which `usable` holds are chosen; a key whose own backend is unusable moves
     /// to the next usable one in its order (not counted as a spill). `key` comes from
     /// [`Balancer::hash_key`]; `None` falls back to least connections.
-    pub fn pick(
+    pub fn pick<C: Candidate>(
         &self,
-        members: &[Member],
+        members: &[C],
         key: Option<KeyHash>,
         upstream_inflight: usize,
         usable: impl Fn(usize) -> bool,
@@ -192,12 +203,12 @@ impl LoadBound {
         }
     }
 
-    fn fits(&self, member: &Member) -> bool {
-        let inflight = member.backend.inflight();
+    fn fits<C: Candidate>(&self, member: &C) -> bool {
+        let inflight = member.inflight();
         if inflight < self.floor {
             return true;
         }
-        let capacity = (self.per_weight * f64::from(member.weight)).ceil();
+        let capacity = (self.per_weight * f64::from(member.weight())).ceil();
         (inflight + 1) as f64 <= capacity
     }
 }

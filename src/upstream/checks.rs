@@ -12,9 +12,8 @@ use http::header::{HeaderValue, HOST, USER_AGENT};
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use tokio::sync::watch;
 
-use super::Backend;
-use crate::config::HealthCheckConfig;
-use crate::snapshot::Snapshot;
+use super::{Backend, Upstream};
+use crate::config::{HealthCheckConfig, UpstreamConfig};
 use crate::wire::{ClientHeaders, ProxyRequest, RequestBody};
 
 /// The running checks of one snapshot; dropping it stops them (a reload starts the next set).
@@ -23,22 +22,17 @@ pub struct HealthChecks {
 }
 
 impl HealthChecks {
-    pub fn start(snapshot: &Snapshot) -> HealthChecks {
+    /// Starts the checks of every upstream that has them (`configs` and `upstreams` side by side,
+    /// as a snapshot holds them); they end when the returned value is dropped.
+    pub fn start(configs: &[UpstreamConfig], upstreams: &[Upstream]) -> HealthChecks {
         let (stop, stopped) = watch::channel(false);
-        spawn(snapshot, &stopped);
+        spawn(configs, upstreams, &stopped);
         HealthChecks { _stop: stop }
     }
 }
 
-/// Starts the checks of every upstream of `snapshot` that has them; they end when `stop` flips or
-/// its sender is dropped.
-fn spawn(snapshot: &Snapshot, stop: &watch::Receiver<bool>) {
-    for (config, upstream) in snapshot
-        .config
-        .upstreams
-        .iter()
-        .zip(snapshot.upstreams.iter())
-    {
+fn spawn(configs: &[UpstreamConfig], upstreams: &[Upstream], stop: &watch::Receiver<bool>) {
+    for (config, upstream) in configs.iter().zip(upstreams.iter()) {
         let Some(check) = &config.health_check else {
             continue;
         };

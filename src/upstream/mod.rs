@@ -16,7 +16,7 @@ use std::sync::Arc;
 use metrics::Counter;
 
 use crate::admission::Limiter;
-use crate::balance::{Balancer, KeyHash};
+use crate::balance::{Balancer, Candidate, KeyHash};
 use crate::config::OutlierConfig;
 use crate::http1::Http1Error;
 use crate::metrics::BackendMetrics;
@@ -188,6 +188,24 @@ impl Member {
             && self
                 .max_inflight
                 .is_none_or(|max| self.backend.inflight() < max)
+    }
+}
+
+impl Candidate for Member {
+    fn label(&self) -> &str {
+        self.backend.label()
+    }
+
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+
+    fn inflight(&self) -> usize {
+        self.backend.inflight()
+    }
+
+    fn smooth_weight(&self) -> &AtomicI64 {
+        &self.backend.smooth_weight
     }
 }
 
