@@ -52,7 +52,7 @@ pub(super) fn pick<C: Candidate>(members: &[C], usable: &impl Fn(usize) -> bool)
 mod tests {
     use super::*;
     use crate::balance::Balancer;
-    use crate::upstream::{Backend, Upstream};
+    use crate::upstream::{Backend, Member, Upstream};
     use std::sync::Arc;
 
     fn members(weights: &[u32]) -> Vec<Member> {
@@ -80,7 +80,7 @@ mod tests {
 
     #[test]
     fn empty_upstream_has_no_pick() {
-        assert_eq!(pick(&[], &|_| true), None);
+        assert_eq!(pick::<Member>(&[], &|_| true), None);
         assert_eq!(
             pick(&members(&[1, 1]), &|_| false),
             None,

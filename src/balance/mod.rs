@@ -220,7 +220,7 @@ mod tests {
 
     use super::*;
     use crate::config::{BackendConfig, HashConfig};
-    use crate::upstream::{Backend, Upstream};
+    use crate::upstream::{Backend, Member, Upstream};
 
     fn pick(up: &Upstream, key: &[u8], inflight: usize) -> Option<Pick> {
         up.balancer
