@@ -13,7 +13,9 @@
 //! - [`server`]: one client connection, from accept to close, holding no buffer while idle.
 
 pub mod client;
+mod encode;
 pub mod server;
+pub mod stop;
 
 pub use client::{ExchangeTimeouts, Http1Error, ResponseHead, UpstreamConn, UpstreamStream};
 
