@@ -3,30 +3,30 @@
 //! A request flows one way through these modules:
 //!
 //! ```text
-//! server (listener) → http1 (connection) → proxy (the service) → route (which route)
-//!     → key (what the write is about) → coalesce (the key's queue) → balance (which backend)
-//!     → upstream (pooled connection) → response
+//! server (listener) → http1 (connection) → proxy (the pipeline) → route (which route)
+//!     → key (what the write is about) → coalesce (the key's queue) → admission → balance
+//!     (which backend) → upstream (pooled connection) → response
 //! ```
 //!
-//! - [`config`]: the TOML schema and its validation into a typed [`config::Config`].
-//! - [`snapshot`]: the immutable runtime state built from a config, swapped atomically.
-//! - [`route`]: matching requests to routes.
-//! - [`key`]: extracting the request key a route balances (and later coalesces) on.
-//! - [`admission`]: admission limits, queues and shedding, with an adaptive limit.
-//! - [`coalesce`]: per-key write queues: serialize, dedupe, last-write-wins, ordered reads.
-//! - [`balance`]: choosing a backend: weighted least-connections, consistent hashing, bounded loads.
-//! - [`upstream`]: backends' live state, carried across reloads, and their connection pools.
-//! - [`proxy`]: the hyper service that forwards one request, with header rewriting and bodies.
-//! - [`reload`]: watching the config file and swapping in the next snapshot.
-//! - [`server`]: listeners, connection handling, timeouts and graceful shutdown.
-//! - [`tls`]: rustls configs for listeners and https backends.
-//! - [`admin`]: health and readiness endpoints on the admin listener.
-//! - [`http1`]: HTTP/1.1 on the wire, both for client connections (one task each, no buffer while
-//!   idle) and for backend connections (driven by the request's own task).
-//! - [`error`]: the proxy's errors and their mapping to responses.
-//! - [`notify`]: systemd readiness notifications.
-//! - [`metrics`]: every metric name, described once.
-//! - [`demo`]: the in-memory key-value backends and tour behind `writegate demo`.
+//! The modules are layered; each uses only those on lower lines (`tests/layering.rs` keeps it so):
+//!
+//! 12. [`demo`]: the in-memory key-value backends and tour behind `writegate demo`.
+//! 11. [`server`]: listeners, connection handling, timeouts and graceful shutdown.
+//! 10. [`admin`]: health, readiness, status and metrics on the admin listener.
+//! 9. [`reload`]: watching the config file and swapping in the next snapshot.
+//! 8. [`proxy`]: the request pipeline composing everything below, and the one mapping of errors
+//!    to responses.
+//! 7. [`snapshot`]: the immutable runtime state built from a config, swapped atomically.
+//! 6. [`route`]: matching requests to routes. [`upstream`]: backends' live state, carried across
+//!    reloads, their connection pools and health checks.
+//! 5. [`admission`]: limits, queues and shedding. [`balance`]: choosing a backend (least
+//!    connections, consistent hashing, bounded loads). [`coalesce`]: per-key write queues.
+//! 4. [`config`]: the TOML schema and its validation into a typed [`config::Config`].
+//! 3. [`http1`]: HTTP/1.1 for client connections (serving a [`http1::server::Handler`]) and
+//!    backend connections. [`key`]: the request key a route balances and coalesces on.
+//! 2. [`wire`]: HTTP messages as they pass through: framing, header lines, requests, bodies.
+//! 1. [`metrics`]: every metric name, described once. [`notify`]: systemd notifications.
+//!    [`tls`]: rustls configs.
 
 pub mod admin;
 pub mod admission;

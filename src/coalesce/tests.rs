@@ -1,3 +1,5 @@
+//! The coalescer's tests: modes, refusals and the safety rules, against real futures.
+
 use super::*;
 
 fn settings(mode: CoalesceMode) -> CoalesceConfig {
