@@ -1,7 +1,6 @@
 //! The HTTP/1 server alone, without the proxy: scripted bytes in over an in-memory pipe, a fake
 //! handler behind the `Handler` trait the server defines (as Pingora tests its protocol crates).
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -89,16 +88,14 @@ impl ResponseSource for Text {
 impl Handler for Echo {
     type Body = Text;
 
-    fn handle(self, request: OutgoingRequest) -> impl Future<Output = Response<Text>> + Send {
-        async move {
-            let head = format!("{} {}", request.head.method, request.head.uri);
-            let body = request.body.collect().await.map(|b| b.to_bytes());
-            let text = match body {
-                Ok(body) => format!("{head} {}", body.len()),
-                Err(e) => format!("{head} body error: {e}"),
-            };
-            Response::new(Text(Some(Bytes::from(text))))
-        }
+    async fn handle(self, request: OutgoingRequest) -> Response<Text> {
+        let head = format!("{} {}", request.head.method, request.head.uri);
+        let body = request.body.collect().await.map(|b| b.to_bytes());
+        let text = match body {
+            Ok(body) => format!("{head} {}", body.len()),
+            Err(e) => format!("{head} body error: {e}"),
+        };
+        Response::new(Text(Some(Bytes::from(text))))
     }
 }
 
