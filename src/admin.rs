@@ -29,6 +29,10 @@ use crate::reload::{ReloadState, ReloadStatus};
 use crate::snapshot::Snapshot;
 use crate::upstream::clock_ms;
 
+/// The status page: one self-contained file (no CDN, no external font or script) that renders
+/// `/status` every two seconds.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
 #[derive(Clone)]
 pub struct AdminService {
     snapshots: Arc<ArcSwap<Snapshot>>,
@@ -61,6 +65,14 @@ impl AdminService {
                     "metrics are not enabled in this process\n".to_string(),
                 ),
             },
+            "/" => {
+                let mut page = text(StatusCode::OK, STATUS_PAGE.to_string());
+                page.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                page
+            }
             // The admin listener runs only once the proxy's listeners are bound and its config
             // loaded, and stops with them.
             "/readyz" => text(StatusCode::OK, "ready\n".to_string()),
@@ -256,6 +268,8 @@ fn routes_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
                 "admission": route.admission.as_deref().map(limiter_status),
                 "retries": config.retries,
                 "retry_idempotent": config.retry_idempotent,
+                "requests": route.metrics.counts().0,
+                "server_errors": route.metrics.counts().1,
             }))
         })
         .collect()

@@ -5,6 +5,7 @@
 //! from the config; never a key, a path or a client address. Hot-path counters are registered once
 //! per config snapshot and kept as handles, so recording is one atomic add.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use std::time::Duration;
@@ -377,6 +378,9 @@ pub struct RouteMetrics {
     /// Indexed by method (`METHODS`, then `other`) × 5 + status class.
     requests: Box<[Counter]>,
     duration: Histogram,
+    /// The same requests as plain counts, readable for `/status` (the recorder's are not).
+    answered: AtomicU64,
+    server_errors: AtomicU64,
 }
 
 impl RouteMetrics {
@@ -392,6 +396,8 @@ impl RouteMetrics {
         RouteMetrics {
             requests,
             duration: metrics::histogram!(REQUEST_DURATION, "route" => route.to_string()),
+            answered: AtomicU64::new(0),
+            server_errors: AtomicU64::new(0),
         }
     }
 
@@ -402,6 +408,18 @@ impl RouteMetrics {
             .unwrap_or(METHODS.len());
         self.requests[m * CLASSES.len() + class_index(status)].increment(1);
         self.duration.record(took.as_secs_f64());
+        self.answered.fetch_add(1, Ordering::Relaxed);
+        if status.is_server_error() {
+            self.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Requests answered under this config, and how many with a 5xx, for `/status`.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.answered.load(Ordering::Relaxed),
+            self.server_errors.load(Ordering::Relaxed),
+        )
     }
 }
 
