@@ -163,8 +163,10 @@ async fn close_delimited_responses_arrive_whole_and_are_not_reused() {
     proxy.shutdown().await;
 }
 
+/// An interim response ahead of the final one does not disturb the exchange (clients take it,
+/// see tests/hardening.rs), and HEAD responses carry no body.
 #[tokio::test]
-async fn interim_responses_are_skipped_and_head_responses_have_no_body() {
+async fn interim_responses_pass_and_head_responses_have_no_body() {
     static SCRIPT: &[Answer] = &[
         Answer(
             b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
