@@ -16,7 +16,7 @@ use http::Response;
 
 use super::body::ResponseBody;
 use super::dispatch::{dispatch, Dispatched};
-use super::error::ProxyError;
+use super::error::{Fault, ProxyError};
 use super::Exchange;
 use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
 use crate::config::CoalesceMode;
@@ -120,13 +120,18 @@ fn upstream_job(
         match exchange(route, upstream, &key, request).await {
             Ok(shared) => shared,
             Err((error, backend)) => {
-                tracing::warn!(
-                    route = &*route.name,
-                    upstream = &*upstream.name,
-                    backend = backend.as_deref(),
-                    error = %error,
-                    "coalesced write failed"
-                );
+                // Refusals at a limit are summarized, not logged one by one (see `access`).
+                if error.fault() == Fault::Proxy {
+                    super::OVERLOAD.note(error.label(), crate::upstream::clock_ms());
+                } else {
+                    tracing::warn!(
+                        route = &*route.name,
+                        upstream = &*upstream.name,
+                        backend = backend.as_deref(),
+                        error = %error,
+                        "coalesced write failed"
+                    );
+                }
                 let mut shared = error.to_shared(Some(&route.name), Some(&upstream.name));
                 shared.backend = backend;
                 shared
