@@ -240,6 +240,7 @@ fn limiter_status(limiter: &Limiter) -> serde_json::Value {
         "limit": limiter.limit(),
         "inflight": limiter.inflight(),
         "queued": limiter.queued(),
+        "shed": limiter.shed_total(),
         "max_inflight": config.max_inflight,
         "max_queue": config.max_queue,
         "adaptive": config.adaptive,
@@ -264,12 +265,20 @@ fn routes_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
                     "mode": format!("{:?}", config.coalesce.mode).to_lowercase(),
                     "order_reads": config.coalesce.order_reads,
                     "active_keys": route.coalescer.as_ref().map(|c| c.active_keys()),
+                    "writes": route.coalescer.as_ref().map(|c| {
+                        let [sent, merged, superseded] = c.outcome_counts();
+                        serde_json::json!({ "sent": sent, "merged": merged, "superseded": superseded })
+                    }),
                 },
                 "admission": route.admission.as_deref().map(limiter_status),
                 "retries": config.retries,
                 "retry_idempotent": config.retry_idempotent,
                 "requests": route.metrics.counts().0,
                 "server_errors": route.metrics.counts().1,
+                "latency": {
+                    "bounds_seconds": crate::metrics::DURATION_BUCKETS,
+                    "counts": route.metrics.latency_counts(),
+                },
             }))
         })
         .collect()

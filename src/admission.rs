@@ -66,6 +66,8 @@ pub struct Limiter {
     debt: AtomicUsize,
     queued: AtomicUsize,
     inflight: AtomicUsize,
+    /// Requests shed so far, for `/status`.
+    shed_total: AtomicU64,
     /// Recent response latency (exponential average), in microseconds.
     latency_us: AtomicU64,
     vegas: Mutex<Vegas>,
@@ -91,6 +93,7 @@ impl Limiter {
             debt: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
+            shed_total: AtomicU64::new(0),
             latency_us: AtomicU64::new(0),
             vegas: Mutex::new(Vegas {
                 no_load: Duration::MAX,
@@ -132,6 +135,11 @@ impl Limiter {
     }
 
     /// Requests waiting for a permit.
+    /// Requests shed since this limiter was built.
+    pub fn shed_total(&self) -> u64 {
+        self.shed_total.load(Ordering::Relaxed)
+    }
+
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
@@ -189,6 +197,7 @@ impl Limiter {
             "reason" => label
         )
         .increment(1);
+        self.shed_total.fetch_add(1, Ordering::Relaxed);
         Shed {
             reason,
             limit: self.limit(),

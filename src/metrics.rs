@@ -381,6 +381,8 @@ pub struct RouteMetrics {
     /// The same requests as plain counts, readable for `/status` (the recorder's are not).
     answered: AtomicU64,
     server_errors: AtomicU64,
+    /// Requests by duration, in [`DURATION_BUCKETS`] (the last slot is above them all).
+    latency: [AtomicU64; DURATION_BUCKETS.len() + 1],
 }
 
 impl RouteMetrics {
@@ -398,6 +400,7 @@ impl RouteMetrics {
             duration: metrics::histogram!(REQUEST_DURATION, "route" => route.to_string()),
             answered: AtomicU64::new(0),
             server_errors: AtomicU64::new(0),
+            latency: Default::default(),
         }
     }
 
@@ -409,9 +412,23 @@ impl RouteMetrics {
         self.requests[m * CLASSES.len() + class_index(status)].increment(1);
         self.duration.record(took.as_secs_f64());
         self.answered.fetch_add(1, Ordering::Relaxed);
+        let seconds = took.as_secs_f64();
+        let slot = DURATION_BUCKETS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.latency[slot].fetch_add(1, Ordering::Relaxed);
         if status.is_server_error() {
             self.server_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Requests by duration bucket (bounds: [`DURATION_BUCKETS`], then everything above).
+    pub fn latency_counts(&self) -> Vec<u64> {
+        self.latency
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Requests answered under this config, and how many with a 5xx, for `/status`.

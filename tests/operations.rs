@@ -153,6 +153,19 @@ async fn status_shows_upstreams_backends_and_routes() {
     assert_eq!(route["coalesce"]["mode"], "dedupe");
     assert_eq!(route["coalesce"]["active_keys"], 0);
     assert_eq!(route["admission"]["limit"], 7);
+    assert_eq!(route["admission"]["shed"], 0);
+    assert_eq!(
+        route["coalesce"]["writes"]["sent"], 0,
+        "a read is not a write"
+    );
+    let answered: u64 = route["latency"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(answered, 1, "one request in the latency buckets");
+    assert_eq!(route["requests"], 1);
     assert_eq!(route["admission"]["inflight"], 0);
     proxy.shutdown().await;
 }

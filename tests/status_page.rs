@@ -136,6 +136,7 @@ async fn the_status_page_shows_backends_and_their_states() {
     );
     assert!(dom.contains("data-reload=\"ok\""), "{dom}");
     assert!(dom.contains("data-route=\"r\""), "{dom}");
+    assert!(dom.contains("<th>p99</th>"), "{dom}");
     // Trouble first: the down backend's row comes before the healthy one.
     assert!(dom.find(&down) < dom.find(&healthy), "{dom}");
     let png = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);

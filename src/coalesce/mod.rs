@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,8 @@ pub struct Coalescer {
     active_keys: AtomicUsize,
     keys_gauge: Gauge,
     outcomes: [Counter; 3],
+    /// The same outcomes as plain counts, readable for `/status`.
+    outcome_counts: [AtomicU64; 3],
     dropped: Counter,
 }
 
@@ -93,7 +95,20 @@ impl Coalescer {
                 outcome("superseded"),
             ],
             dropped: outcome("dropped"),
+            outcome_counts: Default::default(),
         })
+    }
+
+    fn count(&self, disposition: Disposition) {
+        self.outcomes[disposition as usize].increment(1);
+        self.outcome_counts[disposition as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Client writes so far: sent, deduplicated (merged into an identical one) and superseded.
+    pub fn outcome_counts(&self) -> [u64; 3] {
+        self.outcome_counts
+            .each_ref()
+            .map(|count| count.load(Ordering::Relaxed))
     }
 
     /// Keys with anything pending or in flight.
@@ -223,7 +238,7 @@ impl Coalescer {
             None => internal_error(),
         };
         inline.exchange = None;
-        self.outcomes[Disposition::Sent as usize].increment(1);
+        self.count(Disposition::Sent);
         let next = self.finish_write(&inline.key, mode, inline.began.elapsed());
         self.run(inline.key.clone(), next, mode);
         (response, Disposition::Sent)
@@ -425,7 +440,7 @@ impl Coalescer {
                 response.clone()
             };
             if let Some(reply) = reply {
-                self.outcomes[w.disposition as usize].increment(1);
+                self.count(w.disposition);
                 let _ = w.tx.send((reply, w.disposition));
             }
         }
@@ -533,7 +548,7 @@ impl Drop for InlineWrite {
             };
             exchange.await;
             guard.done = true;
-            coalescer.outcomes[Disposition::Sent as usize].increment(1);
+            coalescer.count(Disposition::Sent);
             let next = coalescer.finish_write(&key, mode, began.elapsed());
             coalescer.run(key.clone(), next, mode);
         });
