@@ -132,14 +132,23 @@ struct Wire<I> {
     /// A backend's interim responses, to be written before the final one.
     interim: Vec<u8>,
     /// Longest silence between two reads of a request body (the route's `client_body`).
-    body_idle: Duration,
+    body_idle_ms: u32,
     /// Times that silence; made the first time a body read has to wait, then kept.
-    body_timer: Option<Pin<Box<Sleep>>>,
-    /// When the body last made progress, while `body_timer` runs for this request.
-    body_progress: Option<Instant>,
+    body_clock: Option<Box<BodyClock>>,
 }
 
 type SharedWire<I> = Arc<Mutex<Wire<I>>>;
+
+/// Times a request body's silences; made the first time a body read has to wait, then kept.
+struct BodyClock {
+    timer: Pin<Box<Sleep>>,
+    /// When the body last made progress; `None` until this request's body first waits.
+    progress: Option<Instant>,
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
 
 fn lock<I>(wire: &Mutex<Wire<I>>) -> MutexGuard<'_, Wire<I>> {
     wire.lock().unwrap_or_else(|e| e.into_inner())
@@ -178,9 +187,8 @@ pub fn serve<I: ClientIo, H: Handler>(
         body_started: false,
         head_scan: HeadScan::default(),
         interim: Vec::new(),
-        body_idle: DEFAULT_CLIENT_BODY_TIMEOUT,
-        body_timer: None,
-        body_progress: None,
+        body_idle_ms: millis(DEFAULT_CLIENT_BODY_TIMEOUT),
+        body_clock: None,
     }));
     async move {
         let mut stop = StopWatch {
@@ -432,8 +440,10 @@ fn parse_head<I: ClientIo>(w: &mut Wire<I>, shared: SharedWire<I>) -> Option<Nex
         };
     w.decoder = Decoder::new(framing);
     w.body_started = false;
-    w.body_progress = None;
-    w.body_idle = DEFAULT_CLIENT_BODY_TIMEOUT;
+    if let Some(clock) = &mut w.body_clock {
+        clock.progress = None;
+    }
+    w.body_idle_ms = millis(DEFAULT_CLIENT_BODY_TIMEOUT);
     let shared_sink: Arc<dyn InterimSink> = shared.clone();
     let body = if framing == Framing::Empty {
         H1Body::new(None)
@@ -607,7 +617,7 @@ impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
             let read = codec::poll_read_buf(&mut w.io, cx, &mut w.buf);
             match read {
                 Poll::Pending => {
-                    if w.body_progress.is_none() {
+                    if w.body_progress().is_none() {
                         // The first wait for more of this body: a client with Nagle on holds
                         // the body until its head is acknowledged.
                         w.io.ack_now();
@@ -617,8 +627,8 @@ impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
                 Poll::Ready(Ok(0)) if w.decoder.at_eof() => return Poll::Ready(None),
                 Poll::Ready(Ok(0)) => return Poll::Ready(Some(Err(BodyError::Closed))),
                 Poll::Ready(Ok(_)) => {
-                    if w.body_progress.is_some() {
-                        w.body_progress = Some(Instant::now());
+                    if let Some(clock) = w.body_clock.as_mut().filter(|c| c.progress.is_some()) {
+                        clock.progress = Some(Instant::now());
                     }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
@@ -631,7 +641,7 @@ impl<I: ClientIo> BodySource for Mutex<Wire<I>> {
     }
 
     fn set_idle_timeout(&self, idle: Duration) {
-        lock(self).body_idle = idle;
+        lock(self).body_idle_ms = millis(idle);
     }
 }
 
@@ -640,30 +650,40 @@ impl<I: ClientIo> Wire<I> {
     /// for `body_idle`. The clock is read only once a read waits, and a timer that fires early
     /// (the body moved meanwhile) is moved on rather than reset on every read.
     fn poll_body_silence(&mut self, cx: &mut Context<'_>) -> Poll<BodyError> {
-        let idle = self.body_idle;
-        let progress = match self.body_progress {
-            Some(at) => at,
-            None => {
-                let now = Instant::now();
-                self.body_progress = Some(now);
-                match &mut self.body_timer {
-                    Some(timer) => timer.as_mut().reset(now + idle),
-                    None => self.body_timer = Some(Box::pin(tokio::time::sleep_until(now + idle))),
+        let idle = Duration::from_millis(u64::from(self.body_idle_ms));
+        if self.body_progress().is_none() {
+            // This request's body waits for the first time: start timing its silence.
+            let now = Instant::now();
+            match &mut self.body_clock {
+                Some(clock) => {
+                    clock.timer.as_mut().reset(now + idle);
+                    clock.progress = Some(now);
                 }
-                now
+                None => {
+                    self.body_clock = Some(Box::new(BodyClock {
+                        timer: Box::pin(tokio::time::sleep_until(now + idle)),
+                        progress: Some(now),
+                    }))
+                }
             }
-        };
-        let Some(timer) = self.body_timer.as_mut() else {
+        }
+        let Some(clock) = self.body_clock.as_mut() else {
             return Poll::Pending;
         };
+        let progress = clock.progress.unwrap_or_else(Instant::now);
         loop {
-            ready!(timer.as_mut().poll(cx));
+            ready!(clock.timer.as_mut().poll(cx));
             let deadline = progress + idle;
             if deadline <= Instant::now() {
                 return Poll::Ready(BodyError::TimedOut(idle));
             }
-            timer.as_mut().reset(deadline);
+            clock.timer.as_mut().reset(deadline);
         }
+    }
+
+    /// When the body last made progress, while its silence is being timed.
+    fn body_progress(&self) -> Option<Instant> {
+        self.body_clock.as_ref().and_then(|clock| clock.progress)
     }
 }
 
@@ -685,8 +705,12 @@ fn poll_write_interim<I: ClientIo>(wire: &SharedWire<I>, cx: &mut Context<'_>) -
             Ok(0) | Err(_) => return Poll::Ready(()),
             Ok(n) => drop(w.interim.drain(..n)),
         }
-        if w.interim.is_empty() && ready!(Pin::new(&mut w.io).poll_flush(cx)).is_err() {
-            return Poll::Ready(());
+        if w.interim.is_empty() {
+            // The queue's memory goes back: interim responses are rare.
+            w.interim = Vec::new();
+            if ready!(Pin::new(&mut w.io).poll_flush(cx)).is_err() {
+                return Poll::Ready(());
+            }
         }
     }
     Poll::Pending
@@ -789,6 +813,7 @@ fn take_interim<I: ClientIo>(wire: &SharedWire<I>, out: &mut Vec<u8>) {
     let mut w = lock(wire);
     if !w.interim.is_empty() {
         out.append(&mut w.interim);
+        w.interim = Vec::new();
     }
 }
 
