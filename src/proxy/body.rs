@@ -16,6 +16,7 @@ use http::Response;
 use http_body::{Body, Frame, SizeHint};
 
 use super::access::AccessLine;
+use super::error::ProxyError;
 use crate::admission::AdmissionPermit;
 use crate::http1::server::ResponseSource;
 use crate::http1::{Http1Error, ResponseHead};
@@ -262,15 +263,10 @@ impl ResponseSource for ResponseBody {
     }
 }
 
+/// The one-line 502 body, in the proxy's one error format.
 fn failure_text(error: &Http1Error, upstream: Option<&str>) -> String {
-    let mut text = format!("502 Bad Gateway: the backend's response broke off: {error}");
-    if let Some(name) = upstream {
-        text.push_str(" (upstream \"");
-        text.push_str(name);
-        text.push_str("\")");
-    }
-    text.push('\n');
-    text
+    let shared = ProxyError::BrokenResponse(error.to_string()).to_shared(None, upstream);
+    String::from_utf8_lossy(&shared.body).into_owned()
 }
 
 fn finish(lease: &mut Option<UpstreamLease>, keep_alive: bool) {

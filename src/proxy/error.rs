@@ -61,6 +61,9 @@ pub enum ProxyError {
     KeyWaitTimeout { retry_after: Duration },
     #[error("the backend's response is too large to share with merged writes")]
     ResponseNotShareable,
+    /// A backend's response body broke off before any of it reached the client; the reason.
+    #[error("the backend's response broke off: {0}")]
+    BrokenResponse(String),
     #[error("shed by the {scope} admission limit")]
     Shed { shed: Shed, scope: &'static str },
     #[error("{0}")]
@@ -86,7 +89,9 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::KeyQueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::ResponseNotShareable => StatusCode::BAD_GATEWAY,
+            ProxyError::ResponseNotShareable | ProxyError::BrokenResponse(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::Shed { shed, .. } => shed.status,
             ProxyError::Upstream(SendError::ConnectTimeout | SendError::ResponseTimeout) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -105,9 +110,10 @@ impl ProxyError {
             | ProxyError::ClientBodyTimeout { .. }
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => Fault::Client,
-            ProxyError::NoBackend | ProxyError::Upstream(_) | ProxyError::ResponseNotShareable => {
-                Fault::Upstream
-            }
+            ProxyError::NoBackend
+            | ProxyError::Upstream(_)
+            | ProxyError::ResponseNotShareable
+            | ProxyError::BrokenResponse(_) => Fault::Upstream,
             ProxyError::KeyQueueFull { .. }
             | ProxyError::KeyWaitTimeout { .. }
             | ProxyError::Shed { .. } => Fault::Proxy,
@@ -129,6 +135,7 @@ impl ProxyError {
             ProxyError::KeyQueueFull { .. } => "key_queue_full",
             ProxyError::KeyWaitTimeout { .. } => "key_wait_timeout",
             ProxyError::ResponseNotShareable => "response_not_shareable",
+            ProxyError::BrokenResponse(_) => "broken_response",
             ProxyError::Shed { .. } => "shed",
             ProxyError::Upstream(SendError::Connect(_)) => "connect_failed",
             ProxyError::Upstream(SendError::ConnectTimeout) => "connect_timeout",
@@ -215,6 +222,10 @@ impl ProxyError {
             ProxyError::ResponseNotShareable => {
                 "the backend's response is too large to share with merged writes"
             }
+            ProxyError::BrokenResponse(reason) => {
+                let _ = write!(out, "the backend's response broke off: {reason}");
+                return;
+            }
             ProxyError::Upstream(SendError::Connect(_)) => "could not connect to a backend",
             ProxyError::Upstream(SendError::ConnectTimeout) => "timed out connecting to a backend",
             ProxyError::Upstream(SendError::ResponseTimeout) => {
@@ -254,7 +265,10 @@ impl ProxyError {
             (Some(r), None) => {
                 let _ = write!(body, " (route \"{r}\")");
             }
-            _ => {}
+            (None, Some(u)) => {
+                let _ = write!(body, " (upstream \"{u}\")");
+            }
+            (None, None) => {}
         }
         body.push('\n');
         let mut headers = HeaderMap::new();
