@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! server (listener) → http1 (connection) → proxy (the pipeline) → route (which route)
-//!     → key (what the write is about) → coalesce (the key's queue) → admission → balance
+//!     → key (what the write is about) → idempotency (a retry replays) → coalesce (the key's queue) → admission → balance
 //!     (which backend) → upstream (pooled connection) → response
 //! ```
 //!
@@ -21,6 +21,7 @@
 //!    reloads, their connection pools and health checks.
 //! 5. [`admission`]: limits, queues and shedding. [`balance`]: choosing a backend (least
 //!    connections, consistent hashing, bounded loads). [`coalesce`]: per-key write queues.
+//!    [`idempotency`]: idempotency keys, their records and stores.
 //! 4. [`config`]: the TOML schema and its validation into a typed [`config::Config`].
 //! 3. [`http1`]: HTTP/1.1 for client connections (serving a [`http1::server::Handler`]) and
 //!    backend connections. [`key`]: the request key a route balances and coalesces on.
@@ -35,6 +36,7 @@ pub mod coalesce;
 pub mod config;
 pub mod demo;
 pub mod http1;
+pub mod idempotency;
 pub mod key;
 pub mod metrics;
 pub mod notify;

@@ -100,6 +100,18 @@ pub const COALESCE_KEYS_ACTIVE: &str = "writegate_coalesce_keys_active";
 /// Counter, labels `route`, `reason` (`queue_full`, `wait_timeout`): requests refused by a key queue.
 pub const COALESCE_REJECTED: &str = "writegate_coalesce_rejected_total";
 
+/// Counter, labels `route`, `outcome` (`recorded`, `replayed`, `conflict`, `mismatch`, `missing`,
+/// `invalid`, `indeterminate`, `unknown`, `store_error`, `released`, `unprotected`): requests on
+/// routes with idempotency keys, by what happened to them (see README).
+pub const IDEMPOTENCY_REQUESTS: &str = "writegate_idempotency_requests_total";
+/// Histogram, labels `store`, `op` (`claim`, `record`, `indeterminate`, `release`): time an
+/// idempotency store took to answer, timeouts included.
+pub const IDEMPOTENCY_STORE_DURATION: &str = "writegate_idempotency_store_seconds";
+/// Gauge, label `store`: entries an idempotency store holds (memory and file stores).
+pub const IDEMPOTENCY_ENTRIES: &str = "writegate_idempotency_entries";
+/// Counter, label `store`: entries a full memory store evicted before their ttl ran out.
+pub const IDEMPOTENCY_EVICTIONS: &str = "writegate_idempotency_evictions_total";
+
 /// Counter, labels `upstream`, `backend`: ejections by passive outlier detection.
 pub const BACKEND_EJECTIONS: &str = "writegate_backend_ejections_total";
 
@@ -187,6 +199,26 @@ fn describe() {
         COALESCE_REJECTED,
         Unit::Count,
         "Requests refused by a key queue, by reason."
+    );
+    describe_counter!(
+        IDEMPOTENCY_REQUESTS,
+        Unit::Count,
+        "Requests on routes with idempotency keys, by outcome."
+    );
+    describe_histogram!(
+        IDEMPOTENCY_STORE_DURATION,
+        Unit::Seconds,
+        "Time an idempotency store took to answer, by operation."
+    );
+    describe_gauge!(
+        IDEMPOTENCY_ENTRIES,
+        Unit::Count,
+        "Entries held by an idempotency store."
+    );
+    describe_counter!(
+        IDEMPOTENCY_EVICTIONS,
+        Unit::Count,
+        "Idempotency entries evicted from a full memory store before their ttl."
     );
     describe_counter!(
         UPSTREAM_CONNECTIONS,

@@ -8,6 +8,7 @@
 //!  3  http1  key                    the HTTP/1 protocol driver; request keys
 //!  4  config                        the file schema and the validated config
 //!  5  admission  balance  coalesce  features, each with its own state and errors
+//!     idempotency
 //!  6  route  upstream               routing; backends, pools and health
 //!  7  snapshot                      one config's runtime state
 //!  8  proxy                         the request pipeline; the one mapping of errors to responses
@@ -26,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["wire"],
     &["http1", "key"],
     &["config"],
-    &["admission", "balance", "coalesce"],
+    &["admission", "balance", "coalesce", "idempotency"],
     &["route", "upstream"],
     &["snapshot"],
     &["proxy"],

@@ -153,6 +153,57 @@ pub struct RouteSection {
     pub retries: Option<Spanned<i64>>,
     pub retry_idempotent: Option<bool>,
     pub retry_budget: Option<Spanned<f64>>,
+    pub idempotency: Option<Spanned<IdempotencySection>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdempotencyStoreKind {
+    Memory,
+    File,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConcurrentKind {
+    Reject,
+    Wait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnIndeterminateKind {
+    Reject,
+    Forward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreErrorKind {
+    Reject,
+    Pass,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencySection {
+    pub header: Option<Spanned<String>>,
+    pub methods: Option<Vec<Spanned<String>>>,
+    pub required: Option<bool>,
+    pub scope: Option<Vec<Spanned<String>>>,
+    pub ttl: Option<Spanned<String>>,
+    pub lease: Option<Spanned<String>>,
+    pub forward_header: Option<bool>,
+    pub concurrent: Option<ConcurrentKind>,
+    pub on_indeterminate: Option<OnIndeterminateKind>,
+    pub max_response_body: Option<Spanned<String>>,
+    pub store: Option<Spanned<IdempotencyStoreKind>>,
+    pub max_entries: Option<Spanned<i64>>,
+    pub path: Option<Spanned<String>>,
+    pub redis_url: Option<Spanned<String>>,
+    pub store_timeout: Option<Spanned<String>>,
+    pub on_store_error: Option<OnStoreErrorKind>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -8,6 +8,7 @@
 
 mod error;
 pub mod file;
+mod idempotency;
 mod schema;
 mod validate;
 mod values;
@@ -29,6 +30,9 @@ use toml::Spanned;
 use crate::key::{KeyRule, KeySource, OnMissingKey};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
+pub use idempotency::{
+    Concurrent, IdempotencyConfig, IdempotencyStore, OnIndeterminate, OnStoreError,
+};
 use file::{
     BalanceKind, CoalesceModeKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind, TimeoutsSection,
 };
@@ -284,6 +288,8 @@ pub struct RouteConfig {
     /// Retries stay under this fraction of requests.
     pub retry_budget: f64,
     pub coalesce: CoalesceConfig,
+    /// Idempotency keys, when the route honours them.
+    pub idempotency: Option<IdempotencyConfig>,
     /// The request key, when the route defines one.
     pub key: Option<KeyRule>,
     pub name: String,
@@ -357,6 +363,14 @@ impl Config {
                     ""
                 };
                 notes.push(format!("coalesce {:?}{reads}", r.coalesce.mode).to_lowercase());
+            }
+            if let Some(i) = &r.idempotency {
+                let store = match &i.store {
+                    IdempotencyStore::Memory { .. } => "memory".to_string(),
+                    IdempotencyStore::File { path } => format!("file {}", path.display()),
+                    IdempotencyStore::Redis { .. } => "redis".to_string(),
+                };
+                notes.push(format!("idempotency {} ({store})", i.header));
             }
             if let Some(a) = &r.admission {
                 let adaptive = if a.adaptive { " adaptive" } else { "" };

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-/// Parses `"250ms"`, `"2s"`, `"1.5s"`, `"5m"`, `"1h"`. A bare number is refused: the unit is required
+/// Parses `"250ms"`, `"2s"`, `"1.5s"`, `"5m"`, `"1h"`, `"7d"`. A bare number is refused: the unit is required
 /// because "30" means seconds to one reader and milliseconds to another.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m or h, e.g. \"2s\")"))?;
+        .ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m, h or d, e.g. \"2s\")"))?;
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
@@ -18,9 +18,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
+        "d" => 86_400.0,
         _ => {
             return Err(format!(
-                "duration {text:?} has unknown unit {unit:?} (use ms, s, m or h)"
+                "duration {text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
             ))
         }
     };

@@ -45,7 +45,7 @@ impl Validator<'_, '_> {
         }
     }
 
-    fn path(&self, text: &str) -> PathBuf {
+    pub(super) fn path(&self, text: &str) -> PathBuf {
         self.base.join(text)
     }
 
@@ -325,6 +325,16 @@ impl Validator<'_, '_> {
                 let span = c.span();
                 self.coalesce(c.into_inner(), span, wrote_key, r.name.get_ref())
             });
+            let idempotency = r.idempotency.map(|section| {
+                let queued = admission.as_ref().map_or(Duration::ZERO, |a| a.queue_timeout);
+                let coalesced = if coalesce.mode == CoalesceMode::Off {
+                    Duration::ZERO
+                } else {
+                    coalesce.max_wait
+                };
+                let longest = queued + coalesced + connect_timeout + response_timeout;
+                self.idempotency(section, idempotency::RouteTimes { longest })
+            });
             if let Some(u) = upstream {
                 if upstreams[u].consistent_hash.is_some() && !wrote_key {
                     self.sink.at(
@@ -344,6 +354,7 @@ impl Validator<'_, '_> {
                     retry_idempotent: r.retry_idempotent.unwrap_or(false),
                     retry_budget,
                     coalesce,
+                    idempotency,
                     key,
                     name: r.name.into_inner(),
                     path_prefix,
@@ -362,7 +373,7 @@ impl Validator<'_, '_> {
     }
 
     /// A whole number in `min..=max`, or an error at its position.
-    fn count(&mut self, what: &str, n: Spanned<i64>, min: i64, max: i64) -> Option<usize> {
+    pub(super) fn count(&mut self, what: &str, n: Spanned<i64>, min: i64, max: i64) -> Option<usize> {
         let value = *n.get_ref();
         if (min..=max).contains(&value) {
             usize::try_from(value).ok()

@@ -102,6 +102,14 @@ impl Body for ClientBody {
     }
 }
 
+/// Sees each byte of a streamed request body once, as it is read from the client, and its end
+/// (idempotency keys hash the body this way instead of keeping it).
+pub trait BodyObserver: Send + Sync + std::fmt::Debug {
+    fn data(&mut self, data: &[u8]);
+    /// The body was read to its end; called at most once.
+    fn end(&mut self);
+}
+
 /// The body sent to a backend.
 #[derive(Debug)]
 pub enum RequestBody {
@@ -112,6 +120,8 @@ pub enum RequestBody {
         front: Option<Bytes>,
         remaining: u64,
         limit: u64,
+        /// Boxed and usually absent: the plain path carries one pointer.
+        observer: Option<Box<dyn BodyObserver>>,
     },
     /// A body held in memory (sent once).
     Full(Option<Bytes>),
@@ -124,6 +134,15 @@ impl RequestBody {
             front: None,
             remaining: limit,
             limit,
+            observer: None,
+        }
+    }
+
+    /// Shows every byte still to be read from the client to `observer`. A body held in memory
+    /// (or one already read) is the caller's to look at.
+    pub fn observe(&mut self, new: Box<dyn BodyObserver>) {
+        if let RequestBody::Streaming { observer, .. } = self {
+            *observer = Some(new);
         }
     }
 
@@ -187,13 +206,32 @@ impl Body for RequestBody {
                 front,
                 remaining,
                 limit,
+                observer,
             } => {
                 let frame = match front.take() {
+                    // Put back after a send that wrote nothing: the observer has seen it.
                     Some(piece) => Frame::data(piece),
-                    None => match ready!(Pin::new(inner).poll_frame(cx)) {
-                        None => return Poll::Ready(None),
+                    None => match ready!(Pin::new(&mut *inner).poll_frame(cx)) {
+                        None => {
+                            if let Some(mut observer) = observer.take() {
+                                observer.end();
+                            }
+                            return Poll::Ready(None);
+                        }
                         Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                        Some(Ok(frame)) => frame,
+                        Some(Ok(frame)) => {
+                            if let Some(seen) = observer {
+                                if let Some(data) = frame.data_ref() {
+                                    seen.data(data);
+                                }
+                                if inner.is_end_stream() {
+                                    if let Some(mut observer) = observer.take() {
+                                        observer.end();
+                                    }
+                                }
+                            }
+                            frame
+                        }
                     },
                 };
                 if let Some(data) = frame.data_ref() {

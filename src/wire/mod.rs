@@ -14,7 +14,7 @@ pub mod headers;
 pub mod request;
 
 pub use body::{
-    read_whole, BodyError, BodySource, ClientBody, H1Body, PendingHeaders, RequestBody,
+    read_whole, BodyError, BodyObserver, BodySource, ClientBody, H1Body, PendingHeaders, RequestBody,
     RequestBodyError,
 };
 pub use request::{ClientHeaders, HeaderIter, OutgoingRequest, ProxyRequest, RequestHead};
