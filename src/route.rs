@@ -14,6 +14,7 @@ use crate::admission::Limiter;
 use crate::coalesce::Coalescer;
 use crate::config::{CoalesceConfig, RouteConfig};
 use crate::http1::ExchangeTimeouts;
+use crate::idempotency::{Policy, Store};
 use crate::key::KeyRule;
 use crate::metrics::RouteMetrics;
 
@@ -35,6 +36,8 @@ pub struct Route {
     pub coalesce: CoalesceConfig,
     /// The route's key queues, when it coalesces.
     pub coalescer: Option<Arc<Coalescer>>,
+    /// Idempotency keys, when the route honours them.
+    pub idempotency: Option<Box<Policy>>,
     /// Position in the router's match order (set by [`Router::new`]).
     pub index: usize,
     pub admission: Option<Arc<Limiter>>,
@@ -86,13 +89,21 @@ impl RetryBudget {
 }
 
 impl Route {
-    /// `coalescer` and `admission` are kept from the previous snapshot when it had them.
+    /// `coalescer`, `admission` and the idempotency store are kept from the previous snapshot
+    /// when it had them.
     pub fn new(
         config: &RouteConfig,
         coalescer: Option<Arc<Coalescer>>,
         admission: Option<Arc<Limiter>>,
+        idempotency_store: Option<Arc<dyn Store>>,
     ) -> Route {
+        let idempotency = config
+            .idempotency
+            .clone()
+            .zip(idempotency_store)
+            .map(|(settings, store)| Box::new(Policy::new(settings, store, &config.name)));
         Route {
+            idempotency,
             metrics: RouteMetrics::new(&config.name),
             admission,
             retries: config.retries,
@@ -210,6 +221,7 @@ mod tests {
             key: None,
             coalesce: CoalesceConfig::default(),
             coalescer: None,
+            idempotency: None,
             index: 0,
             admission: None,
             retries: 0,

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use crate::admission::Limiter;
 use crate::balance::Balancer;
 use crate::coalesce::Coalescer;
-use crate::config::{CoalesceMode, Config};
+use crate::config::{CoalesceMode, Config, IdempotencyStore};
+use crate::idempotency::{store, Store};
 use crate::metrics::RouteMetrics;
 use crate::route::{Route, Router};
 use crate::upstream::{Backend, Member, Upstream};
@@ -79,10 +80,12 @@ impl Snapshot {
         let previous_routes: HashMap<&str, &Route> = previous
             .map(|p| p.router.routes().iter().map(|r| (&*r.name, r)).collect())
             .unwrap_or_default();
+        let mut stores = IdempotencyStores::carried_from(previous);
         let routes = config
             .routes
             .iter()
             .map(|r| {
+                let store = r.idempotency.as_ref().map(|i| stores.get(&i.store));
                 let before = previous_routes.get(r.name.as_str());
                 let coalescer = (r.coalesce.mode != CoalesceMode::Off).then(|| {
                     before
@@ -97,7 +100,7 @@ impl Snapshot {
                         &r.name,
                     )
                 });
-                Route::new(r, coalescer, admission)
+                Route::new(r, coalescer, admission, store)
             })
             .collect();
         let router = Router::new(routes);
@@ -109,10 +112,53 @@ impl Snapshot {
         }
     }
 
+    /// Every idempotency store in use, once each.
+    pub fn idempotency_stores(&self) -> Vec<Arc<dyn Store>> {
+        let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+        for route in self.router.routes() {
+            if let Some(policy) = &route.idempotency {
+                if !stores.iter().any(|s| Arc::ptr_eq(s, &policy.store)) {
+                    stores.push(Arc::clone(&policy.store));
+                }
+            }
+        }
+        stores
+    }
+
     /// Every backend of every upstream (an address listed in two upstreams appears twice).
     pub fn backends(&self) -> impl Iterator<Item = &Arc<Backend>> {
         self.upstreams
             .iter()
             .flat_map(|u| u.members.iter().map(|m| &m.backend))
+    }
+}
+
+/// Idempotency stores by what they are (kind and place): routes that name the same store share
+/// it, and a reload keeps an open store (its file lock, its Redis connection) instead of reopening.
+struct IdempotencyStores(HashMap<IdempotencyStore, Arc<dyn Store>>);
+
+impl IdempotencyStores {
+    fn carried_from(previous: Option<&Snapshot>) -> IdempotencyStores {
+        let mut open = HashMap::new();
+        for route in previous.iter().flat_map(|p| p.router.routes()) {
+            // A store that failed to open is opened again: the fault may be mended by now.
+            if let Some(policy) = route
+                .idempotency
+                .as_ref()
+                .filter(|p| p.store.label() != "broken")
+            {
+                open.entry(policy.config.store.clone())
+                    .or_insert_with(|| Arc::clone(&policy.store));
+            }
+        }
+        IdempotencyStores(open)
+    }
+
+    fn get(&mut self, config: &IdempotencyStore) -> Arc<dyn Store> {
+        Arc::clone(
+            self.0
+                .entry(config.clone())
+                .or_insert_with(|| store::open(config)),
+        )
     }
 }

@@ -311,7 +311,7 @@ fn check_exits_0_with_a_summary_for_a_good_file() {
     );
     // Then what it means, on one screen.
     assert!(stdout.lines().count() < 40, "{stdout}");
-    assert!(stdout.contains("ledger       host * path /ledger/ methods * -> ledger  [key path segment 2; coalesce serialize]"), "{stdout}");
+    assert!(stdout.contains("ledger       host * path /ledger/ methods * -> ledger  [key path segment 2; coalesce serialize; idempotency idempotency-key (memory)]"), "{stdout}");
     assert!(
         stdout.contains("127.0.0.1:9002               weight 1, max_inflight 512"),
         "{stdout}"

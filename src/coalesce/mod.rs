@@ -52,7 +52,7 @@ mod tests;
 use keys::{KeyHashing, KeyMap};
 use queue::{Busy, Entry, KeyQueue, Start, Waiter};
 use reply::{internal_error, Reply};
-pub use reply::{Disposition, Fingerprint, Job, Refusal, SharedResponse};
+pub use reply::{Disposition, Fingerprint, Job, Origin, Refusal, SharedResponse};
 
 /// The per-key queues of one route. Survives reloads (the snapshot carries it over by route name),
 /// so queued writes keep their order.

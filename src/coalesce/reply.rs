@@ -14,6 +14,16 @@ pub struct SharedResponse {
     pub body: Bytes,
     /// The backend that answered, for access logs.
     pub backend: Option<Arc<str>>,
+    pub origin: Origin,
+}
+
+/// Who made a shared response: what a client's retry may assume about the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    #[default]
+    Backend,
+    /// The proxy answered; `reached_backend` when bytes of the write may have reached one.
+    Proxy { reached_backend: bool },
 }
 
 /// How a client's write was carried out; sent in `x-writegate-coalesce`.
@@ -74,5 +84,8 @@ pub(super) fn internal_error() -> SharedResponse {
         backend_lines: None,
         body: Bytes::from_static(b"500 Internal Server Error: the write's outcome was lost\n"),
         backend: None,
+        origin: Origin::Proxy {
+            reached_backend: true,
+        },
     }
 }

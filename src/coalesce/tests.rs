@@ -134,6 +134,7 @@ async fn a_job_that_panics_frees_its_key() {
 
 fn ok_reply() -> SharedResponse {
     SharedResponse {
+        origin: Origin::Backend,
         status: StatusCode::OK,
         headers: HeaderMap::new(),
         backend_lines: None,

@@ -1,8 +1,7 @@
 //! A route's `[routes.idempotency]` section: its validated form and its checks.
 
 use super::file::{
-    ConcurrentKind, IdempotencySection, IdempotencyStoreKind, OnIndeterminateKind,
-    OnStoreErrorKind,
+    ConcurrentKind, IdempotencySection, IdempotencyStoreKind, OnIndeterminateKind, OnStoreErrorKind,
 };
 use super::*;
 
@@ -219,10 +218,7 @@ impl Validator<'_, '_> {
                 if dir.is_some_and(|d| !d.is_dir()) {
                     self.sink.at(
                         text.span(),
-                        format!(
-                            "the directory of {} does not exist",
-                            path.display()
-                        ),
+                        format!("the directory of {} does not exist", path.display()),
                     );
                 }
                 IdempotencyStore::File { path }

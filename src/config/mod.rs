@@ -30,11 +30,11 @@ use toml::Spanned;
 use crate::key::{KeyRule, KeySource, OnMissingKey};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
-pub use idempotency::{
-    Concurrent, IdempotencyConfig, IdempotencyStore, OnIndeterminate, OnStoreError,
-};
 use file::{
     BalanceKind, CoalesceModeKind, FileConfig, HashAlgorithmKind, OnMissingKeyKind, TimeoutsSection,
+};
+pub use idempotency::{
+    Concurrent, IdempotencyConfig, IdempotencyStore, OnIndeterminate, OnStoreError,
 };
 
 /// Requests in flight below which a consistent-hash backend always takes its own keys.

@@ -8,7 +8,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m, h or d, e.g. \"2s\")"))?;
+        .ok_or_else(|| {
+            format!("duration {text:?} has no unit (use ms, s, m, h or d, e.g. \"2s\")")
+        })?;
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()

@@ -326,7 +326,9 @@ impl Validator<'_, '_> {
                 self.coalesce(c.into_inner(), span, wrote_key, r.name.get_ref())
             });
             let idempotency = r.idempotency.map(|section| {
-                let queued = admission.as_ref().map_or(Duration::ZERO, |a| a.queue_timeout);
+                let queued = admission
+                    .as_ref()
+                    .map_or(Duration::ZERO, |a| a.queue_timeout);
                 let coalesced = if coalesce.mode == CoalesceMode::Off {
                     Duration::ZERO
                 } else {
@@ -373,7 +375,13 @@ impl Validator<'_, '_> {
     }
 
     /// A whole number in `min..=max`, or an error at its position.
-    pub(super) fn count(&mut self, what: &str, n: Spanned<i64>, min: i64, max: i64) -> Option<usize> {
+    pub(super) fn count(
+        &mut self,
+        what: &str,
+        n: Spanned<i64>,
+        min: i64,
+        max: i64,
+    ) -> Option<usize> {
         let value = *n.get_ref();
         if (min..=max).contains(&value) {
             usize::try_from(value).ok()

@@ -67,9 +67,13 @@ impl Policy {
             return Ok(None);
         };
         if values.next().is_some() {
-            return Err(IdempotencyError::Invalid("the request has more than one key"));
+            return Err(IdempotencyError::Invalid(
+                "the request has more than one key",
+            ));
         }
-        parse_key(value).map(Some).map_err(IdempotencyError::Invalid)
+        parse_key(value)
+            .map(Some)
+            .map_err(IdempotencyError::Invalid)
     }
 
     /// The entry's identity: the route, the key and each `scope` value, hashed, so that neither
@@ -202,7 +206,10 @@ pub fn parse_key(value: &[u8]) -> Result<Key<'_>, &'static str> {
         [b'"', inner @ .., b'"'] => unescape(inner)?,
         [b'"', ..] => return Err("the key's quoted string is not closed"),
         bare => {
-            if !bare.iter().all(|&b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\') {
+            if !bare
+                .iter()
+                .all(|&b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\')
+            {
                 return Err("the key must be printable ASCII, quoted as \"...\" if it has spaces");
             }
             Key::Raw(bare)
@@ -437,7 +444,11 @@ mod tests {
             b"\"tab\there\"",
             &[b'k'; 256],
         ] {
-            assert!(parse_key(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_key(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -458,7 +469,10 @@ mod tests {
             }
             digest(hash)
         };
-        assert_ne!(id(&[Some(b"ab"), Some(b"c")]), id(&[Some(b"a"), Some(b"bc")]));
+        assert_ne!(
+            id(&[Some(b"ab"), Some(b"c")]),
+            id(&[Some(b"a"), Some(b"bc")])
+        );
         assert_ne!(id(&[None]), id(&[Some(b"")]));
     }
 

@@ -24,7 +24,9 @@ pub enum Entry {
         lease_until_ms: u64,
     },
     /// The first attempt's bytes may have reached a backend, and no response came.
-    Indeterminate { head: Digest },
+    Indeterminate {
+        head: Digest,
+    },
     Done(Arc<Record>),
 }
 

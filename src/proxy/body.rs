@@ -55,6 +55,11 @@ enum ResponseKind {
         /// The backend's header lines, until they are written or moved into the map.
         pending: Option<PendingHeaders>,
     },
+    /// Bytes already read from `rest` (by a step that looked at the body first), then the rest.
+    Prefixed {
+        front: Option<Bytes>,
+        rest: Box<ResponseBody>,
+    },
 }
 
 /// The backend connection and in-flight count held by a response that is still streaming.
@@ -126,6 +131,7 @@ impl ResponseBody {
         match &mut self.kind {
             ResponseKind::Upstream { pending, .. } => pending.take(),
             ResponseKind::Full { pending, .. } => pending.take(),
+            ResponseKind::Prefixed { rest, .. } => rest.take_pending_headers(),
         }
     }
 
@@ -134,6 +140,18 @@ impl ResponseBody {
         match &self.kind {
             ResponseKind::Upstream { lease, .. } => lease.as_ref().map(|lease| lease.responded),
             ResponseKind::Full { .. } => None,
+            ResponseKind::Prefixed { rest, .. } => rest.responded_at(),
+        }
+    }
+
+    /// `front`, already read from `rest`, followed by what `rest` has left.
+    pub fn prefixed(front: Bytes, rest: ResponseBody) -> ResponseBody {
+        ResponseBody {
+            access: None,
+            kind: ResponseKind::Prefixed {
+                front: (!front.is_empty()).then_some(front),
+                rest: Box::new(rest),
+            },
         }
     }
 
@@ -145,6 +163,7 @@ impl ResponseBody {
                 failure: Some(text),
                 ..
             } => text.clone(),
+            ResponseKind::Prefixed { rest, .. } => rest.failure_message(error),
             _ => failure_text(error, None),
         }
     }
@@ -196,6 +215,7 @@ impl Body for ResponseBody {
         match &self.kind {
             ResponseKind::Full { data, .. } => data.is_none(),
             ResponseKind::Upstream { decoder, .. } => decoder.is_done(),
+            ResponseKind::Prefixed { front, rest } => front.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -208,6 +228,13 @@ impl Body for ResponseBody {
                 Some(n) => SizeHint::with_exact(n),
                 None => SizeHint::new(),
             },
+            ResponseKind::Prefixed { front, rest } => {
+                let ahead = front.as_ref().map_or(0, |f| f.len() as u64);
+                match rest.size_hint().exact() {
+                    Some(n) => SizeHint::with_exact(n + ahead),
+                    None => SizeHint::new(),
+                }
+            }
         }
     }
 }
@@ -224,6 +251,10 @@ impl ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Http1Error>>> {
         match &mut self.kind {
             ResponseKind::Full { data, .. } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseKind::Prefixed { front, rest } => match front.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => rest.poll_piece(cx),
+            },
             ResponseKind::Upstream {
                 decoder,
                 idle,
@@ -281,6 +312,7 @@ impl Drop for ResponseBody {
             // The proxy's own bodies cannot break off; a backend's is whole once decoded.
             line.complete = match &self.kind {
                 ResponseKind::Full { .. } => true,
+                ResponseKind::Prefixed { front, rest } => front.is_none() && rest.is_end_stream(),
                 ResponseKind::Upstream {
                     decoder, failure, ..
                 } => decoder.is_done() && failure.is_none(),

@@ -18,7 +18,7 @@ use super::body::ResponseBody;
 use super::dispatch::{dispatch, Dispatched};
 use super::error::{Fault, ProxyError};
 use super::Exchange;
-use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, SharedResponse};
+use crate::coalesce::{Coalescer, Disposition, Fingerprint, Job, Origin, SharedResponse};
 use crate::config::CoalesceMode;
 use crate::route::Route;
 use crate::snapshot::Snapshot;
@@ -65,6 +65,7 @@ pub(super) fn write<'a, 's: 'a>(
             .map_err(|refusal| ProxyError::refused(refusal, &route.name))?;
         exchange.backend = shared.backend.clone();
         exchange.outcome = Some(disposition.as_str());
+        exchange.origin = shared.origin;
         Ok(into_response(shared, disposition))
     }
 }
@@ -188,6 +189,7 @@ fn collect(
             backend_lines,
             body: collected,
             backend: Some(backend),
+            origin: Origin::Backend,
         })
     }
 }

@@ -15,8 +15,9 @@ use http::{Response, StatusCode};
 use super::coalesced::shared_response;
 use super::ResponseBody;
 use crate::admission::{Shed, ShedReason};
-use crate::coalesce::{Refusal, SharedResponse};
+use crate::coalesce::{Origin, Refusal, SharedResponse};
 use crate::http1::Http1Error;
+use crate::idempotency::{problem_json, IdempotencyError};
 use crate::key::KeySource;
 use crate::upstream::SendError;
 
@@ -68,6 +69,8 @@ pub enum ProxyError {
     Shed { shed: Shed, scope: &'static str },
     #[error("{0}")]
     Upstream(#[from] SendError),
+    #[error("{0}")]
+    Idempotency(#[from] IdempotencyError),
 }
 
 impl ProxyError {
@@ -97,6 +100,17 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Idempotency(e) => e.status(),
+        }
+    }
+
+    /// Whether bytes of the request may have reached a backend (so that it may have applied the
+    /// write) although no response of it came back.
+    pub fn may_have_reached_backend(&self) -> bool {
+        match self {
+            ProxyError::Upstream(error) => !error.nothing_sent(),
+            ProxyError::ResponseNotShareable | ProxyError::BrokenResponse(_) => true,
+            _ => false,
         }
     }
 
@@ -110,6 +124,9 @@ impl ProxyError {
             | ProxyError::ClientBodyTimeout { .. }
             | ProxyError::MissingKey(_)
             | ProxyError::KeyTooLong { .. } => Fault::Client,
+            ProxyError::Idempotency(IdempotencyError::Store(_)) => Fault::Proxy,
+            ProxyError::Idempotency(IdempotencyError::Unknown) => Fault::Upstream,
+            ProxyError::Idempotency(_) => Fault::Client,
             ProxyError::NoBackend
             | ProxyError::Upstream(_)
             | ProxyError::ResponseNotShareable
@@ -141,6 +158,7 @@ impl ProxyError {
             ProxyError::Upstream(SendError::ConnectTimeout) => "connect_timeout",
             ProxyError::Upstream(SendError::ResponseTimeout) => "response_timeout",
             ProxyError::Upstream(SendError::Exchange { .. }) => "upstream_failed",
+            ProxyError::Idempotency(e) => e.label(),
         }
     }
 
@@ -234,6 +252,10 @@ impl ProxyError {
             ProxyError::Upstream(SendError::Exchange { .. }) => {
                 "the backend closed or reset the connection"
             }
+            ProxyError::Idempotency(e) => {
+                out.push_str(&e.detail());
+                return;
+            }
         };
         out.push_str(text);
     }
@@ -250,6 +272,12 @@ impl ProxyError {
     /// The same response, buffered, for every client of a merged write.
     pub fn to_shared(&self, route: Option<&str>, upstream: Option<&str>) -> SharedResponse {
         let status = self.status();
+        let origin = Origin::Proxy {
+            reached_backend: self.may_have_reached_backend(),
+        };
+        if let ProxyError::Idempotency(error) = self {
+            return problem(error, route, origin);
+        }
         let mut body = String::with_capacity(128);
         let _ = write!(
             body,
@@ -287,6 +315,7 @@ impl ProxyError {
             backend_lines: None,
             body: Bytes::from(body),
             backend: None,
+            origin,
         }
     }
 
@@ -297,6 +326,7 @@ impl ProxyError {
             ProxyError::KeyQueueFull { retry_after }
             | ProxyError::KeyWaitTimeout { retry_after } => Some(*retry_after),
             ProxyError::Shed { shed, .. } => Some(shed.retry_after),
+            ProxyError::Idempotency(e) => e.retry_after(),
             _ => None,
         }
     }
@@ -314,5 +344,27 @@ impl ProxyError {
         metrics::counter!(crate::metrics::COALESCE_REJECTED, "route" => route.to_string(), "reason" => reason)
             .increment(1);
         error
+    }
+}
+
+/// An idempotency answer as an RFC 9457 problem document.
+fn problem(error: &IdempotencyError, route: Option<&str>, origin: Origin) -> SharedResponse {
+    let status = error.status();
+    let (kind, title) = error.problem();
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(after) = error.retry_after() {
+        headers.insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+    }
+    SharedResponse {
+        status,
+        headers,
+        backend_lines: None,
+        body: problem_json(kind, title, status, &error.detail(), route),
+        backend: None,
+        origin,
     }
 }

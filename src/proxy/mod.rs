@@ -11,6 +11,7 @@ mod body;
 mod coalesced;
 mod dispatch;
 pub mod error;
+mod idempotent;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -30,6 +31,7 @@ pub use body::{complete_headers, ResponseBody, UpstreamLease};
 pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
 use error::{Fault, ProxyError};
 
+use crate::coalesce::Origin;
 use crate::http1::server::Handler;
 use crate::http1::Http1Error;
 use crate::key::{KeyRule, OnMissingKey};
@@ -134,6 +136,8 @@ struct Exchange<'s> {
     retries: u32,
     /// A coalesced write's disposition.
     outcome: Option<&'static str>,
+    /// Who made the response a coalesced write got (a backend, unless its job failed).
+    origin: Origin,
 }
 
 /// Requests refused at admission or key-queue limits, summarized in the log.
@@ -250,6 +254,30 @@ impl ProxyService {
             }
             request.body.limit_to(route.max_body);
             request.body.set_idle_timeout(route.client_body_timeout);
+            if let Some(policy) = &route.idempotency {
+                if policy.covers(&request.head.method) {
+                    // Boxed like the other rarer paths: the common future stays small.
+                    return Box::pin(idempotent::guard(
+                        self, snapshot, route, policy, request, exchange,
+                    ))
+                    .await;
+                }
+            }
+            self.pass(snapshot, route, request, exchange).await
+        }
+    }
+
+    /// The pipeline after routing: key, coalescing or dispatch, response.
+    #[allow(clippy::manual_async_fn)] // see `handle`
+    fn pass<'a, 's: 'a>(
+        &'a self,
+        snapshot: &'s Arc<Snapshot>,
+        route: &'s Route,
+        mut request: OutgoingRequest,
+        exchange: &'a mut Exchange<'s>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
+        async move {
+            let upstream = &snapshot.upstreams[route.upstream];
             let key = match &route.key {
                 Some(rule) => request_key(rule, &request.head)?,
                 None => None,

@@ -14,8 +14,8 @@ pub mod headers;
 pub mod request;
 
 pub use body::{
-    read_whole, BodyError, BodyObserver, BodySource, ClientBody, H1Body, PendingHeaders, RequestBody,
-    RequestBodyError,
+    read_whole, BodyError, BodyObserver, BodySource, ClientBody, H1Body, PendingHeaders,
+    RequestBody, RequestBodyError,
 };
 pub use request::{ClientHeaders, HeaderIter, OutgoingRequest, ProxyRequest, RequestHead};
 

@@ -42,8 +42,8 @@ fn failed(error: impl Into<redb::Error>) -> StoreError {
 
 impl FileStore {
     pub fn open(path: &Path) -> Result<FileStore, String> {
-        let db = Database::create(path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let db =
+            Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let entries = orphans_to_indeterminate(&db)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Ok(FileStore {
@@ -69,25 +69,31 @@ impl FileStore {
 }
 
 /// Marks the entries a dead process left in flight as indeterminate; returns the entry count.
-fn orphans_to_indeterminate(db: &Database) -> Result<u64, redb::Error> {
-    let txn = db.begin_write()?;
+fn orphans_to_indeterminate(db: &Database) -> Result<u64, StoreError> {
+    let txn = db.begin_write().map_err(failed)?;
     {
-        let mut table = txn.open_table(ENTRIES)?;
-        txn.open_table(EXPIRY)?;
+        let mut table = txn.open_table(ENTRIES).map_err(failed)?;
+        txn.open_table(EXPIRY).map_err(failed)?;
         let mut orphans = Vec::new();
-        for item in table.iter()? {
-            let (id, value) = item?;
+        for item in table.iter().map_err(failed)? {
+            let (id, value) = item.map_err(failed)?;
             if let Some((expires, Entry::InFlight { head, .. })) = split(value.value()) {
                 orphans.push((id.value().to_vec(), expires, head));
             }
         }
         for (id, expires, head) in orphans {
             let value = joined(expires, &Entry::Indeterminate { head });
-            table.insert(id.as_slice(), value.as_slice())?;
+            table
+                .insert(id.as_slice(), value.as_slice())
+                .map_err(failed)?;
         }
     }
-    let count = txn.open_table(ENTRIES)?.len()?;
-    txn.commit()?;
+    let count = txn
+        .open_table(ENTRIES)
+        .map_err(failed)?
+        .len()
+        .map_err(failed)?;
+    txn.commit().map_err(failed)?;
     Ok(count)
 }
 
@@ -157,7 +163,11 @@ fn claim_in(
             }
         }
     };
-    let count = txn.open_table(ENTRIES).map_err(failed)?.len().map_err(failed)?;
+    let count = txn
+        .open_table(ENTRIES)
+        .map_err(failed)?
+        .len()
+        .map_err(failed)?;
     match found {
         // Nothing changed (unless a sweep did): no need to wait for the disk.
         Some(found) if !sweep => {
@@ -219,7 +229,13 @@ fn finish_in(db: &Database, id: &Digest, token: &Token, ending: Ending) -> Resul
             .get(id.as_slice())
             .map_err(failed)?
             .and_then(|v| split(v.value()));
-        let Some((old_expiry, Entry::InFlight { token: held, head, .. })) = stored else {
+        let Some((
+            old_expiry,
+            Entry::InFlight {
+                token: held, head, ..
+            },
+        )) = stored
+        else {
             return Ok(());
         };
         if held != *token {

@@ -51,7 +51,9 @@ impl MemoryStore {
     fn shard(&self, id: &Digest) -> MutexGuard<'_, Shard> {
         // Ids are SHA-256 digests: any byte spreads them evenly.
         let shard = &self.shards[id[0] as usize % SHARDS];
-        shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        shard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn claim_now(&self, id: &Digest, claim: &Claim) -> Result<Claimed, StoreError> {

@@ -56,10 +56,15 @@ pub enum Claimed {
     /// The entry is this request's: send it.
     Won,
     /// Another request holds the entry and its lease runs for `lease_left` yet.
-    InFlight { head: Digest, lease_left: Duration },
+    InFlight {
+        head: Digest,
+        lease_left: Duration,
+    },
     Done(Arc<Record>),
     /// The first request's outcome is unknown (or its holder's lease ran out).
-    Indeterminate { head: Digest },
+    Indeterminate {
+        head: Digest,
+    },
 }
 
 /// How a claimed request ended.
@@ -92,8 +97,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn claim<'a>(&'a self, id: &'a Digest, claim: &'a Claim) -> StoreFuture<'a, Claimed>;
 
     /// Ends the claim of `token` on `id`; a no-op when the entry is no longer that claim's.
-    fn finish<'a>(&'a self, id: &'a Digest, token: &'a Token, ending: Ending)
-        -> StoreFuture<'a, ()>;
+    fn finish<'a>(
+        &'a self,
+        id: &'a Digest,
+        token: &'a Token,
+        ending: Ending,
+    ) -> StoreFuture<'a, ()>;
 
     /// Entries held, where the store can tell cheaply.
     fn entries(&self) -> Option<u64>;

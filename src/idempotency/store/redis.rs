@@ -150,7 +150,12 @@ impl RedisStore {
         }
     }
 
-    async fn finish_now(&self, id: &Digest, token: &Token, ending: Ending) -> Result<(), StoreError> {
+    async fn finish_now(
+        &self,
+        id: &Digest,
+        token: &Token,
+        ending: Ending,
+    ) -> Result<(), StoreError> {
         let (entry_key, lease_key) = keys(id);
         let (next, ttl) = match ending {
             Ending::Record { record, ttl } => (Entry::Done(record).encode(), ttl),
