@@ -347,3 +347,30 @@ async fn idempotency_outcomes_are_counted() {
         .contains("writegate_idempotency_store_seconds_bucket{store=\"memory\",op=\"claim\""));
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_store_that_does_not_answer_fails_closed_or_passes_as_configured() {
+    let (backend, applied) = counting_backend().await;
+    let unreachable = format!(
+        "store = \"redis\"\nredis_url = \"redis://127.0.0.1:{}/0\"\nstore_timeout = \"300ms\"",
+        processes::free_port()
+    );
+    let proxy = start_proxy(&config(&backend, &unreachable)).await;
+    let reply = send(proxy.addr, keyed(Method::POST, "/", "k", b"w")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(problem_type(&reply), "idempotency-store-unavailable");
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(
+        applied.load(Ordering::SeqCst),
+        0,
+        "nothing sent unprotected"
+    );
+    proxy.shutdown().await;
+
+    let passing = format!("{unreachable}\non_store_error = \"pass\"");
+    let proxy = start_proxy(&config(&backend, &passing)).await;
+    let reply = send(proxy.addr, keyed(Method::POST, "/", "k", b"w")).await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(applied.load(Ordering::SeqCst), 1);
+    proxy.shutdown().await;
+}

@@ -22,6 +22,8 @@ use tokio::task::JoinHandle;
 use writegate::config::Config;
 use writegate::server::Proxy;
 
+pub mod processes;
+
 /// Longest any single step of a test may take before it fails with a message.
 pub const STEP: Duration = Duration::from_secs(10);
 
