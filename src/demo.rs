@@ -1,6 +1,7 @@
 //! `writegate demo`: in-memory key-value writers behind the proxy, and a tour that shows what
-//! writegate is for: keyed routing, per-key coalescing of a hot key, shedding under a burst, and a
-//! live reload that adds a writer, then prints commands to try and the status page's address.
+//! writegate is for: keyed routing, per-key coalescing of a hot key, shedding under a burst, a
+//! live reload that adds a writer and a retried write answered from its idempotency record, then
+//! prints commands to try and the status page's address.
 //!
 //! The writers share one store, like stateless application servers in front of one database, so a
 //! value written through one of them can be read back through any other; each answer names the
@@ -283,6 +284,13 @@ upstream = "keyed"
 key = "path"
 coalesce = {{ mode = "latest" }}
 admission = {{ max_inflight = 8, max_queue = 16, queue_timeout = "50ms" }}
+
+# A retried POST with an Idempotency-Key gets the first answer; the writer applies it once.
+[[routes]]
+name = "payments"
+path_prefix = "/payments/"
+upstream = "writers"
+idempotency = {{}}
 "#,
         admin = options.admin,
         listen = options.listen,
@@ -303,6 +311,7 @@ struct Answer {
     status: u16,
     served_by: Option<String>,
     retry_after: Option<String>,
+    replayed: Option<String>,
 }
 
 impl Tour {
@@ -404,6 +413,21 @@ impl Tour {
             moved.len()
         );
 
+        // 5. A client's retry with an idempotency key.
+        let mut replayed = None;
+        for _ in 0..2 {
+            let answer = self
+                .send_keyed(Method::POST, "/payments/pay-1", "amount=5", "pay-1")
+                .await?;
+            replayed = answer.replayed;
+        }
+        let (applied, _) = self.stats.of("/payments/pay-1");
+        let _ = writeln!(
+            out,
+            "\n5. A retried payment: POST /payments/pay-1 twice with Idempotency-Key: pay-1; the writer applied {applied} write, the retry was answered from the record (Idempotent-Replayed: {})",
+            replayed.as_deref().unwrap_or("-")
+        );
+
         let _ = writeln!(out, "\nTry, in another terminal:\n");
         for command in commands(&self.options) {
             let _ = writeln!(out, "  {command}");
@@ -448,7 +472,7 @@ impl Tour {
         let sends: Vec<_> = (0..n)
             .map(|i| {
                 let (addr, path) = (self.options.listen, path(i));
-                tokio::spawn(async move { send(addr, Method::PUT, &path, "v").await })
+                tokio::spawn(async move { send(addr, Method::PUT, &path, "v", "").await })
             })
             .collect();
         let mut answers = Vec::with_capacity(n);
@@ -464,21 +488,34 @@ impl Tour {
         path: &str,
         body: &str,
     ) -> Result<Answer, Box<dyn std::error::Error + Send + Sync>> {
-        send(self.options.listen, method, path, body).await
+        send(self.options.listen, method, path, body, "").await
+    }
+
+    async fn send_keyed(
+        &self,
+        method: Method,
+        path: &str,
+        body: &str,
+        key: &str,
+    ) -> Result<Answer, Box<dyn std::error::Error + Send + Sync>> {
+        let header = format!("Idempotency-Key: {key}\r\n");
+        send(self.options.listen, method, path, body, &header).await
     }
 }
 
-/// One request on a new connection, read to its end (the tour's own small client).
+/// One request on a new connection, read to its end (the tour's own small client). `headers` are
+/// extra header lines, each ending in CRLF.
 async fn send(
     addr: SocketAddr,
     method: Method,
     path: &str,
     body: &str,
+    headers: &str,
 ) -> Result<Answer, Box<dyn std::error::Error + Send + Sync>> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: demo\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: demo\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await?;
@@ -505,6 +542,7 @@ async fn send(
         status,
         served_by: header("x-served-by"),
         retry_after: header("retry-after"),
+        replayed: header("idempotent-replayed"),
     })
 }
 
@@ -518,6 +556,7 @@ pub fn commands(options: &DemoOptions) -> Vec<String> {
         format!("curl -si -X PUT --data 'v2' {proxy}/orders/order-1    # x-served-by: always the same writer"),
         format!("curl -si {proxy}/orders/order-1"),
         format!("curl -si {proxy}/elsewhere                           # 404 from writegate: no route"),
+        format!("curl -si -X POST -H 'Idempotency-Key: pay-2' --data 'amount=5' {proxy}/payments/pay-2    # twice: Idempotent-Replayed"),
         format!("curl -s {admin}/status"),
         format!("curl -s {admin}/metrics | grep writegate_coalesce_outcomes_total"),
     ]

@@ -1,6 +1,6 @@
 //! `writegate demo`, run as a newcomer runs it: the binary tells its story (keyed routing, a hot
-//! key with and without coalescing, shedding, a live reload), and every command it prints works
-//! when pasted.
+//! key with and without coalescing, shedding, a live reload, a retried payment), and every command
+//! it prints works when pasted.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -124,6 +124,15 @@ fn the_demo_tells_its_story_and_its_commands_work() {
     assert_eq!(
         moved, to_new,
         "keys moved elsewhere than the new writer: {reload}"
+    );
+    let retried = tour
+        .iter()
+        .find(|l| l.contains("A retried payment"))
+        .unwrap_or_else(|| panic!("no idempotency line:\n{text}"));
+    assert!(
+        retried.contains("the writer applied 1 write")
+            && retried.contains("(Idempotent-Replayed: true)"),
+        "{retried}"
     );
     if have_curl() {
         for line in tour.iter().filter(|l| l.trim_start().starts_with("curl ")) {

@@ -1,13 +1,16 @@
 //! Entries in an embedded database file (redb): they survive a restart and a `kill -9`.
 //!
-//! A claim and a record are each one write transaction, committed durably (fsync) before the
-//! request goes on: a claim so that a crash after the request was sent cannot let a retry send it
-//! again, a record so that a client that saw the response gets it replayed after a crash. Only
-//! this process can have the file open (redb locks it), so entries still in flight when the file
-//! is opened belong to a process that died: they become indeterminate at once.
+//! Claims and records are committed durably (fsync) before the request goes on: a claim so that a
+//! crash after the request was sent cannot let a retry send it again, a record so that a client
+//! that saw the response gets it replayed after a crash. One writer thread owns the database and
+//! commits group-wise: every operation that arrived while the previous commit was on its way to
+//! the disk goes into the next transaction, so a burst shares one fsync (a transaction per
+//! operation managed about 900 requests/s on this machine's disk). Only this process can have the
+//! file open (redb locks it), so entries still in flight when the file is opened belong to a
+//! process that died: they become indeterminate at once.
 //!
-//! Expired entries are removed a batch at a time by the claims that come after them (an index by
-//! expiry time makes that a range scan); nothing runs in the background.
+//! Expired entries are removed a batch at a time by the writer, at most every 10 s (an index by
+//! expiry time makes that a range scan).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +18,11 @@ use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics,
+};
 use crate::idempotency::{Digest, Entry, Token};
 
 /// Entry id → expiry (Unix ms, big-endian) followed by the entry's byte form.
@@ -23,17 +30,39 @@ const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
 /// Expiry (Unix ms, big-endian) followed by the entry id: ordered by expiry.
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
 
-/// Expired entries removed by one claim at most.
+/// Expired entries removed by one sweep at most.
 const SWEEP_BATCH: usize = 256;
 /// Least time between two sweeps.
 const SWEEP_EVERY_MS: u64 = 10_000;
 
+/// Operations waiting for the writer, at most; more wait for room (within `store_timeout`).
+const QUEUE: usize = 4096;
+/// Operations in one transaction, at most.
+const BATCH: usize = 1024;
+
 #[derive(Debug)]
 pub struct FileStore {
-    db: Arc<Database>,
+    ops: Option<mpsc::Sender<Op>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     label: String,
     entries: Arc<AtomicU64>,
-    swept_at: Arc<AtomicU64>,
+    metrics: StoreMetrics,
+}
+
+/// An operation for the writer thread, with where its answer goes.
+#[derive(Debug)]
+enum Op {
+    Claim {
+        id: Digest,
+        claim: Claim,
+        reply: oneshot::Sender<Result<Claimed, StoreError>>,
+    },
+    Finish {
+        id: Digest,
+        token: Token,
+        ending: Ending,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 fn failed(error: impl Into<redb::Error>) -> StoreError {
@@ -44,28 +73,146 @@ impl FileStore {
     pub fn open(path: &Path) -> Result<FileStore, String> {
         let db =
             Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let entries = orphans_to_indeterminate(&db)
+        let count = orphans_to_indeterminate(&db)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let label = format!("file:{}", path.display());
+        let entries = Arc::new(AtomicU64::new(count));
+        let (ops, queue) = mpsc::channel(QUEUE);
+        let counted = Arc::clone(&entries);
+        let writer = std::thread::Builder::new()
+            .name("idempotency-file".into())
+            .spawn(move || write_loop(db, queue, &counted))
+            .map_err(|e| format!("cannot start the writer of {}: {e}", path.display()))?;
         Ok(FileStore {
-            db: Arc::new(db),
-            label: format!("file:{}", path.display()),
-            entries: Arc::new(AtomicU64::new(entries)),
-            swept_at: Arc::new(AtomicU64::new(0)),
+            ops: Some(ops),
+            writer: Some(writer),
+            metrics: StoreMetrics::new(&label),
+            label,
+            entries,
         })
     }
 
-    /// Runs `work` on the blocking pool: redb's calls block on the disk.
-    fn blocking<'a, T: Send + 'static>(
-        &'a self,
-        work: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
-    ) -> StoreFuture<'a, T> {
-        let db = Arc::clone(&self.db);
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || work(&db))
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?
-        })
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let closed = || StoreError::Unavailable("the store's writer has stopped".into());
+        let ops = self.ops.as_ref().ok_or_else(closed)?;
+        let (reply, answer) = oneshot::channel();
+        ops.send(op(reply)).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
+}
+
+impl Drop for FileStore {
+    /// Closes the queue and waits for the writer to finish and release the file, so that the
+    /// file can be opened again at once.
+    fn drop(&mut self) {
+        drop(self.ops.take());
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The writer thread: takes what has queued up, applies it in one transaction, commits once,
+/// answers every operation of the batch.
+fn write_loop(db: Database, mut queue: mpsc::Receiver<Op>, entries: &AtomicU64) {
+    let mut swept_at = 0;
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match queue.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let now = unix_ms();
+        let sweep = now.saturating_sub(swept_at) >= SWEEP_EVERY_MS;
+        if sweep {
+            swept_at = now;
+        }
+        match apply(&db, &batch, sweep, now) {
+            Ok((results, count)) => {
+                entries.store(count, Ordering::Relaxed);
+                for (op, result) in batch.into_iter().zip(results) {
+                    answer(op, result);
+                }
+            }
+            Err(error) => {
+                for op in batch {
+                    answer(op, Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// What one operation of a batch came to: a claim's answer, or a finish's `None`.
+type Outcome = Result<Option<Claimed>, StoreError>;
+
+fn answer(op: Op, result: Outcome) {
+    match op {
+        Op::Claim { reply, .. } => {
+            let _ = reply.send(result.and_then(|found| {
+                found.ok_or_else(|| StoreError::Unavailable("no answer to a claim".into()))
+            }));
+        }
+        Op::Finish { reply, .. } => {
+            let _ = reply.send(result.map(|_| ()));
+        }
+    }
+}
+
+/// Applies a batch in one write transaction; the commit is durable unless the batch only
+/// releases keys (a lost release leaves an entry in flight, which a restart reads as
+/// indeterminate: safe; a lost claim or record would not be).
+fn apply(
+    db: &Database,
+    batch: &[Op],
+    sweep: bool,
+    now: u64,
+) -> Result<(Vec<Outcome>, u64), StoreError> {
+    let mut txn = db.begin_write().map_err(failed)?;
+    let releases_only = batch.iter().all(|op| {
+        matches!(
+            op,
+            Op::Finish {
+                ending: Ending::Release,
+                ..
+            }
+        )
+    });
+    txn.set_durability(if releases_only {
+        Durability::Eventual
+    } else {
+        Durability::Immediate
+    });
+    let results = {
+        let mut tables = Tables {
+            entries: txn.open_table(ENTRIES).map_err(failed)?,
+            expiry: txn.open_table(EXPIRY).map_err(failed)?,
+        };
+        if sweep {
+            sweep_expired(&mut tables.entries, &mut tables.expiry, now)?;
+        }
+        batch
+            .iter()
+            .map(|op| match op {
+                Op::Claim { id, claim, .. } => tables.claim(id, claim, now).map(Some),
+                Op::Finish {
+                    id, token, ending, ..
+                } => tables.finish(id, token, ending, now).map(|()| None),
+            })
+            .collect::<Vec<_>>()
+    };
+    let count = txn
+        .open_table(ENTRIES)
+        .map_err(failed)?
+        .len()
+        .map_err(failed)?;
+    txn.commit().map_err(failed)?;
+    Ok((results, count))
 }
 
 /// Marks the entries a dead process left in flight as indeterminate; returns the entry count.
@@ -115,73 +262,94 @@ fn expiry_key(expires_ms: u64, id: &[u8]) -> Vec<u8> {
     key
 }
 
-fn claim_in(
-    db: &Database,
-    id: &Digest,
-    claim: &Claim,
-    sweep: bool,
-) -> Result<(Claimed, u64), StoreError> {
-    let now = unix_ms();
-    let mut txn = db.begin_write().map_err(failed)?;
-    txn.set_durability(Durability::Immediate);
-    let found = {
-        let mut entries = txn.open_table(ENTRIES).map_err(failed)?;
-        let mut expiry = txn.open_table(EXPIRY).map_err(failed)?;
-        if sweep {
-            sweep_expired(&mut entries, &mut expiry, now)?;
-        }
-        let stored = entries
-            .get(id.as_slice())
-            .map_err(failed)?
-            .map(|v| v.value().to_vec());
-        let current = stored.as_deref().and_then(split);
-        match current
+/// The two tables of one write transaction.
+struct Tables<'t> {
+    entries: redb::Table<'t, &'static [u8], &'static [u8]>,
+    expiry: redb::Table<'t, &'static [u8], ()>,
+}
+
+impl Tables<'_> {
+    fn claim(&mut self, id: &Digest, claim: &Claim, now: u64) -> Result<Claimed, StoreError> {
+        let current = self.current(id)?;
+        let found = current
             .as_ref()
             .filter(|(expires, _)| *expires > now)
-            .and_then(|(_, entry)| judge(entry, claim, now))
-        {
-            Some(found) => Some(found),
-            None => {
-                if let Some((old_expiry, _)) = current {
-                    expiry
-                        .remove(expiry_key(old_expiry, id).as_slice())
-                        .map_err(failed)?;
-                }
-                let expires = now.saturating_add(ms(claim.ttl));
-                let entry = Entry::InFlight {
-                    token: claim.token,
-                    head: claim.head,
-                    lease_until_ms: now.saturating_add(ms(claim.lease)),
-                };
-                entries
-                    .insert(id.as_slice(), joined(expires, &entry).as_slice())
+            .and_then(|(_, entry)| judge(entry, claim, now));
+        if let Some(found) = found {
+            return Ok(found);
+        }
+        let entry = Entry::InFlight {
+            token: claim.token,
+            head: claim.head,
+            lease_until_ms: now.saturating_add(ms(claim.lease)),
+        };
+        let old_expiry = current.map(|(expires, _)| expires);
+        self.put(id, old_expiry, &entry, now.saturating_add(ms(claim.ttl)))?;
+        Ok(Claimed::Won)
+    }
+
+    fn finish(
+        &mut self,
+        id: &Digest,
+        token: &Token,
+        ending: &Ending,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let Some((
+            old_expiry,
+            Entry::InFlight {
+                token: held, head, ..
+            },
+        )) = self.current(id)?
+        else {
+            return Ok(());
+        };
+        if held != *token {
+            return Ok(());
+        }
+        let (entry, ttl) = match ending {
+            Ending::Record { record, ttl } => (Entry::Done(Arc::clone(record)), *ttl),
+            Ending::Indeterminate { ttl } => (Entry::Indeterminate { head }, *ttl),
+            Ending::Release => {
+                self.expiry
+                    .remove(expiry_key(old_expiry, id).as_slice())
                     .map_err(failed)?;
-                expiry
-                    .insert(expiry_key(expires, id).as_slice(), ())
-                    .map_err(failed)?;
-                None
+                self.entries.remove(id.as_slice()).map_err(failed)?;
+                return Ok(());
             }
+        };
+        self.put(id, Some(old_expiry), &entry, now.saturating_add(ms(ttl)))
+    }
+
+    /// The entry stored under `id`, with its expiry; `None` when absent or unreadable.
+    fn current(&self, id: &Digest) -> Result<Option<(u64, Entry)>, StoreError> {
+        Ok(self
+            .entries
+            .get(id.as_slice())
+            .map_err(failed)?
+            .and_then(|v| split(v.value())))
+    }
+
+    /// Stores `entry` under `id` until `expires`, moving its expiry index entry.
+    fn put(
+        &mut self,
+        id: &Digest,
+        old_expiry: Option<u64>,
+        entry: &Entry,
+        expires: u64,
+    ) -> Result<(), StoreError> {
+        if let Some(old) = old_expiry {
+            self.expiry
+                .remove(expiry_key(old, id).as_slice())
+                .map_err(failed)?;
         }
-    };
-    let count = txn
-        .open_table(ENTRIES)
-        .map_err(failed)?
-        .len()
-        .map_err(failed)?;
-    match found {
-        // Nothing changed (unless a sweep did): no need to wait for the disk.
-        Some(found) if !sweep => {
-            txn.abort().map_err(failed)?;
-            Ok((found, count))
-        }
-        Some(found) => {
-            txn.commit().map_err(failed)?;
-            Ok((found, count))
-        }
-        None => {
-            txn.commit().map_err(failed)?;
-            Ok((Claimed::Won, count))
-        }
+        self.entries
+            .insert(id.as_slice(), joined(expires, entry).as_slice())
+            .map_err(failed)?;
+        self.expiry
+            .insert(expiry_key(expires, id).as_slice(), ())
+            .map_err(failed)?;
+        Ok(())
     }
 }
 
@@ -212,61 +380,6 @@ fn sweep_expired(
     Ok(())
 }
 
-fn finish_in(db: &Database, id: &Digest, token: &Token, ending: Ending) -> Result<(), StoreError> {
-    let now = unix_ms();
-    let mut txn = db.begin_write().map_err(failed)?;
-    let durability = match ending {
-        // A lost release leaves the entry in flight: after a restart it reads as indeterminate,
-        // which is safe; a lost record would not be.
-        Ending::Release => Durability::Eventual,
-        _ => Durability::Immediate,
-    };
-    txn.set_durability(durability);
-    {
-        let mut entries = txn.open_table(ENTRIES).map_err(failed)?;
-        let mut expiry = txn.open_table(EXPIRY).map_err(failed)?;
-        let stored = entries
-            .get(id.as_slice())
-            .map_err(failed)?
-            .and_then(|v| split(v.value()));
-        let Some((
-            old_expiry,
-            Entry::InFlight {
-                token: held, head, ..
-            },
-        )) = stored
-        else {
-            return Ok(());
-        };
-        if held != *token {
-            return Ok(());
-        }
-        expiry
-            .remove(expiry_key(old_expiry, id).as_slice())
-            .map_err(failed)?;
-        let next = match ending {
-            Ending::Record { record, ttl } => Some((Entry::Done(record), ttl)),
-            Ending::Indeterminate { ttl } => Some((Entry::Indeterminate { head }, ttl)),
-            Ending::Release => None,
-        };
-        match next {
-            Some((entry, ttl)) => {
-                let expires = now.saturating_add(ms(ttl));
-                entries
-                    .insert(id.as_slice(), joined(expires, &entry).as_slice())
-                    .map_err(failed)?;
-                expiry
-                    .insert(expiry_key(expires, id).as_slice(), ())
-                    .map_err(failed)?;
-            }
-            None => {
-                entries.remove(id.as_slice()).map_err(failed)?;
-            }
-        }
-    }
-    txn.commit().map_err(failed)
-}
-
 impl Store for FileStore {
     fn label(&self) -> &str {
         &self.label
@@ -274,19 +387,7 @@ impl Store for FileStore {
 
     fn claim<'a>(&'a self, id: &'a Digest, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
         let (id, claim) = (*id, claim.clone());
-        let now = unix_ms();
-        let last = self.swept_at.load(Ordering::Relaxed);
-        let sweep = now.saturating_sub(last) >= SWEEP_EVERY_MS
-            && self
-                .swept_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
-        let entries = Arc::clone(&self.entries);
-        self.blocking(move |db| {
-            let (found, count) = claim_in(db, &id, &claim, sweep)?;
-            entries.store(count, Ordering::Relaxed);
-            Ok(found)
-        })
+        Box::pin(self.submit(move |reply| Op::Claim { id, claim, reply }))
     }
 
     fn finish<'a>(
@@ -296,10 +397,19 @@ impl Store for FileStore {
         ending: Ending,
     ) -> StoreFuture<'a, ()> {
         let (id, token) = (*id, *token);
-        self.blocking(move |db| finish_in(db, &id, &token, ending))
+        Box::pin(self.submit(move |reply| Op::Finish {
+            id,
+            token,
+            ending,
+            reply,
+        }))
     }
 
     fn entries(&self) -> Option<u64> {
         Some(self.entries.load(Ordering::Relaxed))
+    }
+
+    fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
     }
 }

@@ -9,7 +9,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture};
+use super::{
+    judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics,
+};
 use crate::idempotency::{Digest, Entry, Token};
 
 const SHARDS: usize = 16;
@@ -21,6 +23,8 @@ pub struct MemoryStore {
     entries: AtomicU64,
     /// Unix ms of the last eviction log line, so that a flood of evictions logs once a minute.
     logged_at: AtomicU64,
+    evictions: metrics::Counter,
+    metrics: StoreMetrics,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +49,8 @@ impl MemoryStore {
             per_shard: max_entries.div_ceil(SHARDS).max(1),
             entries: AtomicU64::new(0),
             logged_at: AtomicU64::new(0),
+            evictions: metrics::counter!(crate::metrics::IDEMPOTENCY_EVICTIONS, "store" => "memory"),
+            metrics: StoreMetrics::new("memory"),
         }
     }
 
@@ -115,7 +121,7 @@ impl MemoryStore {
     }
 
     fn note_eviction(&self) {
-        metrics::counter!(crate::metrics::IDEMPOTENCY_EVICTIONS, "store" => "memory").increment(1);
+        self.evictions.increment(1);
         let now = unix_ms();
         let last = self.logged_at.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 60_000
@@ -186,5 +192,9 @@ impl Store for MemoryStore {
 
     fn entries(&self) -> Option<u64> {
         Some(self.entries.load(Ordering::Relaxed))
+    }
+
+    fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
     }
 }

@@ -16,6 +16,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use metrics::{Gauge, Histogram};
+
 use super::{Digest, Record, Token};
 use crate::config::IdempotencyStore;
 
@@ -79,11 +81,12 @@ pub enum Ending {
 }
 
 impl Ending {
-    fn op(&self) -> &'static str {
+    /// The index of its operation in [`OPS`].
+    fn op(&self) -> usize {
         match self {
-            Ending::Record { .. } => "record",
-            Ending::Indeterminate { .. } => "indeterminate",
-            Ending::Release => "release",
+            Ending::Record { .. } => 1,
+            Ending::Indeterminate { .. } => 2,
+            Ending::Release => 3,
         }
     }
 }
@@ -106,6 +109,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Entries held, where the store can tell cheaply.
     fn entries(&self) -> Option<u64>;
+
+    /// The store's latency histograms and entry gauge, registered once.
+    fn metrics(&self) -> &StoreMetrics;
+}
+
+/// A store's metric handles: recording is an atomic add, no lookup per request.
+#[derive(Debug)]
+pub struct StoreMetrics {
+    /// Latency of claim, record, indeterminate and release, in that order.
+    ops: [Histogram; 4],
+    entries: Gauge,
+}
+
+const OPS: [&str; 4] = ["claim", "record", "indeterminate", "release"];
+
+impl StoreMetrics {
+    pub fn new(label: &str) -> StoreMetrics {
+        StoreMetrics {
+            ops: OPS.map(|op| {
+                metrics::histogram!(crate::metrics::IDEMPOTENCY_STORE_DURATION, "store" => label.to_string(), "op" => op)
+            }),
+            entries: metrics::gauge!(crate::metrics::IDEMPOTENCY_ENTRIES, "store" => label.to_string()),
+        }
+    }
 }
 
 /// Opens the store `config` describes. A file that cannot be opened, or a Redis URL that does not
@@ -119,17 +146,21 @@ pub fn open(config: &IdempotencyStore) -> Arc<dyn Store> {
     };
     opened.unwrap_or_else(|reason| {
         tracing::error!(store = ?config, error = %reason, "idempotency store cannot be opened; its routes answer 503");
-        Arc::new(Broken(reason))
+        Arc::new(Broken(reason, StoreMetrics::new("broken")))
     })
 }
 
-/// A store that could not be opened.
+/// A store that could not be opened, and why.
 #[derive(Debug)]
-struct Broken(String);
+struct Broken(String, StoreMetrics);
 
 impl Store for Broken {
     fn label(&self) -> &str {
         "broken"
+    }
+
+    fn metrics(&self) -> &StoreMetrics {
+        &self.1
     }
 
     fn claim<'a>(&'a self, _: &'a Digest, _: &'a Claim) -> StoreFuture<'a, Claimed> {
@@ -152,7 +183,7 @@ pub async fn claim(
     claim: &Claim,
     timeout: Duration,
 ) -> Result<Claimed, StoreError> {
-    timed(store, "claim", timeout, store.claim(id, claim)).await
+    timed(store, 0, timeout, store.claim(id, claim)).await
 }
 
 /// [`Store::finish`] within `timeout`, its latency recorded.
@@ -169,7 +200,7 @@ pub async fn finish(
 
 async fn timed<T>(
     store: &dyn Store,
-    op: &'static str,
+    op: usize,
     timeout: Duration,
     work: StoreFuture<'_, T>,
 ) -> Result<T, StoreError> {
@@ -177,11 +208,10 @@ async fn timed<T>(
     let result = tokio::time::timeout(timeout, work)
         .await
         .unwrap_or(Err(StoreError::TimedOut(timeout)));
-    metrics::histogram!(crate::metrics::IDEMPOTENCY_STORE_DURATION, "store" => store.label().to_string(), "op" => op)
-        .record(started.elapsed());
+    let metrics = store.metrics();
+    metrics.ops[op].record(started.elapsed());
     if let Some(n) = store.entries() {
-        metrics::gauge!(crate::metrics::IDEMPOTENCY_ENTRIES, "store" => store.label().to_string())
-            .set(n as f64);
+        metrics.entries.set(n as f64);
     }
     result
 }

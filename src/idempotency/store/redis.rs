@@ -16,7 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use tokio::sync::OnceCell;
 
-use super::{ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture};
+use super::{ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics};
 use crate::idempotency::{hex, Digest, Entry, Token};
 
 /// Longest wait for a connection to Redis.
@@ -65,6 +65,7 @@ pub struct RedisStore {
     label: String,
     claim: Script,
     finish: Script,
+    metrics: StoreMetrics,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -84,8 +85,10 @@ impl RedisStore {
     pub fn new(url: &str) -> Result<RedisStore, String> {
         let client = redis::Client::open(url).map_err(|e| format!("bad redis_url: {e}"))?;
         let info = client.get_connection_info();
+        let label = format!("redis:{}/{}", info.addr(), info.redis_settings().db());
         Ok(RedisStore {
-            label: format!("redis:{}/{}", info.addr(), info.redis_settings().db()),
+            metrics: StoreMetrics::new(&label),
+            label,
             client,
             connection: OnceCell::new(),
             claim: Script::new(CLAIM),
@@ -204,5 +207,9 @@ impl Store for RedisStore {
 
     fn entries(&self) -> Option<u64> {
         None
+    }
+
+    fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
     }
 }
