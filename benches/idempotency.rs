@@ -10,7 +10,7 @@
 //! port, persistence off); without it they are skipped with a message.
 //!
 //! Run: `cargo bench --bench idempotency` (env: WG_BENCH_SECONDS=5, WG_BENCH_ROUNDS=3,
-//! WG_BENCH_CONNECTIONS=32).
+//! WG_BENCH_CONNECTIONS=32, WG_BENCH_ROWS=off,memory to run only the rows named).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -96,6 +96,9 @@ fn main() {
             host: "redis.bench",
             replay: true,
         });
+    }
+    if let Ok(only) = std::env::var("WG_BENCH_ROWS") {
+        rows.retain(|row| only.split(',').any(|name| name.trim() == row.name));
     }
     println!(
         "idempotency benchmark: {connections} keep-alive connections, POST of 128 bytes, {seconds}s x {rounds} rounds"

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{
     judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics,
 };
-use crate::idempotency::{Digest, Entry, Token};
+use crate::idempotency::{hex, Digest, Entry, Token};
 
 /// Entry id → expiry (Unix ms, big-endian) followed by the entry's byte form.
 const ENTRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("entries");
@@ -321,13 +321,15 @@ impl Tables<'_> {
         self.put(id, Some(old_expiry), &entry, now.saturating_add(ms(ttl)))
     }
 
-    /// The entry stored under `id`, with its expiry; `None` when absent or unreadable.
+    /// The entry stored under `id`, with its expiry. One that does not decode is an error, not
+    /// an absence: treating it as free could send a write twice.
     fn current(&self, id: &Digest) -> Result<Option<(u64, Entry)>, StoreError> {
-        Ok(self
-            .entries
-            .get(id.as_slice())
-            .map_err(failed)?
-            .and_then(|v| split(v.value())))
+        let Some(value) = self.entries.get(id.as_slice()).map_err(failed)? else {
+            return Ok(None);
+        };
+        split(value.value())
+            .map(Some)
+            .ok_or_else(|| StoreError::Unavailable(format!("the entry {} is corrupt", hex(id))))
     }
 
     /// Stores `entry` under `id` until `expires`, moving its expiry index entry.

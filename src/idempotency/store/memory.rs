@@ -37,9 +37,29 @@ struct Shard {
 
 #[derive(Debug)]
 struct Slot {
-    entry: Entry,
+    entry: Kept,
     expires_ms: u64,
     generation: u64,
+}
+
+/// An entry as kept: a finished one in its byte form, which copies the response out of the
+/// connection buffers it was read into (a slice of one would pin the whole buffer) and takes a
+/// fraction of the room of a header map.
+#[derive(Debug)]
+enum Kept {
+    Open(Entry),
+    Done(Box<[u8]>),
+}
+
+impl Kept {
+    fn entry(&self) -> Result<Entry, StoreError> {
+        match self {
+            Kept::Open(entry) => Ok(entry.clone()),
+            Kept::Done(bytes) => {
+                Entry::decode(bytes).map_err(|e| StoreError::Unavailable(e.to_string()))
+            }
+        }
+    }
 }
 
 impl MemoryStore {
@@ -66,7 +86,7 @@ impl MemoryStore {
         let now = unix_ms();
         let mut shard = self.shard(id);
         if let Some(slot) = shard.map.get(id).filter(|s| s.expires_ms > now) {
-            if let Some(found) = judge(&slot.entry, claim, now) {
+            if let Some(found) = judge(&slot.entry.entry()?, claim, now) {
                 return Ok(found);
             }
         }
@@ -85,7 +105,7 @@ impl MemoryStore {
         shard.map.insert(
             *id,
             Slot {
-                entry,
+                entry: Kept::Open(entry),
                 expires_ms: now.saturating_add(ms(claim.ttl)),
                 generation,
             },
@@ -105,7 +125,7 @@ impl MemoryStore {
             let Some(slot) = shard.map.get(&id).filter(|s| s.generation == generation) else {
                 continue; // stale: claimed again since, or already gone
             };
-            if matches!(slot.entry, Entry::InFlight { .. }) && slot.expires_ms > now {
+            if matches!(slot.entry, Kept::Open(Entry::InFlight { .. })) && slot.expires_ms > now {
                 shard.order.push_back((id, generation));
                 continue;
             }
@@ -144,9 +164,9 @@ impl MemoryStore {
         let Some(slot) = shard.map.get_mut(id) else {
             return;
         };
-        let Entry::InFlight {
+        let Kept::Open(Entry::InFlight {
             token: held, head, ..
-        } = &slot.entry
+        }) = &slot.entry
         else {
             return;
         };
@@ -155,11 +175,11 @@ impl MemoryStore {
         }
         match ending {
             Ending::Record { record, ttl } => {
-                slot.entry = Entry::Done(record);
+                slot.entry = Kept::Done(Entry::Done(record).encode().into_boxed_slice());
                 slot.expires_ms = now.saturating_add(ms(ttl));
             }
             Ending::Indeterminate { ttl } => {
-                slot.entry = Entry::Indeterminate { head: *head };
+                slot.entry = Kept::Open(Entry::Indeterminate { head: *head });
                 slot.expires_ms = now.saturating_add(ms(ttl));
             }
             Ending::Release => {
