@@ -627,3 +627,69 @@ fn routes_that_shadow_each_other_are_an_error() {
                  [[routes]]\nname = \"writes\"\nupstream = \"u\"\nmethods = [\"PUT\"]\n";
     assert!(Config::parse(Path::new("s.toml"), &format!("{base}\n{split}")).is_ok());
 }
+
+#[test]
+fn idempotency_sections_are_checked_with_positions() {
+    // BASE has 11 lines; the section starts on line 12.
+    let section = |body: &str| with(&format!("[routes.idempotency]\n{body}\n"));
+    assert_one(&section("store = \"file\""), 13, 9, "needs path");
+    assert_one(&section("store = \"redis\""), 13, 9, "needs redis_url");
+    assert_one(
+        &section("store = \"redis\"\nredis_url = \"http://x\""),
+        14,
+        13,
+        "must start with redis://",
+    );
+    assert_one(
+        &section("path = \"keys.redb\""),
+        13,
+        8,
+        "path is for store = \"file\"",
+    );
+    assert_one(
+        &section("store = \"file\"\npath = \"/no/such/dir/keys.redb\""),
+        14,
+        8,
+        "does not exist",
+    );
+    assert_one(&section("ttl = \"90d\""), 13, 7, "too long");
+    assert_one(&section("scope = [\"body\"]"), 13, 10, "scope:");
+    assert_one(
+        &section("header = \"bad header\""),
+        13,
+        10,
+        "not a valid header name",
+    );
+    assert_one(
+        &section("max_response_body = \"1GiB\""),
+        13,
+        21,
+        "at most 64MiB",
+    );
+    assert_one(
+        &section("concurent = \"wait\""),
+        13,
+        1,
+        "did you mean `concurrent`",
+    );
+    assert_one(&section("on_store_error = \"ignore\""), 13, 18, "reject");
+}
+
+#[test]
+fn idempotency_defaults_are_the_documented_ones() {
+    let text = with("[routes.idempotency]\n");
+    let config = Config::parse(Path::new("w.toml"), &text).unwrap();
+    let i = config.routes[0].idempotency.as_ref().unwrap();
+    assert_eq!(i.header.as_str(), "idempotency-key");
+    assert_eq!(i.ttl, std::time::Duration::from_secs(24 * 3600));
+    assert_eq!(i.max_response_body, 1 << 20);
+    assert!(i.forward_header && !i.required);
+    // The longest the route can take (1 s connect + 30 s response) and 10 s.
+    assert_eq!(i.lease, std::time::Duration::from_secs(41));
+    assert_eq!(
+        i.store,
+        writegate::config::IdempotencyStore::Memory {
+            max_entries: 100_000
+        }
+    );
+}

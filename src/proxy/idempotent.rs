@@ -75,72 +75,90 @@ pub(super) async fn guard<'a, 's: 'a>(
         take_over: settings.on_indeterminate == OnIndeterminate::Forward,
     };
     match claim_or_wait(route, policy, &id, &claim).await {
-        Ok(Claimed::Won) => {}
+        Ok(Claimed::Won) => {
+            let held = HeldClaim {
+                store: Arc::clone(&policy.store),
+                id,
+                token: claim.token,
+                ttl: settings.ttl,
+                timeout: settings.store_timeout,
+                armed: true,
+            };
+            send_claimed(service, snapshot, route, policy, request, exchange, held).await
+        }
         Ok(Claimed::Done(record)) => {
             let response = replay(policy, &record, head, request, route.max_body).await?;
             exchange.outcome = Some("replayed");
-            return Ok(response);
+            Ok(response)
         }
-        Ok(Claimed::InFlight { head: first, .. }) | Ok(Claimed::Indeterminate { head: first })
-            if first != head =>
-        {
-            policy.count(Counted::Mismatch);
-            return Err(IdempotencyError::Mismatch.into());
-        }
-        Ok(Claimed::InFlight { .. }) => {
-            policy.count(Counted::Conflict);
-            return Err(IdempotencyError::InFlight {
-                retry_after: Duration::from_secs(1),
-            }
-            .into());
-        }
-        Ok(Claimed::Indeterminate { .. }) => {
-            policy.count(Counted::Unknown);
-            return Err(IdempotencyError::Unknown.into());
-        }
+        Ok(taken) => Err(refusal(policy, taken, head).into()),
         Err(error) => {
             policy.count(Counted::StoreError);
             tracing::warn!(route = &*route.name, store = policy.store.label(), error = %error, "idempotency store failed");
             if settings.on_store_error == OnStoreError::Reject {
                 return Err(IdempotencyError::Store(error.to_string()).into());
             }
-            return service.pass(snapshot, route, request, exchange).await;
+            service.pass(snapshot, route, request, exchange).await
         }
     }
-    let body = watch_body(&mut request.body);
-    let mut held = HeldClaim {
-        store: Arc::clone(&policy.store),
-        id,
-        token: claim.token,
-        ttl: settings.ttl,
-        timeout: settings.store_timeout,
-        armed: true,
+}
+
+/// Why a request whose key another request holds (or held, with no known outcome) is refused.
+fn refusal(policy: &Policy, taken: Claimed, head: Digest) -> IdempotencyError {
+    let (first, error, counted) = match taken {
+        Claimed::InFlight { head: first, .. } => (
+            first,
+            IdempotencyError::InFlight {
+                retry_after: Duration::from_secs(1),
+            },
+            Counted::Conflict,
+        ),
+        Claimed::Indeterminate { head: first } => {
+            (first, IdempotencyError::Unknown, Counted::Unknown)
+        }
+        // The caller answers these itself; refusing is the safe reading all the same.
+        Claimed::Won | Claimed::Done(_) => (head, IdempotencyError::Mismatch, Counted::Mismatch),
     };
+    if first != head {
+        policy.count(Counted::Mismatch);
+        return IdempotencyError::Mismatch;
+    }
+    policy.count(counted);
+    error
+}
+
+/// Sends the request whose claim won, and keeps what its end says (see the module's doc).
+async fn send_claimed<'a, 's: 'a>(
+    service: &'a ProxyService,
+    snapshot: &'s Arc<Snapshot>,
+    route: &'s Route,
+    policy: &'s Policy,
+    mut request: OutgoingRequest,
+    exchange: &'a mut Exchange<'s>,
+    mut held: HeldClaim,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let head = head_digest(&request.head);
+    let body = watch_body(&mut request.body);
     let sent = service.pass(snapshot, route, request, exchange).await;
     let reached_backend = match (&sent, exchange.origin) {
         (Ok(_), Origin::Backend) => None,
         (Ok(_), Origin::Proxy { reached_backend }) => Some(reached_backend),
         (Err(error), _) => Some(error.may_have_reached_backend()),
     };
-    match reached_backend {
-        None => {
-            let response = sent?;
-            record(route, policy, &mut held, head, &body, response).await
-        }
-        Some(reached) => {
-            let (ending, counted) = if reached {
-                let ttl = settings.ttl;
-                (Ending::Indeterminate { ttl }, Counted::Indeterminate)
-            } else {
-                (Ending::Release, Counted::Released)
-            };
-            if held.finish(ending).await.is_err() {
-                policy.count(Counted::StoreError);
-            }
-            policy.count(counted);
-            sent
-        }
+    let Some(reached) = reached_backend else {
+        return record(route, policy, &mut held, head, &body, sent?).await;
+    };
+    let (ending, counted) = if reached {
+        let ttl = policy.config.ttl;
+        (Ending::Indeterminate { ttl }, Counted::Indeterminate)
+    } else {
+        (Ending::Release, Counted::Released)
+    };
+    if held.finish(ending).await.is_err() {
+        policy.count(Counted::StoreError);
     }
+    policy.count(counted);
+    sent
 }
 
 /// Claims the entry; with `concurrent = "wait"`, looks again while another request holds it, up
