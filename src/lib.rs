@@ -27,7 +27,7 @@
 //!    backend connections. [`key`]: the request key a route balances and coalesces on.
 //! 2. [`wire`]: HTTP messages as they pass through: framing, header lines, requests, bodies.
 //! 1. [`metrics`]: every metric name, described once. [`notify`]: systemd notifications.
-//!    [`tls`]: rustls configs.
+//!    [`tls`]: rustls configs. [`group_commit`]: one writer thread per embedded database.
 
 pub mod admin;
 pub mod admission;
@@ -35,6 +35,7 @@ pub mod balance;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
+pub mod group_commit;
 pub mod http1;
 pub mod idempotency;
 pub mod key;

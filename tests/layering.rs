@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!  1  metrics  notify  tls          leaves
+//!     group_commit
 //!  2  wire                          HTTP messages: framing, header lines, request and bodies
 //!  3  http1  key                    the HTTP/1 protocol driver; request keys
 //!  4  config                        the file schema and the validated config
@@ -23,7 +24,7 @@
 use std::path::Path;
 
 const LAYERS: &[&[&str]] = &[
-    &["metrics", "notify", "tls"],
+    &["metrics", "notify", "tls", "group_commit"],
     &["wire"],
     &["http1", "key"],
     &["config"],

@@ -3,9 +3,8 @@
 //! Claims and records are committed durably (fsync) before the request goes on: a claim so that a
 //! crash after the request was sent cannot let a retry send it again, a record so that a client
 //! that saw the response gets it replayed after a crash. One writer thread owns the database and
-//! commits group-wise: every operation that arrived while the previous commit was on its way to
-//! the disk goes into the next transaction, so a burst shares one fsync (a transaction per
-//! operation managed about 900 requests/s on this machine's disk). Only this process can have the
+//! commits group-wise ([`Committer`]), so a burst shares one fsync (a transaction per operation
+//! managed about 900 requests/s on this machine's disk). Only this process can have the
 //! file open (redb locks it), so entries still in flight when the file is opened belong to a
 //! process that died: they become indeterminate at once.
 //!
@@ -18,11 +17,10 @@ use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use tokio::sync::{mpsc, oneshot};
-
 use super::{
     judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics,
 };
+use crate::group_commit::{Answer, Committer};
 use crate::idempotency::{hex, Digest, Entry, Token};
 
 /// Entry id → expiry (Unix ms, big-endian) followed by the entry's byte form.
@@ -35,33 +33,25 @@ const SWEEP_BATCH: usize = 256;
 /// Least time between two sweeps.
 const SWEEP_EVERY_MS: u64 = 10_000;
 
-/// Operations waiting for the writer, at most; more wait for room (within `store_timeout`).
-const QUEUE: usize = 4096;
-/// Operations in one transaction, at most.
-const BATCH: usize = 1024;
-
 #[derive(Debug)]
 pub struct FileStore {
-    ops: Option<mpsc::Sender<Op>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    writer: Committer<Op, Option<Claimed>>,
     label: String,
     entries: Arc<AtomicU64>,
     metrics: StoreMetrics,
 }
 
-/// An operation for the writer thread, with where its answer goes.
+/// An operation for the writer thread; a claim's answer is `Some`.
 #[derive(Debug)]
 enum Op {
     Claim {
         id: Digest,
         claim: Claim,
-        reply: oneshot::Sender<Result<Claimed, StoreError>>,
     },
     Finish {
         id: Digest,
         token: Token,
         ending: Ending,
-        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -77,92 +67,37 @@ impl FileStore {
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let label = format!("file:{}", path.display());
         let entries = Arc::new(AtomicU64::new(count));
-        let (ops, queue) = mpsc::channel(QUEUE);
         let counted = Arc::clone(&entries);
-        let writer = std::thread::Builder::new()
-            .name("idempotency-file".into())
-            .spawn(move || write_loop(db, queue, &counted))
-            .map_err(|e| format!("cannot start the writer of {}: {e}", path.display()))?;
+        let mut swept_at = 0;
+        let writer = Committer::start("idempotency-file", move |batch: &[Op]| {
+            let now = unix_ms();
+            let sweep = now.saturating_sub(swept_at) >= SWEEP_EVERY_MS;
+            if sweep {
+                swept_at = now;
+            }
+            let (answers, count) = apply(&db, batch, sweep, now).map_err(|e| e.to_string())?;
+            counted.store(count, Ordering::Relaxed);
+            Ok(answers)
+        })
+        .map_err(|e| format!("cannot start the writer of {}: {e}", path.display()))?;
         Ok(FileStore {
-            ops: Some(ops),
-            writer: Some(writer),
+            writer,
             metrics: StoreMetrics::new(&label),
             label,
             entries,
         })
     }
 
-    async fn submit<T>(
-        &self,
-        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
-    ) -> Result<T, StoreError> {
-        let closed = || StoreError::Unavailable("the store's writer has stopped".into());
-        let ops = self.ops.as_ref().ok_or_else(closed)?;
-        let (reply, answer) = oneshot::channel();
-        ops.send(op(reply)).await.map_err(|_| closed())?;
-        answer.await.map_err(|_| closed())?
+    async fn submit(&self, op: Op) -> Result<Option<Claimed>, StoreError> {
+        self.writer
+            .submit(op)
+            .await
+            .map_err(StoreError::Unavailable)
     }
 }
 
-impl Drop for FileStore {
-    /// Closes the queue and waits for the writer to finish and release the file, so that the
-    /// file can be opened again at once.
-    fn drop(&mut self) {
-        drop(self.ops.take());
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
-    }
-}
-
-/// The writer thread: takes what has queued up, applies it in one transaction, commits once,
-/// answers every operation of the batch.
-fn write_loop(db: Database, mut queue: mpsc::Receiver<Op>, entries: &AtomicU64) {
-    let mut swept_at = 0;
-    while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match queue.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let now = unix_ms();
-        let sweep = now.saturating_sub(swept_at) >= SWEEP_EVERY_MS;
-        if sweep {
-            swept_at = now;
-        }
-        match apply(&db, &batch, sweep, now) {
-            Ok((results, count)) => {
-                entries.store(count, Ordering::Relaxed);
-                for (op, result) in batch.into_iter().zip(results) {
-                    answer(op, result);
-                }
-            }
-            Err(error) => {
-                for op in batch {
-                    answer(op, Err(error.clone()));
-                }
-            }
-        }
-    }
-}
-
-/// What one operation of a batch came to: a claim's answer, or a finish's `None`.
-type Outcome = Result<Option<Claimed>, StoreError>;
-
-fn answer(op: Op, result: Outcome) {
-    match op {
-        Op::Claim { reply, .. } => {
-            let _ = reply.send(result.and_then(|found| {
-                found.ok_or_else(|| StoreError::Unavailable("no answer to a claim".into()))
-            }));
-        }
-        Op::Finish { reply, .. } => {
-            let _ = reply.send(result.map(|_| ()));
-        }
-    }
-}
+/// One operation's answer: a claim's is `Some`.
+type Answered = Answer<Option<Claimed>>;
 
 /// Applies a batch in one write transaction; the commit is durable unless the batch only
 /// releases keys (a lost release leaves an entry in flight, which a restart reads as
@@ -172,7 +107,7 @@ fn apply(
     batch: &[Op],
     sweep: bool,
     now: u64,
-) -> Result<(Vec<Outcome>, u64), StoreError> {
+) -> Result<(Vec<Answered>, u64), StoreError> {
     let mut txn = db.begin_write().map_err(failed)?;
     let releases_only = batch.iter().all(|op| {
         matches!(
@@ -198,11 +133,14 @@ fn apply(
         }
         batch
             .iter()
-            .map(|op| match op {
-                Op::Claim { id, claim, .. } => tables.claim(id, claim, now).map(Some),
-                Op::Finish {
-                    id, token, ending, ..
-                } => tables.finish(id, token, ending, now).map(|()| None),
+            .map(|op| {
+                let answer = match op {
+                    Op::Claim { id, claim } => tables.claim(id, claim, now).map(Some),
+                    Op::Finish { id, token, ending } => {
+                        tables.finish(id, token, ending, now).map(|()| None)
+                    }
+                };
+                answer.map_err(|e| e.to_string())
             })
             .collect::<Vec<_>>()
     };
@@ -388,8 +326,15 @@ impl Store for FileStore {
     }
 
     fn claim<'a>(&'a self, id: &'a Digest, claim: &'a Claim) -> StoreFuture<'a, Claimed> {
-        let (id, claim) = (*id, claim.clone());
-        Box::pin(self.submit(move |reply| Op::Claim { id, claim, reply }))
+        let op = Op::Claim {
+            id: *id,
+            claim: claim.clone(),
+        };
+        Box::pin(async move {
+            self.submit(op)
+                .await?
+                .ok_or_else(|| StoreError::Unavailable("no answer to a claim".into()))
+        })
     }
 
     fn finish<'a>(
@@ -398,13 +343,12 @@ impl Store for FileStore {
         token: &'a Token,
         ending: Ending,
     ) -> StoreFuture<'a, ()> {
-        let (id, token) = (*id, *token);
-        Box::pin(self.submit(move |reply| Op::Finish {
-            id,
-            token,
+        let op = Op::Finish {
+            id: *id,
+            token: *token,
             ending,
-            reply,
-        }))
+        };
+        Box::pin(async move { self.submit(op).await.map(|_| ()) })
     }
 
     fn entries(&self) -> Option<u64> {
