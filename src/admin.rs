@@ -1,6 +1,8 @@
 //! The admin listener: `/healthz` (alive), `/readyz` (this process serves: its listeners are
 //! bound and a config is loaded), `/readyz/upstream/NAME` (that upstream has a usable backend),
-//! `/status` (JSON: config, reloads, upstreams, backends, routes) and `/metrics` (Prometheus).
+//! `/status` (JSON: config, reloads, upstreams, backends, routes), `/metrics` (Prometheus), and
+//! the write buffers: `/buffers` (each log's depth and dead letters), `POST /buffers/replay/ID`
+//! (a dead letter back into its log) and the receipts under `/_writegate/receipts/`.
 //!
 //! Readiness is the process's, not its backends': a load balancer probing `/readyz` of every
 //! replica would otherwise pull them all when one pool dies, although each still serves every
@@ -10,20 +12,24 @@
 //! traffic for routes and never reach a backend.
 
 use std::convert::Infallible;
-use std::future::{ready, Ready};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime};
 
 use crate::admission::Limiter;
+use crate::buffer::{parse_receipt, RECEIPTS_PREFIX};
+use crate::byte_form::hex;
 use crate::config::{HashAlgorithm, UpstreamConfig};
+use crate::proxy::buffered::receipt_response;
 use crate::proxy::ResponseBody;
 use crate::reload::{ReloadState, ReloadStatus};
 use crate::snapshot::Snapshot;
@@ -50,8 +56,11 @@ impl AdminService {
             "/status" => json(status(&self.snapshots.load(), &self.reloads.status())),
             "/metrics" => match crate::metrics::handle() {
                 Some(handle) => {
-                    let mut scrape =
-                        current_series_only(&handle.render(), &self.snapshots.load());
+                    let snapshot = self.snapshots.load();
+                    for buffer in snapshot.buffers() {
+                        buffer.record_gauges();
+                    }
+                    let mut scrape = current_series_only(&handle.render(), &snapshot);
                     scrape.push_str(&crate::metrics::process_metrics());
                     let mut response = text(StatusCode::OK, scrape);
                     response.headers_mut().insert(
@@ -76,16 +85,77 @@ impl AdminService {
             // The admin listener runs only once the proxy's listeners are bound and its config
             // loaded, and stops with them.
             "/readyz" => text(StatusCode::OK, "ready\n".to_string()),
+            "/buffers" => json(buffers_state(&self.snapshots.load())),
+            path if path.starts_with(RECEIPTS_PREFIX) => {
+                receipt_response(&self.snapshots.load(), path)
+            }
             path => match path.strip_prefix("/readyz/upstream/") {
                 Some(name) => upstream_readiness(&self.snapshots.load(), name),
                 None => text(
                     StatusCode::NOT_FOUND,
-                    "not found: try /healthz, /readyz, /readyz/upstream/NAME, /status or /metrics\n"
+                    "not found: try /healthz, /readyz, /readyz/upstream/NAME, /status, /metrics \
+                     or /buffers\n"
                         .to_string(),
                 ),
             },
         }
     }
+}
+
+/// Every buffer's log: depth, bytes, oldest age, the routes that write to it, and its first 100
+/// dead letters.
+fn buffers_state(snapshot: &Snapshot) -> serde_json::Value {
+    let buffers: Vec<serde_json::Value> = snapshot
+        .buffers()
+        .iter()
+        .map(|buffer| {
+            let mut state = buffer.state(DEAD_LETTERS_SHOWN);
+            let routes: Vec<&str> = snapshot
+                .router
+                .routes()
+                .iter()
+                .filter(|r| {
+                    let open = r.buffer.as_ref().and_then(|b| b.buffer.as_ref().ok());
+                    open.is_some_and(|b| Arc::ptr_eq(b, buffer))
+                })
+                .map(|r| &*r.name)
+                .collect();
+            state["routes"] = serde_json::json!(routes);
+            state
+        })
+        .collect();
+    serde_json::json!({ "buffers": buffers })
+}
+
+/// Dead letters listed per log by `/buffers`.
+const DEAD_LETTERS_SHOWN: usize = 100;
+
+/// `POST /buffers/replay/ID`: puts a dead letter back in its log, for delivery at its end.
+async fn replay(snapshots: Arc<ArcSwap<Snapshot>>, id: &str) -> Response<ResponseBody> {
+    let Some(id) = parse_receipt(id) else {
+        return text(StatusCode::NOT_FOUND, "not a receipt id\n".to_string());
+    };
+    for buffer in snapshots.load_full().buffers() {
+        match buffer.replay(id).await {
+            Ok(true) => {
+                let location = format!("{RECEIPTS_PREFIX}{}", hex(&id));
+                return json(
+                    serde_json::json!({ "receipt": hex(&id), "state": "queued", "location": location }),
+                );
+            }
+            Ok(false) => {}
+            Err(error) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the buffer's log failed: {error}\n"),
+                )
+            }
+        }
+    }
+    text(
+        StatusCode::NOT_FOUND,
+        "no dead letter has this receipt\n".to_string(),
+    )
 }
 
 /// The scrape without the samples of backends, upstreams and routes the running config no longer
@@ -271,6 +341,13 @@ fn routes_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
                     }),
                 },
                 "admission": route.admission.as_deref().map(limiter_status),
+                "buffer": route.buffer.as_ref().map(|b| serde_json::json!({
+                    "when": format!("{:?}", b.config.when).to_lowercase(),
+                    "dir": b.config.dir.display().to_string(),
+                    "open": b.buffer.is_ok(),
+                    "error": b.buffer.as_ref().err(),
+                    "depth": b.buffer.as_ref().ok().map(|b| b.log.depth().0),
+                })),
                 "retries": config.retries,
                 "retry_idempotent": config.retry_idempotent,
                 "requests": route.metrics.counts().0,
@@ -321,9 +398,17 @@ fn text(status: StatusCode, body: String) -> Response<ResponseBody> {
 impl hyper::service::Service<Request<Incoming>> for AdminService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Ready<Result<Self::Response, Infallible>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        ready(Ok(self.respond(&request)))
+        let path = request.uri().path();
+        if request.method() == Method::POST {
+            if let Some(id) = path.strip_prefix("/buffers/replay/") {
+                let (snapshots, id) = (Arc::clone(&self.snapshots), id.to_string());
+                return Box::pin(async move { Ok(replay(snapshots, &id).await) });
+            }
+        }
+        let response = self.respond(&request);
+        Box::pin(async move { Ok(response) })
     }
 }

@@ -38,17 +38,31 @@ impl<Op, A> std::fmt::Debug for Committer<Op, A> {
 impl<Op: Send + 'static, A: Send + 'static> Committer<Op, A> {
     /// Starts the thread `name`. `apply` gets each batch in arrival order and answers each
     /// operation (an `Err` of its own fails the whole batch, as a failed commit must).
-    pub fn start<F>(name: &str, mut apply: F) -> std::io::Result<Committer<Op, A>>
+    pub fn start<F>(name: &str, apply: F) -> std::io::Result<Committer<Op, A>>
     where
         F: FnMut(&[Op]) -> Result<Vec<Answer<A>>, String> + Send + 'static,
     {
+        Committer::start_with(name, BATCH, apply)
+    }
+
+    /// [`Committer::start`] with at most `max_batch` operations per transaction (1: a commit
+    /// per operation).
+    pub fn start_with<F>(
+        name: &str,
+        max_batch: usize,
+        mut apply: F,
+    ) -> std::io::Result<Committer<Op, A>>
+    where
+        F: FnMut(&[Op]) -> Result<Vec<Answer<A>>, String> + Send + 'static,
+    {
+        let max_batch = max_batch.max(1);
         let (queue, mut jobs) = mpsc::channel::<Job<Op, A>>(QUEUE);
         let writer = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
                 while let Some(first) = jobs.blocking_recv() {
                     let mut batch = vec![first];
-                    while batch.len() < BATCH {
+                    while batch.len() < max_batch {
                         match jobs.try_recv() {
                             Ok(job) => batch.push(job),
                             Err(_) => break,

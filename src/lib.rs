@@ -21,17 +21,20 @@
 //!    reloads, their connection pools and health checks.
 //! 5. [`admission`]: limits, queues and shedding. [`balance`]: choosing a backend (least
 //!    connections, consistent hashing, bounded loads). [`coalesce`]: per-key write queues.
-//!    [`idempotency`]: idempotency keys, their records and stores.
+//!    [`idempotency`]: idempotency keys, their records and stores. [`buffer`]: durable write
+//!    buffering, receipts and delivery.
 //! 4. [`config`]: the TOML schema and its validation into a typed [`config::Config`].
 //! 3. [`http1`]: HTTP/1.1 for client connections (serving a [`http1::server::Handler`]) and
 //!    backend connections. [`key`]: the request key a route balances and coalesces on.
 //! 2. [`wire`]: HTTP messages as they pass through: framing, header lines, requests, bodies.
 //! 1. [`metrics`]: every metric name, described once. [`notify`]: systemd notifications.
-//!    [`tls`]: rustls configs. [`group_commit`]: one writer thread per embedded database.
+//!    [`tls`]: rustls configs. [`group_commit`]: one writer thread per embedded database. [`byte_form`]: stored records' bytes.
 
 pub mod admin;
 pub mod admission;
 pub mod balance;
+pub mod buffer;
+pub mod byte_form;
 pub mod coalesce;
 pub mod config;
 pub mod demo;

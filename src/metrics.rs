@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Histogram, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Counter, labels `route` (`-` when none matched), `method`, `status_class` (`1xx`..`5xx`):
 /// client requests, counted when their response head is ready.
@@ -60,7 +60,10 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let builder = PrometheusBuilder::new();
-        let builder = match builder.set_buckets(&DURATION_BUCKETS) {
+        let builder = match builder
+            .set_buckets(&DURATION_BUCKETS)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BUFFER_BATCH.into()), &BATCH_BUCKETS))
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, "histogram buckets rejected; durations become summaries");
@@ -111,6 +114,30 @@ pub const IDEMPOTENCY_STORE_DURATION: &str = "writegate_idempotency_store_second
 pub const IDEMPOTENCY_ENTRIES: &str = "writegate_idempotency_entries";
 /// Counter, label `store`: entries a full memory store evicted before their ttl ran out.
 pub const IDEMPOTENCY_EVICTIONS: &str = "writegate_idempotency_evictions_total";
+
+/// Counter, label `route`: writes taken into a buffer (answered 202).
+pub const BUFFER_ACCEPTED: &str = "writegate_buffer_accepted_total";
+/// Counter, label `route`: buffered writes delivered (the backend answered 1xx-3xx).
+pub const BUFFER_DELIVERED: &str = "writegate_buffer_delivered_total";
+/// Counter, label `route`: delivery attempts that will be retried.
+pub const BUFFER_RETRIED: &str = "writegate_buffer_retried_total";
+/// Counter, label `route`: buffered writes that failed (a final 4xx, or attempts or age used
+/// up) and went to the dead-letter list.
+pub const BUFFER_FAILED: &str = "writegate_buffer_failed_total";
+/// Counter, labels `route`, `reason` (`full`, `error`): writes the buffer could not take (503).
+pub const BUFFER_REFUSED: &str = "writegate_buffer_refused_total";
+/// Gauge, label `dir`: writes waiting in a buffer's log (set at each scrape).
+pub const BUFFER_DEPTH: &str = "writegate_buffer_depth";
+/// Gauge, label `dir`: bytes of the writes waiting in a buffer's log (set at each scrape).
+pub const BUFFER_BYTES: &str = "writegate_buffer_bytes";
+/// Gauge, label `dir`: age in seconds of the oldest write waiting in a buffer's log (0: none).
+pub const BUFFER_OLDEST: &str = "writegate_buffer_oldest_seconds";
+/// Histogram, label `dir`: time of one commit of a buffer's log, fsync included.
+pub const BUFFER_COMMIT: &str = "writegate_buffer_commit_seconds";
+/// Histogram, label `dir`: operations (appends, outcomes) that shared one commit.
+pub const BUFFER_BATCH: &str = "writegate_buffer_commit_batch";
+/// Buckets of [`BUFFER_BATCH`].
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0];
 
 /// Counter, labels `upstream`, `backend`: ejections by passive outlier detection.
 pub const BACKEND_EJECTIONS: &str = "writegate_backend_ejections_total";
@@ -219,6 +246,52 @@ fn describe() {
         IDEMPOTENCY_EVICTIONS,
         Unit::Count,
         "Idempotency entries evicted from a full memory store before their ttl."
+    );
+    describe_counter!(
+        BUFFER_ACCEPTED,
+        Unit::Count,
+        "Writes taken into a buffer (202)."
+    );
+    describe_counter!(BUFFER_DELIVERED, Unit::Count, "Buffered writes delivered.");
+    describe_counter!(
+        BUFFER_RETRIED,
+        Unit::Count,
+        "Delivery attempts of buffered writes that will be retried."
+    );
+    describe_counter!(
+        BUFFER_FAILED,
+        Unit::Count,
+        "Buffered writes that failed and went to the dead-letter list."
+    );
+    describe_counter!(
+        BUFFER_REFUSED,
+        Unit::Count,
+        "Writes a buffer could not take (503), by reason."
+    );
+    describe_gauge!(
+        BUFFER_DEPTH,
+        Unit::Count,
+        "Writes waiting in a buffer's log."
+    );
+    describe_gauge!(
+        BUFFER_BYTES,
+        Unit::Bytes,
+        "Bytes of the writes waiting in a buffer's log."
+    );
+    describe_gauge!(
+        BUFFER_OLDEST,
+        Unit::Seconds,
+        "Age of the oldest write waiting in a buffer's log."
+    );
+    describe_histogram!(
+        BUFFER_COMMIT,
+        Unit::Seconds,
+        "Time of one commit of a buffer's log, fsync included."
+    );
+    describe_histogram!(
+        BUFFER_BATCH,
+        Unit::Count,
+        "Operations that shared one commit of a buffer's log."
     );
     describe_counter!(
         UPSTREAM_CONNECTIONS,

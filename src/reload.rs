@@ -202,6 +202,7 @@ impl Reloader {
                 inputs,
             }) => {
                 self.snapshots.store(Arc::clone(&snapshot));
+                crate::proxy::buffered::ensure_delivery(&self.snapshots);
                 self.checks = HealthChecks::start(&snapshot.config.upstreams, &snapshot.upstreams);
                 tracing::info!(file = %self.path.display(), changes = %changes, "config reloaded");
                 metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "success")

@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::Method;
 
 use crate::admission::Limiter;
+use crate::buffer::{Buffer, BufferPolicy};
 use crate::coalesce::Coalescer;
 use crate::config::{CoalesceConfig, RouteConfig};
 use crate::http1::ExchangeTimeouts;
@@ -38,6 +39,8 @@ pub struct Route {
     pub coalescer: Option<Arc<Coalescer>>,
     /// Idempotency keys, when the route honours them.
     pub idempotency: Option<Box<Policy>>,
+    /// Durable write buffering, when the route buffers.
+    pub buffer: Option<Box<BufferPolicy>>,
     /// Position in the router's match order (set by [`Router::new`]).
     pub index: usize,
     pub admission: Option<Arc<Limiter>>,
@@ -96,7 +99,13 @@ impl Route {
         coalescer: Option<Arc<Coalescer>>,
         admission: Option<Arc<Limiter>>,
         idempotency_store: Option<Arc<dyn Store>>,
+        buffer: Option<Result<Arc<Buffer>, String>>,
     ) -> Route {
+        let buffer = config
+            .buffer
+            .clone()
+            .zip(buffer)
+            .map(|(config, buffer)| Box::new(BufferPolicy { config, buffer }));
         let idempotency = config
             .idempotency
             .clone()
@@ -104,6 +113,7 @@ impl Route {
             .map(|(settings, store)| Box::new(Policy::new(settings, store, &config.name)));
         Route {
             idempotency,
+            buffer,
             metrics: RouteMetrics::new(&config.name),
             admission,
             retries: config.retries,
@@ -222,6 +232,7 @@ mod tests {
             coalesce: CoalesceConfig::default(),
             coalescer: None,
             idempotency: None,
+            buffer: None,
             index: 0,
             admission: None,
             retries: 0,

@@ -133,6 +133,7 @@ impl Proxy {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop_http1 = Arc::new(StopSignal::default());
+        crate::proxy::buffered::ensure_delivery(&self.snapshots);
         let snapshot = self.snapshots.load();
         let checks = HealthChecks::start(&snapshot.config.upstreams, &snapshot.upstreams);
         // Without reloads the first set of health checks runs until shutdown.
@@ -219,7 +220,11 @@ impl Proxy {
         );
         let _ = stop_tx.send(true);
         stop_http1.stop();
-        match tokio::time::timeout(deadline, drained.recv()).await {
+        // Buffered writes not yet being delivered stay in their log for the next start.
+        let last = self.snapshots.load_full();
+        let deliveries = crate::proxy::buffered::stop_delivery(&last, deadline);
+        let (drain, ()) = tokio::join!(tokio::time::timeout(deadline, drained.recv()), deliveries);
+        match drain {
             Ok(_) => tracing::info!("shutdown complete"),
             Err(_) => {
                 tracing::warn!("shutdown deadline passed; closing connections that are still busy")

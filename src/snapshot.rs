@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use crate::admission::Limiter;
 use crate::balance::Balancer;
+use crate::buffer::Buffer;
 use crate::coalesce::Coalescer;
-use crate::config::{CoalesceMode, Config, IdempotencyStore};
+use crate::config::{BufferConfig, CoalesceMode, Config, IdempotencyStore};
 use crate::idempotency::{store, Store};
 use crate::metrics::RouteMetrics;
 use crate::route::{Route, Router};
@@ -81,11 +82,13 @@ impl Snapshot {
             .map(|p| p.router.routes().iter().map(|r| (&*r.name, r)).collect())
             .unwrap_or_default();
         let mut stores = IdempotencyStores::carried_from(previous);
+        let mut buffers = Buffers::carried_from(previous);
         let routes = config
             .routes
             .iter()
             .map(|r| {
                 let store = r.idempotency.as_ref().map(|i| stores.get(&i.store));
+                let buffer = r.buffer.as_ref().map(|b| buffers.get(b));
                 let before = previous_routes.get(r.name.as_str());
                 let coalescer = (r.coalesce.mode != CoalesceMode::Off).then(|| {
                     before
@@ -100,7 +103,7 @@ impl Snapshot {
                         &r.name,
                     )
                 });
-                Route::new(r, coalescer, admission, store)
+                Route::new(r, coalescer, admission, store, buffer)
             })
             .collect();
         let router = Router::new(routes);
@@ -123,6 +126,19 @@ impl Snapshot {
             }
         }
         stores
+    }
+
+    /// Every open buffer, once each.
+    pub fn buffers(&self) -> Vec<Arc<Buffer>> {
+        let mut open: Vec<Arc<Buffer>> = Vec::new();
+        for route in self.router.routes() {
+            if let Some(Ok(buffer)) = route.buffer.as_ref().map(|b| &b.buffer) {
+                if !open.iter().any(|b| Arc::ptr_eq(b, buffer)) {
+                    open.push(Arc::clone(buffer));
+                }
+            }
+        }
+        open
     }
 
     /// Every backend of every upstream (an address listed in two upstreams appears twice).
@@ -160,5 +176,32 @@ impl IdempotencyStores {
                 .entry(config.clone())
                 .or_insert_with(|| store::open(config)),
         )
+    }
+}
+
+/// Buffers by directory: routes naming one directory share its log, and a reload keeps an open
+/// log (its file lock, its delivery) instead of reopening it.
+struct Buffers(HashMap<std::path::PathBuf, Arc<Buffer>>);
+
+impl Buffers {
+    fn carried_from(previous: Option<&Snapshot>) -> Buffers {
+        let open = previous
+            .iter()
+            .flat_map(|p| p.router.routes())
+            .filter_map(|r| r.buffer.as_ref())
+            .filter_map(|b| Some((b.config.dir.clone(), Arc::clone(b.buffer.as_ref().ok()?))))
+            .collect();
+        Buffers(open)
+    }
+
+    fn get(&mut self, config: &BufferConfig) -> Result<Arc<Buffer>, String> {
+        if let Some(open) = self.0.get(&config.dir) {
+            return Ok(Arc::clone(open));
+        }
+        let opened = Buffer::open(config).inspect_err(|reason| {
+            tracing::error!(dir = %config.dir.display(), error = %reason, "buffer log cannot be opened; its routes answer writes with 503");
+        })?;
+        self.0.insert(config.dir.clone(), Arc::clone(&opened));
+        Ok(opened)
     }
 }

@@ -4,12 +4,12 @@
 //!
 //! ```text
 //!  1  metrics  notify  tls          leaves
-//!     group_commit
+//!     group_commit  byte_form
 //!  2  wire                          HTTP messages: framing, header lines, request and bodies
 //!  3  http1  key                    the HTTP/1 protocol driver; request keys
 //!  4  config                        the file schema and the validated config
 //!  5  admission  balance  coalesce  features, each with its own state and errors
-//!     idempotency
+//!     idempotency  buffer
 //!  6  route  upstream               routing; backends, pools and health
 //!  7  snapshot                      one config's runtime state
 //!  8  proxy                         the request pipeline; the one mapping of errors to responses
@@ -24,11 +24,11 @@
 use std::path::Path;
 
 const LAYERS: &[&[&str]] = &[
-    &["metrics", "notify", "tls", "group_commit"],
+    &["metrics", "notify", "tls", "group_commit", "byte_form"],
     &["wire"],
     &["http1", "key"],
     &["config"],
-    &["admission", "balance", "coalesce", "idempotency"],
+    &["admission", "balance", "coalesce", "idempotency", "buffer"],
     &["route", "upstream"],
     &["snapshot"],
     &["proxy"],

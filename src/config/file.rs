@@ -154,6 +154,37 @@ pub struct RouteSection {
     pub retry_idempotent: Option<bool>,
     pub retry_budget: Option<Spanned<f64>>,
     pub idempotency: Option<Spanned<IdempotencySection>>,
+    pub buffer: Option<Spanned<BufferSection>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferWhenKind {
+    Always,
+    Prefer,
+    Overflow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncKind {
+    Always,
+    Batch,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferSection {
+    pub when: Option<BufferWhenKind>,
+    pub dir: Spanned<String>,
+    pub max_bytes: Option<Spanned<String>>,
+    pub sync: Option<SyncKind>,
+    pub ordered: Option<bool>,
+    pub max_attempts: Option<Spanned<i64>>,
+    pub max_age: Option<Spanned<String>>,
+    pub concurrency: Option<Spanned<i64>>,
+    pub receipt_ttl: Option<Spanned<String>>,
+    pub receipt_body_limit: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

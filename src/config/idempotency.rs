@@ -250,7 +250,7 @@ impl Validator<'_, '_> {
     }
 
     /// A duration that may be longer than the hour other timeouts are held to.
-    fn long_duration(
+    pub(super) fn long_duration(
         &mut self,
         text: Option<Spanned<String>>,
         default: Duration,

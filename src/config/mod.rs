@@ -6,6 +6,7 @@
 //! reports every one with file, line and column ([`ConfigErrors`]). Nothing here panics on input,
 //! because a bad hot reload must leave the running proxy untouched.
 
+mod buffer;
 mod error;
 pub mod file;
 mod idempotency;
@@ -28,6 +29,7 @@ use http::Method;
 use toml::Spanned;
 
 use crate::key::{KeyRule, KeySource, OnMissingKey};
+pub use buffer::{BufferConfig, BufferSync, BufferWhen};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 use file::{
@@ -290,6 +292,8 @@ pub struct RouteConfig {
     pub coalesce: CoalesceConfig,
     /// Idempotency keys, when the route honours them.
     pub idempotency: Option<IdempotencyConfig>,
+    /// Durable write buffering, when the route buffers.
+    pub buffer: Option<BufferConfig>,
     /// The request key, when the route defines one.
     pub key: Option<KeyRule>,
     pub name: String,
@@ -371,6 +375,10 @@ impl Config {
                     IdempotencyStore::Redis { .. } => "redis".to_string(),
                 };
                 notes.push(format!("idempotency {} ({store})", i.header));
+            }
+            if let Some(b) = &r.buffer {
+                let when = format!("{:?}", b.when).to_lowercase();
+                notes.push(format!("buffer {when} in {}", b.dir.display()));
             }
             if let Some(a) = &r.admission {
                 let adaptive = if a.adaptive { " adaptive" } else { "" };

@@ -337,6 +337,7 @@ impl Validator<'_, '_> {
                 let longest = queued + coalesced + connect_timeout + response_timeout;
                 self.idempotency(section, idempotency::RouteTimes { longest })
             });
+            let buffer = r.buffer.map(|section| self.buffer(section));
             if let Some(u) = upstream {
                 if upstreams[u].consistent_hash.is_some() && !wrote_key {
                     self.sink.at(
@@ -357,6 +358,7 @@ impl Validator<'_, '_> {
                     retry_budget,
                     coalesce,
                     idempotency,
+                    buffer,
                     key,
                     name: r.name.into_inner(),
                     path_prefix,

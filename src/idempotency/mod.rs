@@ -11,7 +11,6 @@
 pub mod record;
 pub mod store;
 
-use std::fmt::Write as _;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use metrics::Counter;
 use ring::digest::{Context, SHA256};
 use ring::rand::{SecureRandom, SystemRandom};
 
+pub use crate::byte_form::hex;
 use crate::config::IdempotencyConfig;
 use crate::key::KeySource;
 use crate::wire::{BodyObserver, RequestHead};
@@ -408,15 +408,6 @@ impl PolicyMetrics {
             }),
         }
     }
-}
-
-/// The hex form of a digest, for store keys and logs.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
 }
 
 #[cfg(test)]

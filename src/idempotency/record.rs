@@ -53,10 +53,8 @@ pub enum Outcome {
     NotKept { status: StatusCode },
 }
 
-/// A store's bytes that do not decode.
-#[derive(Debug, thiserror::Error)]
-#[error("a stored idempotency entry is corrupt ({0})")]
-pub struct Corrupt(&'static str);
+pub use crate::byte_form::Corrupt;
+use crate::byte_form::{put_field, Reader};
 
 const IN_FLIGHT: u8 = b'F';
 const INDETERMINATE: u8 = b'I';
@@ -118,7 +116,7 @@ impl Entry {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Entry, Corrupt> {
-        let mut r = Reader(bytes);
+        let mut r = Reader::new(bytes);
         let entry = match r.u8()? {
             IN_FLIGHT => Entry::InFlight {
                 token: r.array()?,
@@ -165,56 +163,8 @@ impl Entry {
             }
             _ => return Err(Corrupt("state")),
         };
-        if !r.0.is_empty() {
-            return Err(Corrupt("trailing bytes"));
-        }
+        r.finish()?;
         Ok(entry)
-    }
-}
-
-fn put_field(out: &mut BytesMut, bytes: &[u8]) {
-    out.put_u32(bytes.len() as u32);
-    out.put_slice(bytes);
-}
-
-/// Reads the byte form front to back; every read checks the length left.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Corrupt> {
-        if self.0.len() < n {
-            return Err(Corrupt("truncated"));
-        }
-        let (taken, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(taken)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], Corrupt> {
-        let mut out = [0; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    fn u8(&mut self) -> Result<u8, Corrupt> {
-        Ok(self.array::<1>()?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, Corrupt> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-
-    fn u64(&mut self) -> Result<u64, Corrupt> {
-        Ok(u64::from_be_bytes(self.array()?))
-    }
-
-    fn status(&mut self) -> Result<StatusCode, Corrupt> {
-        StatusCode::from_u16(u16::from_be_bytes(self.array()?)).map_err(|_| Corrupt("status"))
-    }
-
-    fn field(&mut self) -> Result<&'a [u8], Corrupt> {
-        let len = self.u32()? as usize;
-        self.take(len)
     }
 }
 

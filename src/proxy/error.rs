@@ -71,6 +71,11 @@ pub enum ProxyError {
     Upstream(#[from] SendError),
     #[error("{0}")]
     Idempotency(#[from] IdempotencyError),
+    #[error("the write buffer is full")]
+    BufferFull,
+    /// The buffer's log cannot take the write (a full disk, say); the reason.
+    #[error("the write buffer failed: {0}")]
+    BufferUnavailable(String),
 }
 
 impl ProxyError {
@@ -101,6 +106,9 @@ impl ProxyError {
             }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Idempotency(e) => e.status(),
+            ProxyError::BufferFull | ProxyError::BufferUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -133,7 +141,9 @@ impl ProxyError {
             | ProxyError::BrokenResponse(_) => Fault::Upstream,
             ProxyError::KeyQueueFull { .. }
             | ProxyError::KeyWaitTimeout { .. }
-            | ProxyError::Shed { .. } => Fault::Proxy,
+            | ProxyError::Shed { .. }
+            | ProxyError::BufferFull
+            | ProxyError::BufferUnavailable(_) => Fault::Proxy,
         }
     }
 
@@ -159,6 +169,8 @@ impl ProxyError {
             ProxyError::Upstream(SendError::ResponseTimeout) => "response_timeout",
             ProxyError::Upstream(SendError::Exchange { .. }) => "upstream_failed",
             ProxyError::Idempotency(e) => e.label(),
+            ProxyError::BufferFull => "buffer_full",
+            ProxyError::BufferUnavailable(_) => "buffer_unavailable",
         }
     }
 
@@ -256,6 +268,10 @@ impl ProxyError {
                 out.push_str(&e.detail());
                 return;
             }
+            ProxyError::BufferFull => "the write buffer is full; the write was not taken",
+            ProxyError::BufferUnavailable(_) => {
+                "the write buffer cannot take writes now; the write was not taken"
+            }
         };
         out.push_str(text);
     }
@@ -327,6 +343,9 @@ impl ProxyError {
             | ProxyError::KeyWaitTimeout { retry_after } => Some(*retry_after),
             ProxyError::Shed { shed, .. } => Some(shed.retry_after),
             ProxyError::Idempotency(e) => e.retry_after(),
+            ProxyError::BufferFull | ProxyError::BufferUnavailable(_) => {
+                Some(Duration::from_secs(1))
+            }
             _ => None,
         }
     }

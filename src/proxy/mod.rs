@@ -8,6 +8,7 @@
 
 mod access;
 mod body;
+pub mod buffered;
 mod coalesced;
 mod dispatch;
 pub mod error;
@@ -231,6 +232,11 @@ impl ProxyService {
     ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
         async move {
             let head = &request.head;
+            if head.uri.path().starts_with(crate::buffer::RECEIPTS_PREFIX)
+                && head.method == Method::GET
+            {
+                return Ok(buffered::receipt_response(snapshot, head.uri.path()));
+            }
             let route =
                 match snapshot
                     .router
@@ -254,6 +260,21 @@ impl ProxyService {
             }
             request.body.limit_to(route.max_body);
             request.body.set_idle_timeout(route.client_body_timeout);
+            if let Some(policy) = &route.buffer {
+                match buffered::take(policy, &request.head) {
+                    Some(buffered::Take::Now { asked }) => {
+                        exchange.outcome = Some("buffered");
+                        let accept = buffered::accept(self, route, policy, request, asked);
+                        return Box::pin(accept).await;
+                    }
+                    Some(buffered::Take::Overflow) => {
+                        let sent =
+                            buffered::overflow(self, snapshot, route, policy, request, exchange);
+                        return Box::pin(sent).await;
+                    }
+                    None => {}
+                }
+            }
             if let Some(policy) = &route.idempotency {
                 if policy.covers(&request.head.method) {
                     // Boxed like the other rarer paths: the common future stays small.

@@ -11,15 +11,14 @@
 //! Expired entries are removed a batch at a time by the writer, at most every 10 s (an index by
 //! expiry time makes that a range scan).
 
+use crate::byte_form::unix_ms;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{
-    judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics,
-};
+use super::{judge, ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics};
 use crate::group_commit::{Answer, Committer};
 use crate::idempotency::{hex, Digest, Entry, Token};
 

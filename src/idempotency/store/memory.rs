@@ -5,13 +5,12 @@
 //! in flight makes room; if it had not expired yet, its key loses its protection early, so every
 //! such eviction is counted and logged.
 
+use crate::byte_form::unix_ms;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{
-    judge, ms, unix_ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics,
-};
+use super::{judge, ms, Claim, Claimed, Ending, Store, StoreError, StoreFuture, StoreMetrics};
 use crate::idempotency::{Digest, Entry, Token};
 
 const SHARDS: usize = 16;

@@ -14,7 +14,7 @@ mod redis;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use metrics::{Gauge, Histogram};
 
@@ -214,13 +214,6 @@ async fn timed<T>(
         metrics.entries.set(n as f64);
     }
     result
-}
-
-/// Unix time in milliseconds: leases and expiry in the file store outlive the process.
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn ms(duration: Duration) -> u64 {
