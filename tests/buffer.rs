@@ -279,3 +279,48 @@ async fn overflow_buffers_what_admission_would_shed_and_drains_after_the_burst()
     assert_eq!(targets.len(), total, "every write arrived once");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_below_min_free_refuses_writes_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = backend(|_| async { created() }).await;
+    let config = buffered_config(backend.addr, dir.path(), "min_free = \"1000000GiB\"", "");
+    let proxy = start_proxy(&config).await;
+    let refused = send(proxy.addr, write("/kv/a", b"v")).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert!(
+        refused.text().contains("write buffer"),
+        "{}",
+        refused.text()
+    );
+    assert_eq!(backend.count(), 0, "a refused write is not sent either");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_deliveries_in_flight_and_the_next_start_resumes_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Gate::default();
+    let backend = gated_backend(&gate).await;
+    let config = buffered_config(backend.addr, dir.path(), "concurrency = 2", "");
+    let mut proxy = start_proxy(&config).await;
+    for key in ["a", "b", "c", "d", "e"] {
+        let accepted = send(proxy.addr, write(&format!("/kv/{key}"), b"v")).await;
+        assert_eq!(accepted.status, StatusCode::ACCEPTED);
+    }
+    gate.entered().await;
+    gate.entered().await;
+    proxy.begin_shutdown();
+    gate.release(2);
+    proxy.wait_finished().await;
+    assert_eq!(backend.count(), 2, "only the deliveries in flight finish");
+
+    let proxy = start_proxy(&config).await;
+    gate.release(3);
+    eventually("the next start delivers the rest", || backend.count() == 5).await;
+    let mut targets = backend.uris();
+    targets.sort();
+    assert_eq!(targets, ["/kv/a", "/kv/b", "/kv/c", "/kv/d", "/kv/e"]);
+    proxy.shutdown().await;
+}

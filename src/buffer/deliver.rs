@@ -204,13 +204,12 @@ impl Dispatcher {
 
     /// Delivers the write `seq` until it is final (or the dispatcher stops).
     async fn deliver_one(&self, seq: u64) {
-        let write = match self.log.pending(seq) {
-            Ok(Some(write)) => write,
-            Ok(None) => return,
-            Err(error) => {
-                tracing::error!(log = self.log.label(), seq, %error, "a buffered write cannot be read; it stays in the log");
-                return;
-            }
+        // A write that cannot be read holds its lane: the writes behind it must not pass it.
+        let read = self.until_ok("read a buffered write", seq, || async {
+            self.log.pending(seq)
+        });
+        let Some(Some(write)) = read.await else {
+            return;
         };
         let settings = loop {
             if let Some(settings) = self.deliver.settings(&write.route) {
@@ -319,15 +318,36 @@ impl Dispatcher {
                 crate::metrics::BUFFER_FAILED
             }
         };
-        match self
-            .log
-            .finish(seq, write.receipt, outcome, settings.receipt_ttl)
-            .await
-        {
-            Ok(()) => metrics::counter!(counter, "route" => route).increment(1),
-            // It stays pending: delivered again after a restart (at least once).
-            Err(error) => {
-                tracing::error!(log = self.log.label(), seq, %error, "could not record a delivery's outcome")
+        // The lane waits until the outcome is on disk: the key's next write must not reach the
+        // backend while this one could still be delivered again after a restart.
+        let ttl = settings.receipt_ttl;
+        let recorded = self.until_ok("record a delivery's outcome", seq, || {
+            self.log.finish(seq, write.receipt, outcome.clone(), ttl)
+        });
+        if recorded.await.is_some() {
+            metrics::counter!(counter, "route" => route).increment(1);
+        }
+    }
+
+    /// Runs `op` until it succeeds, pausing with backoff after each failure; `None` if the
+    /// dispatcher stops first (what was not recorded stays in the log for the next start).
+    async fn until_ok<T, F, Fut>(&self, what: &str, seq: u64, mut op: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, String>>,
+    {
+        let mut failures = 0;
+        loop {
+            match op().await {
+                Ok(value) => return Some(value),
+                Err(error) => {
+                    failures += 1;
+                    tracing::error!(log = self.log.label(), seq, %error, failures, "could not {what}; trying again");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff(failures)) => {}
+                () = self.stopped() => return None,
             }
         }
     }

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -40,6 +41,8 @@ const SWEEP_BATCH: usize = 256;
 pub enum LogError {
     #[error("the buffer is full ({0} bytes)")]
     Full(u64),
+    #[error("the disk of the buffer is full (min_free reached)")]
+    DiskFull,
     #[error("the buffer's log failed: {0}")]
     Failed(String),
 }
@@ -67,10 +70,23 @@ enum Op {
     },
 }
 
+/// The database; empty while the writer reopens it after a failed commit.
+type Slot = ArcSwapOption<Database>;
+
+/// How much a log may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of pending writes.
+    pub max_bytes: u64,
+    /// Free bytes the log's filesystem keeps: appends stop short of them, so that a full disk
+    /// refuses new writes instead of failing the commits that deliver the old ones.
+    pub min_free: u64,
+}
+
 /// One log, shared by the routes that name its directory.
 #[derive(Debug)]
 pub struct Log {
-    db: Arc<Database>,
+    db: Arc<Slot>,
     writer: Committer<Op, u64>,
     label: String,
     /// Bytes of pending writes, and how many.
@@ -80,11 +96,10 @@ pub struct Log {
 
 impl Log {
     /// Opens (or creates) `dir/buffer.redb`; `sync` decides whether writes share commits.
-    pub fn open(dir: &Path, sync: BufferSync, max_bytes: u64) -> Result<Log, String> {
+    pub fn open(dir: &Path, sync: BufferSync, limits: Limits) -> Result<Log, String> {
         let path = dir.join("buffer.redb");
         let db =
             Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        let db = Arc::new(db);
         let (bytes, depth) =
             pending_size(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let (bytes, depth) = (
@@ -95,16 +110,28 @@ impl Log {
             BufferSync::Always => 1,
             BufferSync::Batch => usize::MAX,
         };
+        let db = Arc::new(Slot::from_pointee(db));
         let (db_w, bytes_w, depth_w) = (Arc::clone(&db), Arc::clone(&bytes), Arc::clone(&depth));
+        let (dir_w, path_w) = (dir.to_path_buf(), path.clone());
         let dir_label = dir.display().to_string();
         let commit_time =
             metrics::histogram!(crate::metrics::BUFFER_COMMIT, "dir" => dir_label.clone());
         let batch_size = metrics::histogram!(crate::metrics::BUFFER_BATCH, "dir" => dir_label);
         let writer = Committer::start_with("buffer-log", batch, move |ops: &[Op]| {
             let started = std::time::Instant::now();
-            let answers = apply(&db_w, ops, max_bytes, &bytes_w, &depth_w);
+            let db = match db_w.load_full() {
+                Some(db) => db,
+                None => reopen(&db_w, &path_w)?,
+            };
+            let room = room(&dir_w, limits, ops);
+            let answers = apply(&db, ops, limits.max_bytes, room, &bytes_w, &depth_w);
+            drop(db);
             commit_time.record(started.elapsed().as_secs_f64());
             batch_size.record(ops.len() as f64);
+            if let Err(error) = &answers {
+                tracing::error!(log = %path_w.display(), %error, "a commit of the buffer's log failed; reopening it");
+                let _ = reopen(&db_w, &path_w);
+            }
             answers
         })
         .map_err(|e| format!("cannot start the writer of {}: {e}", path.display()))?;
@@ -115,6 +142,11 @@ impl Log {
             bytes,
             depth,
         })
+    }
+
+    fn db(&self) -> Result<Arc<Database>, String> {
+        let db = self.db.load_full();
+        db.ok_or_else(|| "the log is being reopened after a failed commit".to_string())
     }
 
     /// The log's directory, as metrics and logs name it.
@@ -135,9 +167,14 @@ impl Log {
         self.writer
             .submit(Op::Append(Box::new(write)))
             .await
-            .map_err(|e| match e.strip_prefix(FULL) {
-                Some(limit) => LogError::Full(limit.parse().unwrap_or(0)),
-                None => LogError::Failed(e),
+            .map_err(|e| {
+                if let Some(limit) = e.strip_prefix(FULL) {
+                    LogError::Full(limit.parse().unwrap_or(0))
+                } else if e.starts_with(DISK) {
+                    LogError::DiskFull
+                } else {
+                    LogError::Failed(e)
+                }
             })
     }
 
@@ -180,7 +217,7 @@ impl Log {
 
     /// Unix ms at which the oldest pending write was accepted.
     pub fn oldest_ms(&self) -> Result<Option<u64>, String> {
-        let txn = self.db.begin_read().map_err(failed)?;
+        let txn = self.db()?.begin_read().map_err(failed)?;
         let table = txn.open_table(WRITES).map_err(failed)?;
         let Some((_, value)) = table.first().map_err(failed)? else {
             return Ok(None);
@@ -191,7 +228,7 @@ impl Log {
 
     /// The pending write at `seq`.
     pub fn pending(&self, seq: u64) -> Result<Option<BufferedWrite>, String> {
-        let txn = self.db.begin_read().map_err(failed)?;
+        let txn = self.db()?.begin_read().map_err(failed)?;
         let table = txn.open_table(WRITES).map_err(failed)?;
         let Some(value) = table.get(seq).map_err(failed)? else {
             return Ok(None);
@@ -203,7 +240,7 @@ impl Log {
 
     /// Every pending write's sequence number, route and key, in log order (at start-up).
     pub fn scan(&self) -> Result<Vec<(u64, String, Option<Bytes>)>, String> {
-        let txn = self.db.begin_read().map_err(failed)?;
+        let txn = self.db()?.begin_read().map_err(failed)?;
         let table = txn.open_table(WRITES).map_err(failed)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(failed)? {
@@ -221,7 +258,7 @@ impl Log {
 
     /// A receipt, and how many writes are ahead of it while it waits.
     pub fn receipt(&self, id: &ReceiptId) -> Result<Option<(Receipt, Option<u64>)>, String> {
-        let txn = self.db.begin_read().map_err(failed)?;
+        let txn = self.db()?.begin_read().map_err(failed)?;
         let receipts = txn.open_table(RECEIPTS).map_err(failed)?;
         let Some(value) = receipts.get(id.as_slice()).map_err(failed)? else {
             return Ok(None);
@@ -239,7 +276,7 @@ impl Log {
 
     /// The dead-letter list: each failed write's receipt.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<(ReceiptId, Receipt)>, String> {
-        let txn = self.db.begin_read().map_err(failed)?;
+        let txn = self.db()?.begin_read().map_err(failed)?;
         let dead = txn.open_table(DEAD).map_err(failed)?;
         let receipts = txn.open_table(RECEIPTS).map_err(failed)?;
         let mut out = Vec::new();
@@ -260,6 +297,61 @@ impl Log {
 
 /// The answer of a replay that found no dead letter (sequence numbers start at 1).
 const NOT_FOUND: u64 = 0;
+
+/// Waits for readers to let go of the database (at most [`REOPEN_WAIT`]) and opens it again: redb
+/// refuses every transaction after a failed I/O until then. The slot stays empty (and every
+/// operation fails) until a reopen succeeds.
+fn reopen(slot: &Slot, path: &Path) -> Result<Arc<Database>, String> {
+    let deadline = std::time::Instant::now() + REOPEN_WAIT;
+    if let Some(old) = slot.swap(None) {
+        while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    loop {
+        match Database::create(path) {
+            Ok(db) => {
+                let db = Arc::new(db);
+                slot.store(Some(Arc::clone(&db)));
+                tracing::info!(log = %path.display(), "the buffer's log was reopened");
+                return Ok(db);
+            }
+            // A read transaction of the old handle may still hold the file.
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(error) => return Err(format!("cannot reopen {}: {error}", path.display())),
+        }
+    }
+}
+
+/// Longest a reopen waits for readers of the old handle.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
+
+/// Bytes the appends of this batch may add, as the free space of the filesystem allows (`None`
+/// where it cannot tell).
+fn room(dir: &Path, limits: Limits, ops: &[Op]) -> Option<u64> {
+    if !ops.iter().any(|op| matches!(op, Op::Append(_))) {
+        return None;
+    }
+    free_bytes(dir).map(|free| free.saturating_sub(limits.min_free))
+}
+
+/// Free bytes (for unprivileged users) of the filesystem holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` is a valid place for the answer.
+    let done = unsafe { libc::statvfs(path.as_ptr(), &mut stat) } == 0;
+    done.then(|| stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// The prefix of a batch error that means "the disk is (almost) full", followed by the room.
+const DISK: &str = "disk:";
 
 /// The prefix of a batch error that means "full", followed by the limit.
 const FULL: &str = "full:";
@@ -293,6 +385,7 @@ fn apply(
     db: &Database,
     ops: &[Op],
     max_bytes: u64,
+    mut room: Option<u64>,
     bytes: &AtomicU64,
     depth: &AtomicU64,
 ) -> Result<Vec<Answer<u64>>, String> {
@@ -321,8 +414,11 @@ fn apply(
                     let len = encoded.len() as u64;
                     if size + len > max_bytes {
                         Err(format!("{FULL}{max_bytes}"))
+                    } else if room.is_some_and(|room| room < len) {
+                        Err(format!("{DISK}{}", room.unwrap_or_default()))
                     } else {
                         let seq = t.append(write, &encoded, now)?;
+                        room = room.map(|room| room - len);
                         size += len;
                         count += 1;
                         Ok(seq)

@@ -32,7 +32,11 @@ pub struct Buffer {
 impl Buffer {
     /// Opens the log `config` names (its `sync` and `max_bytes` hold for every route sharing it).
     pub fn open(config: &BufferConfig) -> Result<Arc<Buffer>, String> {
-        let log = Log::open(&config.dir, config.sync, config.max_bytes)?;
+        let limits = log::Limits {
+            max_bytes: config.max_bytes,
+            min_free: config.min_free,
+        };
+        let log = Log::open(&config.dir, config.sync, limits)?;
         Ok(Arc::new(Buffer {
             log: Arc::new(log),
             dispatcher: OnceLock::new(),

@@ -6,6 +6,8 @@ use super::*;
 
 /// Default most bytes of writes waiting in one log.
 pub const DEFAULT_BUFFER_MAX_BYTES: u64 = 1 << 30;
+/// Default free space a log leaves on its filesystem.
+pub const DEFAULT_BUFFER_MIN_FREE: u64 = 64 << 20;
 /// Default longest a buffered write may wait for delivery before it fails.
 pub const DEFAULT_BUFFER_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Default delivery attempts of one write.
@@ -44,6 +46,8 @@ pub struct BufferConfig {
     /// The directory of the log (`buffer.redb`); routes naming one directory share its log.
     pub dir: PathBuf,
     pub max_bytes: u64,
+    /// Free bytes the log's filesystem keeps: appends past them answer 503.
+    pub min_free: u64,
     pub sync: BufferSync,
     /// Keyless writes are delivered in arrival order, one at a time.
     pub ordered: bool,
@@ -78,6 +82,13 @@ impl Validator<'_, '_> {
                 }
             },
         };
+        let min_free = match s.min_free {
+            None => DEFAULT_BUFFER_MIN_FREE,
+            Some(text) => units::parse_size(text.get_ref()).unwrap_or_else(|e| {
+                self.sink.at(text.span(), e);
+                DEFAULT_BUFFER_MIN_FREE
+            }),
+        };
         let receipt_body_limit = match s.receipt_body_limit {
             None => DEFAULT_RECEIPT_BODY_LIMIT,
             Some(text) => match units::parse_size(text.get_ref()) {
@@ -102,6 +113,7 @@ impl Validator<'_, '_> {
             },
             dir,
             max_bytes,
+            min_free,
             sync: match s.sync {
                 None | Some(SyncKind::Batch) => BufferSync::Batch,
                 Some(SyncKind::Always) => BufferSync::Always,

@@ -178,6 +178,7 @@ pub struct BufferSection {
     pub when: Option<BufferWhenKind>,
     pub dir: Spanned<String>,
     pub max_bytes: Option<Spanned<String>>,
+    pub min_free: Option<Spanned<String>>,
     pub sync: Option<SyncKind>,
     pub ordered: Option<bool>,
     pub max_attempts: Option<Spanned<i64>>,

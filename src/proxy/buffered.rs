@@ -155,6 +155,10 @@ async fn store(
                 refused(route, "full");
                 ProxyError::BufferFull
             }
+            LogError::DiskFull => {
+                refused(route, "disk");
+                ProxyError::BufferUnavailable(error.to_string())
+            }
             LogError::Failed(reason) => {
                 refused(route, "error");
                 ProxyError::BufferUnavailable(reason)
