@@ -222,11 +222,12 @@ async fn writes_taken_during_an_outage_are_delivered_once_in_key_order() {
         a.seen.len() == total
     })
     .await;
-    let state = applied.lock().unwrap();
-    state.assert_in_order();
-    assert_eq!(state.per_key.len(), KEYS);
-    assert_eq!(state.deliveries, total, "no write was delivered twice");
-    drop(state);
+    {
+        let state = applied.lock().unwrap();
+        state.assert_in_order();
+        assert_eq!(state.per_key.len(), KEYS);
+        assert_eq!(state.deliveries, total, "no write was delivered twice");
+    }
     for location in receipts.iter().step_by(97) {
         let json: serde_json::Value =
             serde_json::from_slice(&get(addr, location).await.body).unwrap();
@@ -351,11 +352,11 @@ impl Drop for Tmpfs {
 async fn a_full_disk_answers_503_and_what_was_accepted_still_delivers() {
     let dir = tempfile::tempdir().unwrap();
     let test = "a_full_disk_answers_503_and_what_was_accepted_still_delivers";
-    let Some(_disk) = Tmpfs::mount(&dir.path().join("log"), "4m", test) else {
+    let Some(_disk) = Tmpfs::mount(&dir.path().join("log"), "16m", test) else {
         return;
     };
     let backend_addr = refused_addr().await;
-    let config = write_config(dir.path(), backend_addr, "min_free = \"0\"");
+    let config = write_config(dir.path(), backend_addr, "min_free = \"4MiB\"");
     let writegate = Writegate::start(&config);
     let addr = writegate.addr;
 
@@ -364,7 +365,7 @@ async fn a_full_disk_answers_503_and_what_was_accepted_still_delivers() {
     let mut accepted = Vec::new();
     let refused = loop {
         let n = accepted.len() as u64;
-        assert!(n < 2_000, "4 MiB of disk took {n} writes of 8 KiB");
+        assert!(n < 2_000, "16 MiB of disk took {n} writes of 8 KiB");
         let key = format!("k{}", n % 10);
         let reply = try_padded_write(&mut client, addr, &key, n, &padding).await;
         match reply.expect("writegate answers while the disk is full") {

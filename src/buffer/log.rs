@@ -98,8 +98,14 @@ impl Log {
     /// Opens (or creates) `dir/buffer.redb`; `sync` decides whether writes share commits.
     pub fn open(dir: &Path, sync: BufferSync, limits: Limits) -> Result<Log, String> {
         let path = dir.join("buffer.redb");
-        let db =
+        let mut db =
             Database::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        if free_bytes(dir).is_some_and(|free| free < limits.min_free) {
+            // Pages freed before a restart are only known to redb: give them back to the disk.
+            if let Err(error) = db.compact() {
+                tracing::warn!(log = %path.display(), %error, "could not compact the buffer's log on a full disk");
+            }
+        }
         let (bytes, depth) =
             pending_size(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         let (bytes, depth) = (
@@ -117,13 +123,14 @@ impl Log {
         let commit_time =
             metrics::histogram!(crate::metrics::BUFFER_COMMIT, "dir" => dir_label.clone());
         let batch_size = metrics::histogram!(crate::metrics::BUFFER_BATCH, "dir" => dir_label);
+        let mut peak_allocated = 0;
         let writer = Committer::start_with("buffer-log", batch, move |ops: &[Op]| {
             let started = std::time::Instant::now();
             let db = match db_w.load_full() {
                 Some(db) => db,
                 None => reopen(&db_w, &path_w)?,
             };
-            let room = room(&dir_w, limits, ops);
+            let room = room(&db, &dir_w, limits, ops, &mut peak_allocated);
             let answers = apply(&db, ops, limits.max_bytes, room, &bytes_w, &depth_w);
             drop(db);
             commit_time.record(started.elapsed().as_secs_f64());
@@ -330,13 +337,44 @@ fn reopen(slot: &Slot, path: &Path) -> Result<Arc<Database>, String> {
 /// Longest a reopen waits for readers of the old handle.
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
-/// Bytes the appends of this batch may add, as the free space of the filesystem allows (`None`
-/// where it cannot tell).
-fn room(dir: &Path, limits: Limits, ops: &[Op]) -> Option<u64> {
-    if !ops.iter().any(|op| matches!(op, Op::Append(_))) {
+/// Bytes the appends of this batch may add (`None`: no appends, or the free space is unknown):
+/// the filesystem's free space above `min_free`, and, when that is short, the pages redb freed
+/// below the most it ever held (delivered writes free them; the file does not shrink, so the
+/// filesystem does not see them). `peak` keeps that most, measured only when space is short.
+fn room(db: &Database, dir: &Path, limits: Limits, ops: &[Op], peak: &mut u64) -> Option<u64> {
+    let appending: u64 = ops
+        .iter()
+        .map(|op| match op {
+            Op::Append(write) => disk_cost(write.body.len() as u64),
+            _ => 0,
+        })
+        .sum();
+    if appending == 0 {
         return None;
     }
-    free_bytes(dir).map(|free| free.saturating_sub(limits.min_free))
+    let free = free_bytes(dir)?.saturating_sub(limits.min_free);
+    if free >= appending {
+        return Some(free);
+    }
+    let allocated = allocated_bytes(db)?;
+    *peak = (*peak).max(allocated);
+    Some(free.saturating_add(*peak - allocated))
+}
+
+/// A generous estimate of the disk a record of `len` bytes takes in redb: values larger than a
+/// page live in power-of-two runs of pages, and the receipt and tree pages come on top.
+fn disk_cost(len: u64) -> u64 {
+    len.saturating_add(1).next_power_of_two().max(4096) + 4096
+}
+
+/// Bytes of the pages redb holds. Walks the trees: only called near a full disk.
+fn allocated_bytes(db: &Database) -> Option<u64> {
+    let stats = db.begin_write().ok()?.stats().ok()?;
+    Some(
+        stats
+            .allocated_pages()
+            .saturating_mul(stats.page_size() as u64),
+    )
 }
 
 /// Free bytes (for unprivileged users) of the filesystem holding `dir`.
@@ -389,12 +427,11 @@ fn apply(
     bytes: &AtomicU64,
     depth: &AtomicU64,
 ) -> Result<Vec<Answer<u64>>, String> {
+    // Every commit is durable, attempts too: redb reuses the pages a commit frees only after a
+    // durable one, so an outage recording attempts without one would grow the file until the
+    // disk is full.
     let mut txn = db.begin_write().map_err(failed)?;
-    if ops.iter().all(|op| matches!(op, Op::Attempt { .. })) {
-        txn.set_durability(Durability::Eventual);
-    } else {
-        txn.set_durability(Durability::Immediate);
-    }
+    txn.set_durability(Durability::Immediate);
     let now = unix_ms();
     let (mut size, mut count) = (bytes.load(Ordering::Relaxed), depth.load(Ordering::Relaxed));
     let answers = {
@@ -414,11 +451,11 @@ fn apply(
                     let len = encoded.len() as u64;
                     if size + len > max_bytes {
                         Err(format!("{FULL}{max_bytes}"))
-                    } else if room.is_some_and(|room| room < len) {
+                    } else if room.is_some_and(|room| room < disk_cost(len)) {
                         Err(format!("{DISK}{}", room.unwrap_or_default()))
                     } else {
                         let seq = t.append(write, &encoded, now)?;
-                        room = room.map(|room| room - len);
+                        room = room.map(|room| room.saturating_sub(disk_cost(len)));
                         size += len;
                         count += 1;
                         Ok(seq)

@@ -122,9 +122,13 @@ impl Writegate {
         let stderr = child.stderr.take().expect("stderr");
         let (found, listening) = std::sync::mpsc::channel();
         // Keeps reading the log so that the child never blocks on a full pipe.
+        let echo = std::env::var_os("WRITEGATE_TEST_LOG").is_some();
         std::thread::spawn(move || {
             let mut found = Some(found);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("writegate: {line}");
+                }
                 if line.contains("listening") {
                     if let Some(found) = found.take() {
                         let _ = found.send(line);
