@@ -132,6 +132,9 @@ pub const BUFFER_DEPTH: &str = "writegate_buffer_depth";
 pub const BUFFER_BYTES: &str = "writegate_buffer_bytes";
 /// Gauge, label `dir`: age in seconds of the oldest write waiting in a buffer's log (0: none).
 pub const BUFFER_OLDEST: &str = "writegate_buffer_oldest_seconds";
+/// Counter, label `dir`: writes found waiting when a buffer's log opened (a restart resumes them;
+/// after a crash, the ones in delivery at that moment may reach the backend again).
+pub const BUFFER_RESUMED: &str = "writegate_buffer_resumed_total";
 /// Histogram, label `dir`: time of one commit of a buffer's log, fsync included.
 pub const BUFFER_COMMIT: &str = "writegate_buffer_commit_seconds";
 /// Histogram, label `dir`: operations (appends, outcomes) that shared one commit.
@@ -267,6 +270,11 @@ fn describe() {
         BUFFER_REFUSED,
         Unit::Count,
         "Writes a buffer could not take (503), by reason."
+    );
+    describe_counter!(
+        BUFFER_RESUMED,
+        Unit::Count,
+        "Writes found waiting when a buffer's log opened."
     );
     describe_gauge!(
         BUFFER_DEPTH,

@@ -300,6 +300,7 @@ async fn a_disk_below_min_free_refuses_writes_with_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_deliveries_in_flight_and_the_next_start_resumes_the_rest() {
+    writegate::metrics::install();
     let dir = tempfile::tempdir().unwrap();
     let gate = Gate::default();
     let backend = gated_backend(&gate).await;
@@ -317,6 +318,12 @@ async fn shutdown_finishes_deliveries_in_flight_and_the_next_start_resumes_the_r
     assert_eq!(backend.count(), 2, "only the deliveries in flight finish");
 
     let proxy = start_proxy(&config).await;
+    let scrape = get(proxy.admin.unwrap(), "/metrics").await.text();
+    let resumed = format!(
+        "writegate_buffer_resumed_total{{dir=\"{}\"}} 3",
+        dir.path().display()
+    );
+    assert!(scrape.contains(&resumed), "no {resumed} in\n{scrape}");
     gate.release(3);
     eventually("the next start delivers the rest", || backend.count() == 5).await;
     let mut targets = backend.uris();

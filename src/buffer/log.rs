@@ -108,6 +108,11 @@ impl Log {
         }
         let (bytes, depth) =
             pending_size(&db).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if depth > 0 {
+            tracing::info!(log = %path.display(), writes = depth, "resuming the delivery of buffered writes");
+        }
+        metrics::counter!(crate::metrics::BUFFER_RESUMED, "dir" => dir.display().to_string())
+            .increment(depth);
         let (bytes, depth) = (
             Arc::new(AtomicU64::new(bytes)),
             Arc::new(AtomicU64::new(depth)),

@@ -1,0 +1,223 @@
+//! What the write-path benchmarks share: a writegate process started from a config text, a fast
+//! backend, and closed loops of keep-alive connections that time each request.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("probe bind");
+    listener.local_addr().expect("probe addr").port()
+}
+
+pub fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A writegate process, killed when dropped.
+pub struct Writegate {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Writegate {
+    /// Writes `config` (which must listen on `port`) to `dir` and starts writegate on it.
+    pub fn start(dir: &Path, config: &str, port: u16) -> Writegate {
+        let path = dir.join("writegate.toml");
+        std::fs::write(&path, config).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_writegate"))
+            .args(["run", "--config", path.to_str().expect("utf-8 path")])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start writegate");
+        wait_listening(port, "writegate");
+        Writegate {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for Writegate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A backend that answers every request 201 with a small JSON body, after `delay` (none: at once).
+pub async fn spawn_backend(delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("backend bind");
+    let addr = listener.local_addr().expect("backend addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: Request<hyper::body::Incoming>| async move {
+                        let _ = request.into_body().collect().await;
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        let mut response = Response::new(Full::new(Bytes::from_static(
+                            b"{\"order\":\"created\"}",
+                        )));
+                        *response.status_mut() = StatusCode::CREATED;
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// What one closed-loop run measured.
+pub struct Load {
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+impl Load {
+    pub fn describe(&self) -> String {
+        format!(
+            "{:>8.0} req/s  p50 {:.2} ms  p99 {:.2} ms  errors {}",
+            self.rate, self.p50_ms, self.p99_ms, self.errors
+        )
+    }
+
+    /// The median of each figure over `loads`.
+    pub fn median(loads: &[Load]) -> Load {
+        let median = |f: fn(&Load) -> f64| {
+            let mut v: Vec<f64> = loads.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or_default()
+        };
+        Load {
+            rate: median(|l| l.rate),
+            p50_ms: median(|l| l.p50_ms),
+            p99_ms: median(|l| l.p99_ms),
+            errors: median(|l| l.errors as f64) as u64,
+        }
+    }
+}
+
+/// Builds the `n`th request of connection `c`.
+pub type MakeRequest = Arc<dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+/// Runs `connections` closed loops against `addr` for `duration`; a request counts when it is
+/// answered `expect`, and a connection stops at its first error.
+pub async fn closed_loop(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    expect: StatusCode,
+    make: MakeRequest,
+) -> Load {
+    let errors = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let (errors, make) = (Arc::clone(&errors), Arc::clone(&make));
+            tokio::spawn(
+                async move { connection(addr, c, deadline, expect, &*make, &errors).await },
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap_or_default());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let quantile = |q: f64| {
+        let at = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+        latencies.get(at).map_or(0.0, |us| *us as f64 / 1000.0)
+    };
+    Load {
+        rate: latencies.len() as f64 / elapsed,
+        p50_ms: quantile(0.50),
+        p99_ms: quantile(0.99),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+/// One keep-alive connection's loop; the latencies (µs) of its successful requests.
+async fn connection(
+    addr: SocketAddr,
+    c: usize,
+    deadline: Instant,
+    expect: StatusCode,
+    make: &(dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync),
+    errors: &AtomicU64,
+) -> Vec<u64> {
+    let mut latencies = Vec::new();
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return latencies;
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        errors.fetch_add(1, Ordering::Relaxed);
+        return latencies;
+    };
+    tokio::spawn(conn);
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let request = make(c, n);
+        n += 1;
+        let sent = Instant::now();
+        let answered = match sender.send_request(request).await {
+            Ok(response) => {
+                let ok = response.status() == expect;
+                response.into_body().collect().await.is_ok() && ok
+            }
+            Err(_) => false,
+        };
+        if answered {
+            latencies.push(sent.elapsed().as_micros() as u64);
+        } else {
+            errors.fetch_add(1, Ordering::Relaxed);
+            return latencies;
+        }
+    }
+    latencies
+}
