@@ -82,8 +82,8 @@ fn created() -> Response<Full<Bytes>> {
 async fn a_buffered_write_is_answered_202_and_delivered_as_it_was_sent() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens yet: the write waits in the log.
-    let addr = refused_addr().await;
-    let proxy = start_proxy(&buffered_config(addr, dir.path(), "", "")).await;
+    let port = reserve_port();
+    let proxy = start_proxy(&buffered_config(port.addr, dir.path(), "", "")).await;
 
     let accepted = send(proxy.addr, write("/kv/k1?v=1", b"one")).await;
     assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", accepted.text());
@@ -101,7 +101,7 @@ async fn a_buffered_write_is_answered_202_and_delivered_as_it_was_sent() {
         "{pending}"
     );
 
-    let backend = backend_at(addr, |_| async { created() }).await;
+    let backend = backend_on(port, |_| async { created() });
     let done = receipt_reaches(proxy.addr, &location, "delivered").await;
     assert_eq!(done["status"], 201);
     assert_eq!(done["body"], "{\"saved\":true}");

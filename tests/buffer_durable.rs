@@ -81,12 +81,12 @@ impl Applied {
     }
 }
 
-/// A deduping backend on `addr`: writes carry `key:n` bodies, and a repeated `Idempotency-Key`
+/// A deduping backend on `port`: writes carry `key:n` bodies, and a repeated `Idempotency-Key`
 /// is answered again without being applied.
-async fn deduping_backend(addr: SocketAddr, delay: Duration) -> Arc<Mutex<Applied>> {
+fn deduping_backend(port: ReservedPort, delay: Duration) -> Arc<Mutex<Applied>> {
     let applied = Arc::new(Mutex::new(Applied::default()));
     let state = Arc::clone(&applied);
-    backend_at(addr, move |request| {
+    backend_on(port, move |request| {
         let state = Arc::clone(&state);
         async move {
             if !delay.is_zero() {
@@ -109,8 +109,7 @@ async fn deduping_backend(addr: SocketAddr, delay: Duration) -> Arc<Mutex<Applie
             *response.status_mut() = StatusCode::CREATED;
             response
         }
-    })
-    .await;
+    });
     applied
 }
 
@@ -179,8 +178,8 @@ async fn writes_taken_during_an_outage_are_delivered_once_in_key_order() {
     const PER_KEY: u64 = 10;
     const CLIENTS: usize = 50;
     let dir = tempfile::tempdir().unwrap();
-    let backend_addr = refused_addr().await;
-    let config = write_config(dir.path(), backend_addr, "");
+    let backend_port = reserve_port();
+    let config = write_config(dir.path(), backend_port.addr, "");
     let writegate = Writegate::start(&config);
     let addr = writegate.addr;
 
@@ -216,7 +215,7 @@ async fn writes_taken_during_an_outage_are_delivered_once_in_key_order() {
         "{pending}"
     );
 
-    let applied = deduping_backend(backend_addr, Duration::ZERO).await;
+    let applied = deduping_backend(backend_port, Duration::ZERO);
     let total = KEYS * PER_KEY as usize;
     drained(&applied, "every buffered write reaches the backend", |a| {
         a.seen.len() == total
@@ -241,9 +240,10 @@ async fn every_write_answered_202_survives_kill_9_in_order() {
     const ROUNDS: u64 = 4;
     const KEYS: usize = 40;
     let dir = tempfile::tempdir().unwrap();
-    let backend_addr = refused_addr().await;
+    let backend_port = reserve_port();
+    let backend_addr = backend_port.addr;
     // A slow backend, few deliveries at once: the log holds writes whenever writegate dies.
-    let applied = deduping_backend(backend_addr, Duration::from_millis(3)).await;
+    let applied = deduping_backend(backend_port, Duration::from_millis(3));
     let config = write_config(dir.path(), backend_addr, "concurrency = 4");
     let accepted = Arc::new(Mutex::new(Vec::<(String, u64)>::new()));
     let next: Arc<Vec<std::sync::atomic::AtomicU64>> =
@@ -355,8 +355,8 @@ async fn a_full_disk_answers_503_and_what_was_accepted_still_delivers() {
     let Some(_disk) = Tmpfs::mount(&dir.path().join("log"), "16m", test) else {
         return;
     };
-    let backend_addr = refused_addr().await;
-    let config = write_config(dir.path(), backend_addr, "min_free = \"4MiB\"");
+    let backend_port = reserve_port();
+    let config = write_config(dir.path(), backend_port.addr, "min_free = \"4MiB\"");
     let writegate = Writegate::start(&config);
     let addr = writegate.addr;
 
@@ -376,7 +376,7 @@ async fn a_full_disk_answers_503_and_what_was_accepted_still_delivers() {
     assert_eq!(refused, StatusCode::SERVICE_UNAVAILABLE);
     assert!(accepted.len() > 10, "only {} writes fit", accepted.len());
 
-    let applied = deduping_backend(backend_addr, Duration::ZERO).await;
+    let applied = deduping_backend(backend_port, Duration::ZERO);
     drained(
         &applied,
         "the writes accepted before the disk filled are delivered",

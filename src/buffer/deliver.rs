@@ -224,9 +224,9 @@ impl Dispatcher {
     }
 
     /// Sends `write` until its outcome is final. A permit of the route's `concurrency` is held
-    /// while a request is at the backend: not across the pause between attempts, nor while the
-    /// outcome is committed, so that writes waiting out a backoff or a disk sync leave room for
-    /// the others.
+    /// per attempt, until its outcome is on disk (so that a crash repeats at most `concurrency`
+    /// writes per route), but not across the pause between attempts, so that writes waiting out
+    /// a backoff leave room for the others.
     async fn attempts(&self, seq: u64, write: &BufferedWrite, settings: &BufferConfig) {
         let route = write.route.as_str();
         let permits = self.permits(route, settings.concurrency);
@@ -239,9 +239,7 @@ impl Dispatcher {
             };
             let Ok(_permit) = permit else { return };
             let _active = Active::enter(self);
-            let answer = self.deliver.deliver(write.clone()).await;
-            drop(_permit);
-            let (retry, error) = match answer {
+            let (retry, error) = match self.deliver.deliver(write.clone()).await {
                 Delivery::Answered {
                     status, mut body, ..
                 } if !retryable(status) => {
@@ -287,6 +285,7 @@ impl Dispatcher {
                 tracing::warn!(log = self.log.label(), error = %e, "could not note a delivery attempt");
             }
             drop(_active);
+            drop(_permit);
             let pause = backoff(attempt).max(retry.unwrap_or_default());
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}

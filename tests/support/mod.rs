@@ -101,6 +101,41 @@ where
     let listener = TcpListener::bind(addr)
         .await
         .unwrap_or_else(|e| panic!("test backend cannot bind {addr}: {e}"));
+    serve(listener, handler)
+}
+
+/// A port held by a bound socket that does not listen yet: connecting to it is refused, and no
+/// other socket can take it before [`backend_on`] serves on it.
+pub struct ReservedPort {
+    socket: tokio::net::TcpSocket,
+    pub addr: SocketAddr,
+}
+
+pub fn reserve_port() -> ReservedPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    ReservedPort { socket, addr }
+}
+
+/// [`backend`] on a reserved port.
+pub fn backend_on<F, Fut>(port: ReservedPort, handler: F) -> TestBackend
+where
+    F: Fn(Received) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = port
+        .socket
+        .listen(1024)
+        .unwrap_or_else(|e| panic!("test backend cannot listen on {}: {e}", port.addr));
+    serve(listener, handler)
+}
+
+fn serve<F, Fut>(listener: TcpListener, handler: F) -> TestBackend
+where
+    F: Fn(Received) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let backend = TestBackend {
         addr: listener.local_addr().unwrap(),
         received: Arc::default(),
