@@ -85,10 +85,6 @@ impl AdminService {
             // The admin listener runs only once the proxy's listeners are bound and its config
             // loaded, and stops with them.
             "/readyz" => text(StatusCode::OK, "ready\n".to_string()),
-            "/buffers" => json(buffers_state(&self.snapshots.load())),
-            path if path.starts_with(RECEIPTS_PREFIX) => {
-                receipt_response(&self.snapshots.load(), path)
-            }
             path => match path.strip_prefix("/readyz/upstream/") {
                 Some(name) => upstream_readiness(&self.snapshots.load(), name),
                 None => text(
@@ -104,26 +100,23 @@ impl AdminService {
 
 /// Every buffer's log: depth, bytes, oldest age, the routes that write to it, and its first 100
 /// dead letters.
-fn buffers_state(snapshot: &Snapshot) -> serde_json::Value {
-    let buffers: Vec<serde_json::Value> = snapshot
-        .buffers()
-        .iter()
-        .map(|buffer| {
-            let mut state = buffer.state(DEAD_LETTERS_SHOWN);
-            let routes: Vec<&str> = snapshot
-                .router
-                .routes()
-                .iter()
-                .filter(|r| {
-                    let open = r.buffer.as_ref().and_then(|b| b.buffer.as_ref().ok());
-                    open.is_some_and(|b| Arc::ptr_eq(b, buffer))
-                })
-                .map(|r| &*r.name)
-                .collect();
-            state["routes"] = serde_json::json!(routes);
-            state
-        })
-        .collect();
+async fn buffers_state(snapshot: &Snapshot) -> serde_json::Value {
+    let mut buffers = Vec::new();
+    for buffer in snapshot.buffers() {
+        let mut state = buffer.state(DEAD_LETTERS_SHOWN).await;
+        let routes: Vec<&str> = snapshot
+            .router
+            .routes()
+            .iter()
+            .filter(|r| {
+                let open = r.buffer.as_ref().and_then(|b| b.buffer.as_ref().ok());
+                open.is_some_and(|b| Arc::ptr_eq(b, &buffer))
+            })
+            .map(|r| &*r.name)
+            .collect();
+        state["routes"] = serde_json::json!(routes);
+        buffers.push(state);
+    }
     serde_json::json!({ "buffers": buffers })
 }
 
@@ -343,10 +336,10 @@ fn routes_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
                 "admission": route.admission.as_deref().map(limiter_status),
                 "buffer": route.buffer.as_ref().map(|b| serde_json::json!({
                     "when": format!("{:?}", b.config.when).to_lowercase(),
-                    "dir": b.config.dir.display().to_string(),
+                    "store": b.config.store.id(),
                     "open": b.buffer.is_ok(),
                     "error": b.buffer.as_ref().err(),
-                    "depth": b.buffer.as_ref().ok().map(|b| b.log.depth().0),
+                    "depth": b.buffer.as_ref().ok().map(|b| b.queue.depth()),
                 })),
                 "retries": config.retries,
                 "retry_idempotent": config.retry_idempotent,
@@ -407,6 +400,16 @@ impl hyper::service::Service<Request<Incoming>> for AdminService {
                 let (snapshots, id) = (Arc::clone(&self.snapshots), id.to_string());
                 return Box::pin(async move { Ok(replay(snapshots, &id).await) });
             }
+        }
+        if path == "/buffers" || path.starts_with(RECEIPTS_PREFIX) {
+            let (snapshots, path) = (Arc::clone(&self.snapshots), path.to_string());
+            return Box::pin(async move {
+                let snapshot = snapshots.load_full();
+                Ok(match path.as_str() {
+                    "/buffers" => json(buffers_state(&snapshot).await),
+                    _ => receipt_response(&snapshot, &path).await,
+                })
+            });
         }
         let response = self.respond(&request);
         Box::pin(async move { Ok(response) })

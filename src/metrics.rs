@@ -139,6 +139,14 @@ pub const BUFFER_RESUMED: &str = "writegate_buffer_resumed_total";
 pub const BUFFER_COMMIT: &str = "writegate_buffer_commit_seconds";
 /// Histogram, label `dir`: operations (appends, outcomes) that shared one commit.
 pub const BUFFER_BATCH: &str = "writegate_buffer_commit_batch";
+/// Histogram, label `queue`: time from publishing a buffered write to RabbitMQ to its confirm.
+pub const BUFFER_PUBLISH: &str = "writegate_buffer_publish_seconds";
+/// Gauge, label `queue`: 1 while this replica is the consumer of a RabbitMQ partition (from its
+/// first message since subscribing until the connection ends).
+pub const BUFFER_PARTITION_ACTIVE: &str = "writegate_buffer_partition_active";
+/// Counter, label `queue`: messages RabbitMQ delivered again (a consumer before this one ended
+/// without acknowledging them).
+pub const BUFFER_REDELIVERED: &str = "writegate_buffer_redelivered_total";
 /// Buckets of [`BUFFER_BATCH`].
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0];
 
@@ -300,6 +308,21 @@ fn describe() {
         BUFFER_BATCH,
         Unit::Count,
         "Operations that shared one commit of a buffer's log."
+    );
+    describe_histogram!(
+        BUFFER_PUBLISH,
+        Unit::Seconds,
+        "Time from publishing a buffered write to RabbitMQ to the broker's confirm."
+    );
+    describe_gauge!(
+        BUFFER_PARTITION_ACTIVE,
+        Unit::Count,
+        "1 while this replica consumes a RabbitMQ partition of a buffer."
+    );
+    describe_counter!(
+        BUFFER_REDELIVERED,
+        Unit::Count,
+        "Messages of a buffer RabbitMQ delivered again after a consumer ended."
     );
     describe_counter!(
         UPSTREAM_CONNECTIONS,

@@ -51,6 +51,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("the buffer store {store} cannot be used: {reason}")]
+    Buffer { store: String, reason: String },
 }
 
 struct BoundListener {
@@ -92,6 +94,16 @@ impl Proxy {
             None => None,
         };
         let snapshot = Snapshot::build(config, None);
+        for buffer in snapshot.buffers() {
+            buffer
+                .queue
+                .ready()
+                .await
+                .map_err(|reason| StartError::Buffer {
+                    store: buffer.queue.label().to_string(),
+                    reason,
+                })?;
+        }
         Ok(Proxy {
             snapshots: Arc::new(ArcSwap::from_pointee(snapshot)),
             listeners,

@@ -179,9 +179,9 @@ impl IdempotencyStores {
     }
 }
 
-/// Buffers by directory: routes naming one directory share its log, and a reload keeps an open
-/// log (its file lock, its delivery) instead of reopening it.
-struct Buffers(HashMap<std::path::PathBuf, Arc<Buffer>>);
+/// Buffers by store: routes naming one directory (or one broker and queue name) share it, and a
+/// reload keeps an open store (its file lock or connection, its delivery) instead of reopening it.
+struct Buffers(HashMap<String, Arc<Buffer>>);
 
 impl Buffers {
     fn carried_from(previous: Option<&Snapshot>) -> Buffers {
@@ -189,19 +189,20 @@ impl Buffers {
             .iter()
             .flat_map(|p| p.router.routes())
             .filter_map(|r| r.buffer.as_ref())
-            .filter_map(|b| Some((b.config.dir.clone(), Arc::clone(b.buffer.as_ref().ok()?))))
+            .filter_map(|b| Some((b.config.store.id(), Arc::clone(b.buffer.as_ref().ok()?))))
             .collect();
         Buffers(open)
     }
 
     fn get(&mut self, config: &BufferConfig) -> Result<Arc<Buffer>, String> {
-        if let Some(open) = self.0.get(&config.dir) {
+        let id = config.store.id();
+        if let Some(open) = self.0.get(&id) {
             return Ok(Arc::clone(open));
         }
         let opened = Buffer::open(config).inspect_err(|reason| {
-            tracing::error!(dir = %config.dir.display(), error = %reason, "buffer log cannot be opened; its routes answer writes with 503");
+            tracing::error!(store = %id, error = %reason, "buffer store cannot be opened; its routes answer writes with 503");
         })?;
-        self.0.insert(config.dir.clone(), Arc::clone(&opened));
+        self.0.insert(id, Arc::clone(&opened));
         Ok(opened)
     }
 }

@@ -693,3 +693,60 @@ fn idempotency_defaults_are_the_documented_ones() {
         }
     );
 }
+
+#[test]
+fn rabbitmq_buffer_sections_are_checked_with_positions() {
+    // BASE has 11 lines; the section starts on line 12.
+    let section = |body: &str| with(&format!("[routes.buffer]\n{body}\n"));
+    let rabbit = "store = \"rabbitmq\"\namqp_url = \"amqp://127.0.0.1:5672/%2f\"";
+    assert_one(
+        &section("store = \"rabbitmq\"\nreceipts_url = \"redis://127.0.0.1\""),
+        13,
+        9,
+        "needs amqp_url",
+    );
+    assert_one(&section(rabbit), 13, 9, "needs receipts_url");
+    let with_receipts = |extra: &str| {
+        section(&format!(
+            "{rabbit}\nreceipts_url = \"redis://127.0.0.1\"\n{extra}"
+        ))
+    };
+    assert_one(
+        &with_receipts("dir = \"/tmp\""),
+        16,
+        7,
+        "dir is for store = \"log\"",
+    );
+    assert_one(&with_receipts("partitions = 0"), 16, 14, "partitions");
+    assert_one(
+        &with_receipts("queue = \"bad name\""),
+        16,
+        9,
+        "queue must be",
+    );
+    assert_one(
+        &section(
+            "store = \"rabbitmq\"\namqp_url = \"http://x\"\nreceipts_url = \"redis://127.0.0.1\"",
+        ),
+        14,
+        12,
+        "must start with amqp://",
+    );
+    assert_one(
+        &section("partitions = 4\ndir = \"/tmp\""),
+        13,
+        14,
+        "partitions is for store = \"rabbitmq\"",
+    );
+    assert_one(&section("when = \"always\""), 12, 1, "needs dir");
+    let text = with_receipts("");
+    let config = Config::parse(Path::new("w.toml"), &text).unwrap();
+    let buffer = config.routes[0].buffer.as_ref().unwrap();
+    match &buffer.store {
+        writegate::config::BufferStore::RabbitMq(r) => {
+            assert_eq!(r.name, format!("writegate.{}", config.routes[0].name));
+            assert_eq!((r.partitions, r.prefetch), (4, 256));
+        }
+        other => panic!("not rabbitmq: {other:?}"),
+    }
+}

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use tokio::sync::{Notify, Semaphore};
 
-use super::log::Log;
+use super::queue::Queue;
 use super::{BufferedWrite, Outcome};
 use crate::config::BufferConfig;
 
@@ -64,9 +64,9 @@ enum Lane {
     Alone(u64),
 }
 
-/// Delivers one log's writes.
+/// Delivers one store's writes.
 pub struct Dispatcher {
-    log: Arc<Log>,
+    queue: Arc<dyn Queue>,
     deliver: Arc<dyn Deliver>,
     lanes: Mutex<HashMap<Lane, VecDeque<u64>>>,
     permits: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
@@ -78,7 +78,7 @@ pub struct Dispatcher {
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
-            .field("log", &self.log.label())
+            .field("store", &self.queue.label())
             .finish()
     }
 }
@@ -90,17 +90,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Dispatcher {
-    /// Starts delivering `log`: first every write it holds, in log order. `publish` makes the
-    /// dispatcher visible to the writers of the log; until the log is scanned, their
+    /// Starts delivering `queue`: first every write it kept, in order. `publish` makes the
+    /// dispatcher visible to the writers of the store; until the store is scanned, their
     /// [`Dispatcher::enqueue`] waits, so that a write appended meanwhile queues behind the older
     /// ones (a write both scanned and enqueued is found delivered the second time, and skipped).
     pub fn start(
-        log: Arc<Log>,
+        queue: Arc<dyn Queue>,
         deliver: Arc<dyn Deliver>,
         publish: impl FnOnce(Arc<Dispatcher>),
     ) -> Result<(), String> {
         let dispatcher = Arc::new(Dispatcher {
-            log,
+            queue,
             deliver,
             lanes: Mutex::default(),
             permits: Mutex::default(),
@@ -111,8 +111,8 @@ impl Dispatcher {
         let mut lanes = lock(&dispatcher.lanes);
         publish(Arc::clone(&dispatcher));
         let started: Vec<Lane> = dispatcher
-            .log
-            .scan()?
+            .queue
+            .recovered()?
             .into_iter()
             .filter_map(|(seq, route, key)| dispatcher.queue(&mut lanes, seq, &route, key))
             .collect();
@@ -120,6 +120,7 @@ impl Dispatcher {
         for lane in started {
             tokio::spawn(Arc::clone(&dispatcher).run_lane(lane));
         }
+        dispatcher.queue.attach(&dispatcher);
         Ok(())
     }
 
@@ -205,9 +206,7 @@ impl Dispatcher {
     /// Delivers the write `seq` until it is final (or the dispatcher stops).
     async fn deliver_one(&self, seq: u64) {
         // A write that cannot be read holds its lane: the writes behind it must not pass it.
-        let read = self.until_ok("read a buffered write", seq, || async {
-            self.log.pending(seq)
-        });
+        let read = self.until_ok("read a buffered write", seq, || self.queue.pending(seq));
         let Some(Some(write)) = read.await else {
             return;
         };
@@ -281,8 +280,8 @@ impl Dispatcher {
             metrics::counter!(crate::metrics::BUFFER_RETRIED, "route" => route.to_string())
                 .increment(1);
             tracing::debug!(route, attempt, %error, "buffered write will be retried");
-            if let Err(e) = self.log.attempt(write.receipt, error).await {
-                tracing::warn!(log = self.log.label(), error = %e, "could not note a delivery attempt");
+            if let Err(e) = self.queue.attempt(seq, write, error).await {
+                tracing::warn!(store = self.queue.label(), error = %e, "could not note a delivery attempt");
             }
             drop(_active);
             drop(_permit);
@@ -323,7 +322,7 @@ impl Dispatcher {
         // backend while this one could still be delivered again after a restart.
         let ttl = settings.receipt_ttl;
         let recorded = self.until_ok("record a delivery's outcome", seq, || {
-            self.log.finish(seq, write.receipt, outcome.clone(), ttl)
+            self.queue.finish(seq, write, outcome.clone(), ttl)
         });
         if recorded.await.is_some() {
             metrics::counter!(counter, "route" => route).increment(1);
@@ -331,7 +330,7 @@ impl Dispatcher {
     }
 
     /// Runs `op` until it succeeds, pausing with backoff after each failure; `None` if the
-    /// dispatcher stops first (what was not recorded stays in the log for the next start).
+    /// dispatcher stops first (what was not recorded stays in the store for the next start).
     async fn until_ok<T, F, Fut>(&self, what: &str, seq: u64, mut op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
@@ -343,7 +342,7 @@ impl Dispatcher {
                 Ok(value) => return Some(value),
                 Err(error) => {
                     failures += 1;
-                    tracing::error!(log = self.log.label(), seq, %error, failures, "could not {what}; trying again");
+                    tracing::error!(store = self.queue.label(), seq, %error, failures, "could not {what}; trying again");
                 }
             }
             tokio::select! {

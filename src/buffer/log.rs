@@ -18,6 +18,8 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use super::deliver::Dispatcher;
+use super::queue::{Queue, QueueFuture, Waiting};
 use super::{BufferedWrite, Outcome, Receipt, ReceiptId};
 use crate::config::BufferSync;
 use crate::group_commit::{Answer, Committer};
@@ -43,8 +45,12 @@ pub enum LogError {
     Full(u64),
     #[error("the disk of the buffer is full (min_free reached)")]
     DiskFull,
-    #[error("the buffer's log failed: {0}")]
+    #[error("the buffer's store failed: {0}")]
     Failed(String),
+    /// The store may have kept the write, but did not say so in time (a publish whose confirm
+    /// was lost): the client is refused, and the write may still be delivered.
+    #[error("the buffer's store did not confirm the write: {0}")]
+    Unconfirmed(String),
 }
 
 fn failed(error: impl Into<redb::Error>) -> String {
@@ -304,6 +310,93 @@ impl Log {
             }
         }
         Ok(out)
+    }
+}
+
+impl Queue for Log {
+    fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn append(&self, write: BufferedWrite) -> QueueFuture<'_, Result<Option<u64>, LogError>> {
+        Box::pin(async move { Log::append(self, write).await.map(Some) })
+    }
+
+    fn recovered(&self) -> Result<Vec<Waiting>, String> {
+        self.scan()
+    }
+
+    fn attach(&self, _dispatcher: &Arc<Dispatcher>) {}
+
+    fn pending(&self, seq: u64) -> QueueFuture<'_, Result<Option<BufferedWrite>, String>> {
+        Box::pin(std::future::ready(Log::pending(self, seq)))
+    }
+
+    fn attempt(
+        &self,
+        _seq: u64,
+        write: &BufferedWrite,
+        error: String,
+    ) -> QueueFuture<'_, Result<(), String>> {
+        Box::pin(Log::attempt(self, write.receipt, error))
+    }
+
+    fn finish(
+        &self,
+        seq: u64,
+        write: &BufferedWrite,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> QueueFuture<'_, Result<(), String>> {
+        Box::pin(Log::finish(self, seq, write.receipt, outcome, ttl))
+    }
+
+    fn receipt(&self, id: ReceiptId) -> QueueFuture<'_, Result<Option<Bytes>, String>> {
+        let found = Log::receipt(self, &id)
+            .map(|r| r.map(|(receipt, position)| receipt.to_json(&id, position, unix_ms())));
+        Box::pin(std::future::ready(found))
+    }
+
+    fn replay(&self, id: ReceiptId) -> QueueFuture<'_, Result<Option<Waiting>, String>> {
+        Box::pin(Log::replay(self, id))
+    }
+
+    fn state(&self, dead_letters: usize) -> QueueFuture<'_, serde_json::Value> {
+        let (depth, bytes) = Log::depth(self);
+        let now = unix_ms();
+        let oldest = self.oldest_ms().ok().flatten();
+        let dead: Vec<serde_json::Value> = match self.dead_letters(dead_letters) {
+            Ok(list) => list
+                .into_iter()
+                .map(|(id, receipt)| {
+                    let json = receipt.to_json(&id, None, now);
+                    serde_json::from_slice(&json).unwrap_or_default()
+                })
+                .collect(),
+            Err(error) => vec![serde_json::json!({ "error": error })],
+        };
+        Box::pin(std::future::ready(serde_json::json!({
+            "store": "log",
+            "dir": self.label,
+            "depth": depth,
+            "bytes": bytes,
+            "oldest_age_seconds": oldest.map(|t| now.saturating_sub(t) as f64 / 1000.0),
+            "dead_letters": dead,
+        })))
+    }
+
+    fn depth(&self) -> u64 {
+        Log::depth(self).0
+    }
+
+    fn record_gauges(&self) {
+        let (depth, bytes) = Log::depth(self);
+        let oldest = self.oldest_ms().ok().flatten();
+        let age = oldest.map_or(0.0, |t| unix_ms().saturating_sub(t) as f64 / 1000.0);
+        let dir = self.label.clone();
+        metrics::gauge!(crate::metrics::BUFFER_DEPTH, "dir" => dir.clone()).set(depth as f64);
+        metrics::gauge!(crate::metrics::BUFFER_BYTES, "dir" => dir.clone()).set(bytes as f64);
+        metrics::gauge!(crate::metrics::BUFFER_OLDEST, "dir" => dir).set(age);
     }
 }
 

@@ -8,8 +8,9 @@
 
 pub mod deliver;
 pub mod log;
+pub mod queue;
+pub mod rabbit;
 
-use crate::byte_form::unix_ms;
 use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -18,39 +19,52 @@ use http::{HeaderMap, Method, StatusCode};
 use serde::Serialize;
 
 use crate::byte_form::{hex, put_field, Corrupt, Reader};
-use crate::config::BufferConfig;
+use crate::config::{BufferConfig, BufferStore};
 use deliver::{Deliver, Dispatcher};
-use log::Log;
+use log::{Log, LogError};
+use queue::Queue;
 
-/// An open log and, once the proxy has started it, its delivery.
-#[derive(Debug)]
+/// An open store and, once the proxy has started it, its delivery.
 pub struct Buffer {
-    pub log: Arc<Log>,
+    pub queue: Arc<dyn Queue>,
     dispatcher: OnceLock<Arc<Dispatcher>>,
 }
 
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("queue", &self.queue.label())
+            .finish()
+    }
+}
+
 impl Buffer {
-    /// Opens the log `config` names (its `sync` and `max_bytes` hold for every route sharing it).
+    /// Opens the store `config` names (its settings hold for every route sharing it).
     pub fn open(config: &BufferConfig) -> Result<Arc<Buffer>, String> {
-        let limits = log::Limits {
-            max_bytes: config.max_bytes,
-            min_free: config.min_free,
+        let queue: Arc<dyn Queue> = match &config.store {
+            BufferStore::Log { dir } => {
+                let limits = log::Limits {
+                    max_bytes: config.max_bytes,
+                    min_free: config.min_free,
+                };
+                Arc::new(Log::open(dir, config.sync, limits)?)
+            }
+            BufferStore::RabbitMq(settings) => rabbit::Rabbit::open(settings)?,
         };
-        let log = Log::open(&config.dir, config.sync, limits)?;
         Ok(Arc::new(Buffer {
-            log: Arc::new(log),
+            queue,
             dispatcher: OnceLock::new(),
         }))
     }
 
-    /// Starts delivering (once; later calls do nothing): first what the log already holds.
+    /// Starts delivering (once; later calls do nothing): first what the store already holds.
     pub fn start_delivery(&self, deliver: Arc<dyn Deliver>) -> Result<(), String> {
         if self.dispatcher.get().is_some() {
             return Ok(());
         }
-        Dispatcher::start(Arc::clone(&self.log), deliver, |dispatcher| {
+        Dispatcher::start(Arc::clone(&self.queue), deliver, |dispatcher| {
             if self.dispatcher.set(dispatcher).is_err() {
-                tracing::debug!(log = self.log.label(), "delivery was started twice");
+                tracing::debug!(store = self.queue.label(), "delivery was started twice");
             }
         })
     }
@@ -59,54 +73,40 @@ impl Buffer {
         self.dispatcher.get()
     }
 
-    /// Puts the dead letter of `id` back at the end of the log and queues it for delivery;
+    /// Keeps `write` safely and queues it for delivery.
+    pub async fn accept(&self, write: BufferedWrite) -> Result<(), LogError> {
+        let (route, key) = (write.route.clone(), write.key.clone());
+        let seq = self.queue.append(write).await?;
+        if let (Some(seq), Some(dispatcher)) = (seq, self.dispatcher()) {
+            dispatcher.enqueue(seq, &route, key);
+        }
+        Ok(())
+    }
+
+    /// Puts the dead letter of `id` back at the end of the store and queues it for delivery;
     /// `false` if this buffer has no such dead letter.
     pub async fn replay(&self, id: ReceiptId) -> Result<bool, String> {
-        let Some((seq, route, key)) = self.log.replay(id).await? else {
+        let Some((seq, route, key)) = self.queue.replay(id).await? else {
             return Ok(false);
         };
-        tracing::info!(log = self.log.label(), receipt = %hex(&id), "dead letter replayed by hand");
+        tracing::info!(store = self.queue.label(), receipt = %hex(&id), "dead letter replayed by hand");
         if let Some(dispatcher) = self.dispatcher() {
             dispatcher.enqueue(seq, &route, key);
         }
         Ok(true)
     }
 
-    /// The log's state for the admin API: depth, bytes, oldest age and (the first
+    /// The store's state for the admin API: depth, bytes, oldest age and (the first
     /// `dead_letters` of) the dead-letter list.
-    pub fn state(&self, dead_letters: usize) -> serde_json::Value {
-        let (depth, bytes) = self.log.depth();
-        let now = unix_ms();
-        let oldest = self.log.oldest_ms().ok().flatten();
-        let dead: Vec<serde_json::Value> = match self.log.dead_letters(dead_letters) {
-            Ok(list) => list
-                .into_iter()
-                .map(|(id, receipt)| {
-                    let json = receipt.to_json(&id, None, now);
-                    serde_json::from_slice(&json).unwrap_or_default()
-                })
-                .collect(),
-            Err(error) => vec![serde_json::json!({ "error": error })],
-        };
-        serde_json::json!({
-            "dir": self.log.label(),
-            "depth": depth,
-            "bytes": bytes,
-            "oldest_age_seconds": oldest.map(|t| now.saturating_sub(t) as f64 / 1000.0),
-            "delivering": self.dispatcher().is_some(),
-            "dead_letters": dead,
-        })
+    pub async fn state(&self, dead_letters: usize) -> serde_json::Value {
+        let mut state = self.queue.state(dead_letters).await;
+        state["delivering"] = serde_json::json!(self.dispatcher().is_some());
+        state
     }
 
     /// Sets the depth, bytes and oldest-age gauges (at each scrape).
     pub fn record_gauges(&self) {
-        let (depth, bytes) = self.log.depth();
-        let oldest = self.log.oldest_ms().ok().flatten();
-        let age = oldest.map_or(0.0, |t| unix_ms().saturating_sub(t) as f64 / 1000.0);
-        let dir = self.log.label().to_string();
-        metrics::gauge!(crate::metrics::BUFFER_DEPTH, "dir" => dir.clone()).set(depth as f64);
-        metrics::gauge!(crate::metrics::BUFFER_BYTES, "dir" => dir.clone()).set(bytes as f64);
-        metrics::gauge!(crate::metrics::BUFFER_OLDEST, "dir" => dir).set(age);
+        self.queue.record_gauges();
     }
 }
 
@@ -118,14 +118,13 @@ pub struct BufferPolicy {
 }
 
 /// The receipt `id` as its URL serves it, from whichever of `buffers` holds it.
-pub fn find_receipt<'b>(
-    buffers: impl IntoIterator<Item = &'b Arc<Buffer>>,
+pub async fn find_receipt(
+    buffers: &[Arc<Buffer>],
     id: &ReceiptId,
 ) -> Result<Option<Bytes>, String> {
-    let now = unix_ms();
     for buffer in buffers {
-        if let Some((receipt, position)) = buffer.log.receipt(id)? {
-            return Ok(Some(receipt.to_json(id, position, now)));
+        if let Some(json) = buffer.queue.receipt(*id).await? {
+            return Ok(Some(json));
         }
     }
     Ok(None)

@@ -167,6 +167,13 @@ pub enum BufferWhenKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+pub enum BufferStoreKind {
+    Log,
+    Rabbitmq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SyncKind {
     Always,
     Batch,
@@ -176,7 +183,14 @@ pub enum SyncKind {
 #[serde(deny_unknown_fields)]
 pub struct BufferSection {
     pub when: Option<BufferWhenKind>,
-    pub dir: Spanned<String>,
+    pub store: Option<Spanned<BufferStoreKind>>,
+    pub dir: Option<Spanned<String>>,
+    pub amqp_url: Option<Spanned<String>>,
+    pub queue: Option<Spanned<String>>,
+    pub partitions: Option<Spanned<i64>>,
+    pub prefetch: Option<Spanned<i64>>,
+    pub publish_timeout: Option<Spanned<String>>,
+    pub receipts_url: Option<Spanned<String>>,
     pub max_bytes: Option<Spanned<String>>,
     pub min_free: Option<Spanned<String>>,
     pub sync: Option<SyncKind>,

@@ -29,7 +29,7 @@ use http::Method;
 use toml::Spanned;
 
 use crate::key::{KeyRule, KeySource, OnMissingKey};
-pub use buffer::{BufferConfig, BufferSync, BufferWhen};
+pub use buffer::{BufferConfig, BufferStore, BufferSync, BufferWhen, RabbitSettings};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 use file::{
@@ -378,7 +378,11 @@ impl Config {
             }
             if let Some(b) = &r.buffer {
                 let when = format!("{:?}", b.when).to_lowercase();
-                notes.push(format!("buffer {when} in {}", b.dir.display()));
+                let store = match &b.store {
+                    BufferStore::Log { dir } => format!("in {}", dir.display()),
+                    BufferStore::RabbitMq(r) => format!("on rabbitmq {}", r.name),
+                };
+                notes.push(format!("buffer {when} {store}"));
             }
             if let Some(a) = &r.admission {
                 let adaptive = if a.adaptive { " adaptive" } else { "" };

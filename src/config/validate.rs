@@ -337,7 +337,8 @@ impl Validator<'_, '_> {
                 let longest = queued + coalesced + connect_timeout + response_timeout;
                 self.idempotency(section, idempotency::RouteTimes { longest })
             });
-            let buffer = r.buffer.map(|section| self.buffer(section));
+            let route_name = r.name.get_ref().clone();
+            let buffer = r.buffer.map(|section| self.buffer(&route_name, section));
             if let Some(u) = upstream {
                 if upstreams[u].consistent_hash.is_some() && !wrote_key {
                     self.sink.at(

@@ -134,7 +134,7 @@ async fn store(
     let write = BufferedWrite {
         receipt,
         route: route.name.to_string(),
-        key: key.clone(),
+        key,
         method: head.method.clone(),
         target: head
             .uri
@@ -146,29 +146,26 @@ async fn store(
         body,
         accepted_ms: unix_ms(),
     };
-    let seq = buffer
-        .log
-        .append(write)
-        .await
-        .map_err(|error| match error {
-            LogError::Full(_) => {
-                refused(route, "full");
-                ProxyError::BufferFull
-            }
-            LogError::DiskFull => {
-                refused(route, "disk");
-                ProxyError::BufferUnavailable(error.to_string())
-            }
-            LogError::Failed(reason) => {
-                refused(route, "error");
-                ProxyError::BufferUnavailable(reason)
-            }
-        })?;
+    buffer.accept(write).await.map_err(|error| match error {
+        LogError::Full(_) => {
+            refused(route, "full");
+            ProxyError::BufferFull
+        }
+        LogError::DiskFull => {
+            refused(route, "disk");
+            ProxyError::BufferUnavailable(error.to_string())
+        }
+        LogError::Failed(reason) => {
+            refused(route, "error");
+            ProxyError::BufferUnavailable(reason)
+        }
+        LogError::Unconfirmed(reason) => {
+            refused(route, "unconfirmed");
+            ProxyError::BufferUnavailable(reason)
+        }
+    })?;
     metrics::counter!(crate::metrics::BUFFER_ACCEPTED, "route" => route.name.to_string())
         .increment(1);
-    if let Some(dispatcher) = buffer.dispatcher() {
-        dispatcher.enqueue(seq, &route.name, key);
-    }
     Ok(accepted(&receipt, asked))
 }
 
@@ -213,9 +210,12 @@ fn accepted(receipt: &[u8; 16], asked: bool) -> Response<ResponseBody> {
 }
 
 /// `GET /_writegate/receipts/ID`: the receipt, from whichever buffer holds it.
-pub fn receipt_response(snapshot: &Snapshot, path: &str) -> Response<ResponseBody> {
+pub async fn receipt_response(snapshot: &Snapshot, path: &str) -> Response<ResponseBody> {
     let id = path.strip_prefix(RECEIPTS_PREFIX).and_then(parse_receipt);
-    let found = id.map(|id| find_receipt(&snapshot.buffers(), &id));
+    let found = match id {
+        Some(id) => Some(find_receipt(&snapshot.buffers(), &id).await),
+        None => None,
+    };
     let (status, body) = match found {
         None => (
             StatusCode::NOT_FOUND,
@@ -230,7 +230,7 @@ pub fn receipt_response(snapshot: &Snapshot, path: &str) -> Response<ResponseBod
             tracing::warn!(error = %reason, "reading a receipt failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "{\"error\":\"the buffer's log could not be read\"}\n".into(),
+                "{\"error\":\"the buffer's store could not be read\"}\n".into(),
             )
         }
     };
@@ -250,7 +250,7 @@ pub fn ensure_delivery(snapshots: &Arc<ArcSwap<Snapshot>>) {
     });
     for buffer in snapshots.load().buffers() {
         if let Err(error) = buffer.start_delivery(Arc::clone(&deliverer)) {
-            tracing::error!(log = buffer.log.label(), %error, "cannot start delivering a buffer");
+            tracing::error!(store = buffer.queue.label(), %error, "cannot start delivering a buffer");
         }
     }
 }

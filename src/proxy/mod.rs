@@ -235,7 +235,7 @@ impl ProxyService {
             if head.uri.path().starts_with(crate::buffer::RECEIPTS_PREFIX)
                 && head.method == Method::GET
             {
-                return Ok(buffered::receipt_response(snapshot, head.uri.path()));
+                return Ok(buffered::receipt_response(snapshot, head.uri.path()).await);
             }
             let route =
                 match snapshot

@@ -23,6 +23,7 @@ use writegate::config::Config;
 use writegate::server::Proxy;
 
 pub mod processes;
+pub mod writes;
 
 /// Longest any single step of a test may take before it fails with a message.
 pub const STEP: Duration = Duration::from_secs(10);

@@ -160,3 +160,135 @@ impl Writegate {
         let _ = self.process.0.wait();
     }
 }
+
+/// A `rabbitmq-server` node of this test's own: its ports, its data directory, the
+/// consistent-hash exchange plugin enabled. Started as root, the server drops to the `rabbitmq`
+/// user, so its directory is handed to that user.
+pub struct RabbitMq {
+    pub port: u16,
+    node: String,
+    epmd_port: u16,
+    dist_port: u16,
+    dir: tempfile::TempDir,
+    /// The `rabbitmq-server` script while the node runs.
+    server: Option<Child>,
+}
+
+const RABBITMQ_SERVER: &str = "/usr/sbin/rabbitmq-server";
+
+/// Starts a broker (at most 60 s), or `None` (skipped) where it is not installed.
+pub fn start_rabbitmq(test: &str) -> Option<RabbitMq> {
+    external_binary(RABBITMQ_SERVER, test, "rabbitmq-server")?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("rabbitmq.conf"),
+        "loopback_users = none\nlog.console = false\n",
+    )
+    .expect("write rabbitmq.conf");
+    std::fs::write(
+        dir.path().join("enabled_plugins"),
+        "[rabbitmq_consistent_hash_exchange].\n",
+    )
+    .expect("write enabled_plugins");
+    let owned = Command::new("chown")
+        .args(["-R", "rabbitmq:rabbitmq"])
+        .arg(dir.path())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        owned,
+        "cannot hand {} to the rabbitmq user",
+        dir.path().display()
+    );
+    let port = free_port();
+    let mut broker = RabbitMq {
+        port,
+        node: format!("wgtest{port}@localhost"),
+        epmd_port: free_port(),
+        dist_port: free_port(),
+        dir,
+        server: None,
+    };
+    broker.start();
+    Some(broker)
+}
+
+impl RabbitMq {
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let base = self.dir.path();
+        let mut command = Command::new(program);
+        command
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", base.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", base.join("rabbitmq"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                base.join("enabled_plugins"),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    }
+
+    /// Starts the node (again, on the same data) and waits until it takes AMQP connections.
+    pub fn start(&mut self) {
+        let server = self
+            .command(RABBITMQ_SERVER)
+            .spawn()
+            .expect("start rabbitmq-server");
+        self.server = Some(server);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // `rabbitmqctl await_startup` returns once the node is fully booted.
+        loop {
+            let ready = self
+                .command("/usr/sbin/rabbitmqctl")
+                .args(["-n", &self.node, "await_startup", "--timeout", "5"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rabbitmq-server did not start on port {} within 60 s (logs in {})",
+                self.port,
+                self.dir.path().join("log").display()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Stops the node cleanly (what it confirmed is on its disk).
+    pub fn stop(&mut self) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        let _ = self
+            .command("/usr/sbin/rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .status();
+        // The node has stopped; its start script ends with it (or is ended here).
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self
+            .command("epmd")
+            .args(["-port", &self.epmd_port.to_string(), "-kill"])
+            .status();
+    }
+}
