@@ -13,9 +13,16 @@
 //! while `WG_BENCH_BACKLOG` (20,000) writes are buffered, then lets them go; the time to an empty
 //! log gives the delivery rate.
 //!
+//! Where `rabbitmq-server` and `redis-server` are installed, a fourth row buffers on a RabbitMQ
+//! broker of its own (`store = "rabbitmq"`, 4 partitions, receipts in Redis); its drain time is
+//! read from a depth the proxy refreshes every 2 s.
+//!
 //! Run: `cargo bench --bench buffer` (env: WG_BENCH_SECONDS=5, WG_BENCH_ROUNDS=3,
 //! WG_BENCH_CONNECTIONS=32, WG_BENCH_BACKLOG=20000, WG_BENCH_BACKEND_MS=2).
 
+#[path = "../tests/support/processes.rs"]
+#[allow(dead_code)]
+mod processes;
 mod support;
 
 use std::net::SocketAddr;
@@ -35,6 +42,13 @@ struct Row {
     host: &'static str,
     expect: StatusCode,
 }
+
+/// The RabbitMQ row: measured where `rabbitmq-server` and `redis-server` are installed.
+const RABBIT_ROW: Row = Row {
+    name: "rabbitmq",
+    host: "rabbit.bench",
+    expect: StatusCode::ACCEPTED,
+};
 
 const ROWS: [Row; 3] = [
     Row {
@@ -70,16 +84,31 @@ fn main() {
     let slow = runtime.block_on(spawn_gated_backend(Duration::from_millis(backend_ms), gate));
     let dir = tempfile::tempdir().expect("temp dir");
     let (port, admin) = (free_port(), free_port());
-    let config = config(dir.path(), port, admin, fast, slow);
+    let redis = processes::start_redis("the rabbitmq row of the buffer benchmark");
+    let broker = redis
+        .as_ref()
+        .and_then(|_| processes::start_rabbitmq("the rabbitmq row of the buffer benchmark"));
+    let rabbit = redis.as_ref().zip(broker.as_ref()).map(|(redis, broker)| {
+        format!(
+            "[routes.buffer]\nstore = \"rabbitmq\"\namqp_url = \"{}\"\nreceipts_url = \"{}\"\n",
+            broker.url(),
+            redis.url()
+        )
+    });
+    let mut rows: Vec<&Row> = ROWS.iter().collect();
+    if rabbit.is_some() {
+        rows.push(&RABBIT_ROW);
+    }
+    let config = config(dir.path(), port, admin, fast, slow, rabbit.as_deref());
     let writegate = Writegate::start(dir.path(), &config, port);
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
 
     println!(
         "buffer benchmark: {connections} keep-alive connections, POST of 128 bytes over 1,000 keys, {seconds}s x {rounds} rounds"
     );
-    let mut results: Vec<(Vec<Load>, Vec<f64>)> = ROWS.iter().map(|_| Default::default()).collect();
+    let mut results: Vec<(Vec<Load>, Vec<f64>)> = rows.iter().map(|_| Default::default()).collect();
     for round in 1..=rounds {
-        for (row, results) in ROWS.iter().zip(&mut results) {
+        for (row, results) in rows.iter().zip(&mut results) {
             let duration = Duration::from_secs(seconds);
             let load = runtime.block_on(accept(writegate.addr, row, connections, duration));
             let drained = runtime.block_on(drain_seconds(admin));
@@ -97,7 +126,7 @@ fn main() {
         "  {:<14} {:>10} {:>9} {:>9}  {:>6} {:>12}",
         "", "req/s", "p50 ms", "p99 ms", "errors", "drain s"
     );
-    for (row, (loads, drains)) in ROWS.iter().zip(&mut results) {
+    for (row, (loads, drains)) in rows.iter().zip(&mut results) {
         let median = Load::median(loads);
         drains.sort_by(f64::total_cmp);
         println!(
@@ -129,6 +158,7 @@ fn config(
     admin: u16,
     fast: SocketAddr,
     slow: SocketAddr,
+    rabbit: Option<&str>,
 ) -> String {
     for log in ["batch", "always", "drain"] {
         std::fs::create_dir_all(dir.join(log)).expect("log dir");
@@ -154,6 +184,9 @@ fn config(
     config.push_str(&route("batch", "fast", &buffer("batch", "batch")));
     config.push_str(&route("always", "fast", &buffer("always", "always")));
     config.push_str(&route("drain", "slow", &buffer("drain", "batch")));
+    if let Some(rabbit) = rabbit {
+        config.push_str(&route("rabbit", "fast", rabbit));
+    }
     config
 }
 
@@ -190,8 +223,14 @@ async fn depth(admin: SocketAddr) -> u64 {
         .expect("body")
         .to_bytes();
     let json: serde_json::Value = serde_json::from_slice(&body).expect("/buffers JSON");
+    // RabbitMQ's depth counts the messages ready (read every 2 s); those a replica holds
+    // unacknowledged are counted apart.
     json["buffers"].as_array().map_or(0, |list| {
-        list.iter().filter_map(|b| b["depth"].as_u64()).sum()
+        list.iter()
+            .map(|b| {
+                b["depth"].as_u64().unwrap_or(0) + b["unacknowledged_here"].as_u64().unwrap_or(0)
+            })
+            .sum()
     })
 }
 

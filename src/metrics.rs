@@ -147,6 +147,9 @@ pub const BUFFER_PARTITION_ACTIVE: &str = "writegate_buffer_partition_active";
 /// Counter, label `queue`: messages RabbitMQ delivered again (a consumer before this one ended
 /// without acknowledging them).
 pub const BUFFER_REDELIVERED: &str = "writegate_buffer_redelivered_total";
+/// Counter, label `queue`: writes a RabbitMQ buffer kept in its local fallback log while the
+/// broker could not be reached (forwarded to it later).
+pub const BUFFER_SPOOLED: &str = "writegate_buffer_spooled_total";
 /// Buckets of [`BUFFER_BATCH`].
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0];
 
@@ -318,6 +321,11 @@ fn describe() {
         BUFFER_PARTITION_ACTIVE,
         Unit::Count,
         "1 while this replica consumes a RabbitMQ partition of a buffer."
+    );
+    describe_counter!(
+        BUFFER_SPOOLED,
+        Unit::Count,
+        "Writes a RabbitMQ buffer kept in its local fallback log while the broker was away."
     );
     describe_counter!(
         BUFFER_REDELIVERED,

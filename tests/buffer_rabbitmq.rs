@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::StatusCode;
-use support::processes::{start_rabbitmq, start_redis, RabbitMq, Redis, Writegate};
+use support::processes::{
+    start_rabbitmq, start_rabbitmq_with, start_redis, RabbitMq, Redis, Writegate,
+};
 use support::writes::*;
 use support::*;
 
@@ -37,6 +39,12 @@ fn replica_config(
     path
 }
 
+/// Bound of the steps that wait on brokers and replicas (several of each start per test).
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One test at a time: each starts a broker and replicas, too much at once for two cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The broker and Redis, or `None` when the test is skipped.
 fn servers(test: &str) -> Option<(RabbitMq, Redis)> {
     let redis = start_redis(test)?;
@@ -46,6 +54,7 @@ fn servers(test: &str) -> Option<(RabbitMq, Redis)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_deliver_every_write_once_in_key_order() {
+    let _serial = SERIAL.lock().await;
     const KEYS: usize = 500;
     const PER_KEY: u64 = 10;
     const CLIENTS: usize = 50;
@@ -167,6 +176,7 @@ fn writers(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_delivery_hands_its_partitions_over() {
+    let _serial = SERIAL.lock().await;
     const KEYS: usize = 40;
     const CONCURRENCY: usize = 4;
     let Some((broker, redis)) = servers("a_replica_killed_mid_delivery_hands_its_partitions_over")
@@ -193,7 +203,7 @@ async fn a_replica_killed_mid_delivery_hands_its_partitions_over() {
     let mut tasks = writers(first.addr, 0..KEYS / 2, &next, &accepted, &stop);
     // The first replica delivers before the second subscribes: it is every partition's single
     // active consumer, and the second one waits.
-    eventually("the first replica delivers", || {
+    eventually_within(WAIT, "the first replica delivers", || {
         applied.lock().unwrap().seen.len() >= 50
     })
     .await;
@@ -212,7 +222,7 @@ async fn a_replica_killed_mid_delivery_hands_its_partitions_over() {
         &accepted,
         &stop,
     ));
-    eventually("both replicas take writes", || {
+    eventually_within(WAIT, "both replicas take writes", || {
         accepted.lock().unwrap().len() >= 600
     })
     .await;
@@ -223,7 +233,7 @@ async fn a_replica_killed_mid_delivery_hands_its_partitions_over() {
     // The second replica goes on taking writes for every key.
     let later = accepted.lock().unwrap().len() + 300;
     let more = writers(second.addr, 0..KEYS / 2, &next, &accepted, &stop);
-    eventually("the second replica takes more writes", || {
+    eventually_within(WAIT, "the second replica takes more writes", || {
         accepted.lock().unwrap().len() >= later
     })
     .await;
@@ -250,36 +260,84 @@ async fn a_replica_killed_mid_delivery_hands_its_partitions_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_keeps_every_confirmed_write() {
-    const KEYS: usize = 20;
-    let Some((mut broker, redis)) = servers("a_broker_restart_keeps_every_confirmed_write") else {
+    let test = "a_broker_restart_keeps_every_confirmed_write";
+    let Some((refused, during_outage)) = through_a_broker_restart(test, false).await else {
         return;
     };
+    assert!(refused > 0, "writes were refused while the broker was away");
+    assert_eq!(
+        during_outage, 0,
+        "no write was answered 202 without the broker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_local_fallback_writes_are_taken_while_the_broker_is_away() {
+    let test = "with_a_local_fallback_writes_are_taken_while_the_broker_is_away";
+    let Some((refused, during_outage)) = through_a_broker_restart(test, true).await else {
+        return;
+    };
+    assert!(
+        during_outage > 0,
+        "writes were taken while the broker was away"
+    );
+    // Only writes whose publish was under way when the broker stopped may be refused.
+    assert!(refused <= 20, "{refused} writes refused");
+}
+
+/// Writers on 20 keys through one replica while its broker stops and starts again; every write
+/// answered 202 must be delivered, and in each key's order. Returns how many writes were refused
+/// and how many were answered 202 while the broker was stopped.
+async fn through_a_broker_restart(test: &str, fallback: bool) -> Option<(u64, usize)> {
+    let _serial = SERIAL.lock().await;
+    const KEYS: usize = 20;
+    let (mut broker, redis) = servers(test)?;
     let dir = tempfile::tempdir().unwrap();
     let backend_port = reserve_port();
     let backend = backend_port.addr;
     let applied = deduping_backend(backend_port, Duration::from_millis(1));
-    let proxy = Writegate::start(&replica_config(
-        dir.path(),
-        "a",
-        backend,
-        &broker,
-        &redis,
-        "",
-    ));
+    let extra = if fallback {
+        let spool = dir.path().join("spool");
+        std::fs::create_dir_all(&spool).unwrap();
+        format!(
+            "fallback = \"local\"\nfallback_dir = \"{}\"",
+            spool.display()
+        )
+    } else {
+        String::new()
+    };
+    let config = replica_config(dir.path(), "a", backend, &broker, &redis, &extra);
+    let proxy = Writegate::start(&config);
     let accepted = Arc::new(Mutex::new(Vec::new()));
     let next: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = writers(proxy.addr, 0..KEYS, &next, &accepted, &stop);
 
-    eventually("writes are accepted", || {
+    eventually_within(WAIT, "writes are accepted", || {
         accepted.lock().unwrap().len() >= 200
     })
     .await;
-    broker.stop();
-    let during = accepted.lock().unwrap().len();
-    broker.start();
-    eventually("writes are accepted again after the restart", || {
-        accepted.lock().unwrap().len() >= during + 200
+    broker = tokio::task::spawn_blocking(move || {
+        broker.stop();
+        broker
+    })
+    .await
+    .unwrap();
+    let stopped = accepted.lock().unwrap().len();
+    // Writers keep going for a second with the broker away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during_outage = accepted.lock().unwrap().len() - stopped;
+    let _broker = tokio::task::spawn_blocking(move || {
+        broker.start();
+        broker
+    })
+    .await
+    .unwrap();
+    let restarted = accepted.lock().unwrap().len();
+    // The proxy reconnects with backoff (at most 5 s between attempts) once the broker is up.
+    let again = "writes are accepted again after the restart";
+    eventually_within(Duration::from_secs(60), again, || {
+        accepted.lock().unwrap().len() >= restarted + 200
     })
     .await;
     stop.store(true, Ordering::SeqCst);
@@ -288,8 +346,7 @@ async fn a_broker_restart_keeps_every_confirmed_write() {
     }
     let refused: u64 = next.iter().map(|n| n.load(Ordering::SeqCst)).sum::<u64>()
         - accepted.lock().unwrap().len() as u64;
-    eprintln!("{refused} writes refused (503) while the broker was away");
-    assert!(refused > 0, "writes were refused while the broker was away");
+    eprintln!("{refused} writes refused (503); {during_outage} taken while the broker was away");
 
     let accepted = accepted.lock().unwrap().clone();
     let waited = tokio::time::timeout(DRAIN, async {
@@ -314,4 +371,45 @@ async fn a_broker_restart_keeps_every_confirmed_write() {
     let late: usize = state.per_key.values().map(Vec::len).sum::<usize>() - accepted.len();
     eprintln!("{late} writes refused with 503 were applied all the same");
     state.assert_accepted_in_order(&accepted);
+    Some((refused, during_outage))
+}
+
+#[test]
+fn a_broker_without_the_plugin_stops_the_start_with_a_clear_message() {
+    let _serial = SERIAL.blocking_lock();
+    let test = "a_broker_without_the_plugin_stops_the_start_with_a_clear_message";
+    let Some(redis) = start_redis(test) else {
+        return;
+    };
+    let Some(broker) = start_rabbitmq_with(test, "[].\n") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let backend = reserve_port().addr;
+    let config = replica_config(dir.path(), "a", backend, &broker, &redis, "");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_writegate"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("writegate kept running with a broker that lacks the plugin");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rabbitmq-plugins enable rabbitmq_consistent_hash_exchange"),
+        "{stderr}"
+    );
 }

@@ -725,6 +725,18 @@ fn rabbitmq_buffer_sections_are_checked_with_positions() {
         "queue must be",
     );
     assert_one(
+        &with_receipts("fallback = \"local\""),
+        16,
+        12,
+        "needs fallback_dir",
+    );
+    assert_one(
+        &with_receipts("fallback_dir = \"/tmp\""),
+        16,
+        16,
+        "fallback_dir is for fallback = \"local\"",
+    );
+    assert_one(
         &section(
             "store = \"rabbitmq\"\namqp_url = \"http://x\"\nreceipts_url = \"redis://127.0.0.1\"",
         ),

@@ -34,11 +34,11 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{watch, Notify, OnceCell};
 
 use super::deliver::Dispatcher;
-use super::log::LogError;
+use super::log::{Limits, Log, LogError};
 use super::queue::{Queue, QueueFuture, Waiting};
 use super::{BufferedWrite, Outcome, Receipt, ReceiptId};
 use crate::byte_form::{hex, unix_ms};
-use crate::config::RabbitSettings;
+use crate::config::{BufferSync, RabbitSettings, DEFAULT_BUFFER_MIN_FREE};
 
 /// Longest wait for a connection to the broker or to Redis.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,11 +46,24 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnection delays: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// How often the queues' depths are read while connected.
 const DEPTH_REFRESH: Duration = Duration::from_secs(2);
 /// Longest wait to hand an acknowledgement to the connection.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Writes of the fallback log published before their confirms are awaited.
+const FORWARD_BATCH: usize = 256;
+/// Longest a write held when its connection was lost keeps its place in its lane, waiting for
+/// the broker to deliver it again.
+const REDELIVERY_WAIT: Duration = Duration::from_secs(30);
+const REDELIVERY_POLL: Duration = Duration::from_millis(20);
+/// How long a tombstone waits for its copy (then that copy went to another replica).
+const TOMBSTONE_AGE: Duration = Duration::from_secs(600);
+/// How often the fallback log is looked at for writes to forward.
+const FORWARD_PAUSE: Duration = Duration::from_millis(200);
+/// How long the fallback log keeps its own receipt of a forwarded write (the one in Redis is the
+/// one served).
+const FORWARDED_TTL: Duration = Duration::from_secs(1);
 /// Longest the start-up waits for the first connection's verdict.
 const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(15);
 
@@ -74,6 +87,8 @@ struct Held {
     session: Weak<Session>,
     write: BufferedWrite,
     attempts: u32,
+    /// Delivered (its outcome recorded) while its connection was lost: a tombstone.
+    done_at: Option<Instant>,
 }
 
 impl Held {
@@ -83,6 +98,39 @@ impl Held {
                 .session
                 .upgrade()
                 .is_some_and(|s| !s.lost.load(Ordering::SeqCst))
+    }
+}
+
+/// The messages this replica holds, by sequence number and by receipt. An entry outlives the
+/// connection it came on: RabbitMQ may deliver the same message again on the next connection
+/// after newer ones of its key (seen after a broker restart), so the old entry keeps the write's
+/// place in its lane until the copy arrives and takes it over, at most [`REDELIVERY_WAIT`]. An
+/// entry whose write was delivered but whose acknowledgement was lost stays as a tombstone, so
+/// that its copy is acknowledged without being delivered again.
+#[derive(Default)]
+struct HeldSet {
+    by_seq: HashMap<u64, Held>,
+    by_receipt: HashMap<ReceiptId, u64>,
+}
+
+impl HeldSet {
+    fn remove(&mut self, seq: u64) -> Option<Held> {
+        let entry = self.by_seq.remove(&seq)?;
+        self.by_receipt.remove(&entry.write.receipt);
+        Some(entry)
+    }
+
+    /// Drops tombstones older than `age` (their copies went to another replica).
+    fn prune(&mut self, age: Duration) {
+        let old: Vec<u64> = self
+            .by_seq
+            .iter()
+            .filter(|(_, e)| e.done_at.is_some_and(|t| t.elapsed() > age))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in old {
+            self.remove(seq);
+        }
     }
 }
 
@@ -120,10 +168,12 @@ pub struct Rabbit {
     receipts: Receipts,
     dispatcher: OnceLock<Weak<Dispatcher>>,
     attached: Notify,
-    held: Mutex<HashMap<u64, Held>>,
+    held: Mutex<HeldSet>,
     next_seq: AtomicU64,
     partitions: Vec<Partition>,
     dead: AtomicU64,
+    /// `fallback = "local"`: the log that keeps writes while the broker cannot be reached.
+    spool: Option<Arc<Log>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -138,7 +188,18 @@ impl Rabbit {
     pub fn open(settings: &RabbitSettings) -> Result<Arc<Rabbit>, String> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| "the RabbitMQ store needs the proxy's runtime".to_string())?;
+        let spool = match &settings.fallback_dir {
+            Some(dir) => {
+                let limits = Limits {
+                    max_bytes: settings.max_bytes,
+                    min_free: DEFAULT_BUFFER_MIN_FREE,
+                };
+                Some(Arc::new(Log::open(dir, BufferSync::Batch, limits)?))
+            }
+            None => None,
+        };
         let rabbit = Arc::new(Rabbit {
+            spool,
             label: format!("{} {}", redacted(&settings.amqp_url), settings.name),
             session: ArcSwapOption::empty(),
             link: watch::channel(Link::Connecting).0,
@@ -154,6 +215,9 @@ impl Rabbit {
             settings: settings.clone(),
         });
         runtime.spawn(supervisor(Arc::downgrade(&rabbit)));
+        if rabbit.spool.is_some() {
+            runtime.spawn(forwarder(Arc::downgrade(&rabbit)));
+        }
         Ok(rabbit)
     }
 
@@ -300,17 +364,39 @@ impl Rabbit {
         let Some(dispatcher) = self.dispatcher.get().and_then(Weak::upgrade) else {
             return;
         };
+        let mut held = lock(&self.held);
+        if let Some(&seq) = held.by_receipt.get(&write.receipt) {
+            if let Some(entry) = held.by_seq.get_mut(&seq).filter(|e| !e.alive()) {
+                if entry.done_at.is_some() {
+                    // Delivered already: acknowledged, not delivered again.
+                    held.remove(seq);
+                    let acker = delivery.acker;
+                    tokio::spawn(async move {
+                        let ack = acker.ack(BasicAckOptions::default());
+                        let _ = tokio::time::timeout(ACK_TIMEOUT, ack).await;
+                    });
+                } else {
+                    // The copy takes the old entry's place in its lane.
+                    entry.acker = delivery.acker;
+                    entry.session = Arc::downgrade(session);
+                }
+                return;
+            }
+        }
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let (route, key) = (write.route.clone(), write.key.clone());
-        lock(&self.held).insert(
+        held.by_receipt.insert(write.receipt, seq);
+        held.by_seq.insert(
             seq,
             Held {
                 acker: delivery.acker,
                 session: Arc::downgrade(session),
                 write,
                 attempts: 0,
+                done_at: None,
             },
         );
+        drop(held);
         dispatcher.enqueue(seq, &route, key);
     }
 
@@ -322,10 +408,27 @@ impl Rabbit {
         payload: &[u8],
         message_id: &str,
     ) -> Result<(), LogError> {
+        let started = Instant::now();
+        let (session, confirm) = self
+            .send(exchange, routing_key, payload, message_id)
+            .await?;
+        let confirmed = self.confirmed(&session, exchange, confirm).await;
+        metrics::histogram!(crate::metrics::BUFFER_PUBLISH, "queue" => self.settings.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        confirmed
+    }
+
+    /// Hands a persistent message to the connection; the confirm to wait for.
+    async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        message_id: &str,
+    ) -> Result<(Arc<Session>, lapin::PublisherConfirm), LogError> {
         let Some(session) = self.session.load_full() else {
             return Err(LogError::Failed(self.not_connected()));
         };
-        let started = Instant::now();
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_message_id(message_id.into());
@@ -333,23 +436,35 @@ impl Rabbit {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let confirmed = async {
-            session
-                .publish
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    mandatory,
-                    payload,
-                    properties,
-                )
-                .await?
-                .await
-        };
-        let confirm = tokio::time::timeout(self.settings.publish_timeout, confirmed).await;
-        metrics::histogram!(crate::metrics::BUFFER_PUBLISH, "queue" => self.settings.name.clone())
-            .record(started.elapsed().as_secs_f64());
-        match confirm {
+        let sent = session
+            .publish
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                mandatory,
+                payload,
+                properties,
+            )
+            .await;
+        match sent {
+            Ok(confirm) => Ok((session, confirm)),
+            Err(error) => {
+                session.lose();
+                Err(LogError::Unconfirmed(format!(
+                    "publishing to RabbitMQ failed: {error}"
+                )))
+            }
+        }
+    }
+
+    /// Waits (at most `publish_timeout`) for the broker's confirm of a message sent on `session`.
+    async fn confirmed(
+        &self,
+        session: &Session,
+        exchange: &str,
+        confirm: lapin::PublisherConfirm,
+    ) -> Result<(), LogError> {
+        match tokio::time::timeout(self.settings.publish_timeout, confirm).await {
             Err(_) => Err(LogError::Unconfirmed(format!(
                 "RabbitMQ did not confirm the write within {:?}",
                 self.settings.publish_timeout
@@ -409,8 +524,18 @@ impl Rabbit {
         Ok(())
     }
 
+    /// Removes a live entry (to acknowledge it); an entry of a lost connection becomes a
+    /// tombstone.
     fn take_held(&self, seq: u64) -> Option<Held> {
-        lock(&self.held).remove(&seq)
+        let mut held = lock(&self.held);
+        match held.by_seq.get_mut(&seq) {
+            Some(entry) if entry.alive() => held.remove(seq),
+            Some(entry) => {
+                entry.done_at = Some(Instant::now());
+                None
+            }
+            None => None,
+        }
     }
 
     async fn put_receipt(
@@ -439,6 +564,82 @@ impl Rabbit {
             last_error,
             outcome,
         }
+    }
+}
+
+/// A key's writes share a routing key, so the exchange puts them in one partition; keyless ones
+/// share their route's.
+fn routing_key(write: &BufferedWrite) -> String {
+    let hashed = write.key.as_deref().unwrap_or(write.route.as_bytes());
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(hashed))
+}
+
+/// Publishes what the fallback log holds, in its order, whenever the broker is connected.
+async fn forwarder(store: Weak<Rabbit>) {
+    loop {
+        let Some(this) = store.upgrade() else { return };
+        if let Some(spool) = this.spool.clone() {
+            if this.session.load().is_some() && Log::depth(&spool).0 > 0 {
+                match this.forward(&spool).await {
+                    Ok(n) => {
+                        tracing::info!(store = %this.label, writes = n, "forwarded the writes the fallback log kept to RabbitMQ")
+                    }
+                    Err(error) => {
+                        tracing::warn!(store = %this.label, %error, "forwarding the fallback log to RabbitMQ stopped; trying again")
+                    }
+                }
+            }
+        }
+        drop(this);
+        tokio::time::sleep(FORWARD_PAUSE).await;
+    }
+}
+
+impl Rabbit {
+    /// Publishes every write of the fallback log, oldest first, and removes each once the broker
+    /// confirmed it; how many.
+    async fn forward(&self, spool: &Log) -> Result<usize, String> {
+        let waiting = spool.scan()?;
+        let mut forwarded = 0;
+        for batch in waiting.chunks(FORWARD_BATCH) {
+            // Sent in log order on one channel, then confirmed: the broker keeps that order.
+            let mut sent = Vec::with_capacity(batch.len());
+            for (seq, _, _) in batch {
+                let Some(write) = Log::pending(spool, *seq)? else {
+                    continue;
+                };
+                let id = hex(&write.receipt);
+                let routing = routing_key(&write);
+                let name = &self.settings.name;
+                let (session, confirm) = self
+                    .send(name, &routing, &write.encode(), &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                sent.push((*seq, write.receipt, session, confirm));
+            }
+            let mut finishing = Vec::with_capacity(sent.len());
+            let mut failed = None;
+            for (seq, receipt, session, confirm) in sent {
+                if let Err(error) = self.confirmed(&session, &self.settings.name, confirm).await {
+                    failed = Some(error.to_string());
+                    break;
+                }
+                let forwarded = Outcome::Delivered {
+                    status: http::StatusCode::ACCEPTED,
+                    body: Bytes::new(),
+                };
+                finishing.push(Log::finish(spool, seq, receipt, forwarded, FORWARDED_TTL));
+            }
+            // The confirmed ones leave the log (one group commit); the others are sent again.
+            for finished in futures_util::future::join_all(finishing).await {
+                finished?;
+                forwarded += 1;
+            }
+            if let Some(error) = failed {
+                return Err(error);
+            }
+        }
+        Ok(forwarded)
     }
 }
 
@@ -494,6 +695,7 @@ async fn supervisor(store: Weak<Rabbit>) {
                 watch_connection(&session);
                 this.session.store(Some(Arc::clone(&session)));
                 this.link.send_replace(Link::Up);
+                lock(&this.held).prune(TOMBSTONE_AGE);
                 tracing::info!(store = %this.label, "connected to RabbitMQ");
                 let ended = run_session(&this, &session).await;
                 this.session.store(None);
@@ -594,7 +796,13 @@ impl Queue for Rabbit {
 
     fn append(&self, write: BufferedWrite) -> QueueFuture<'_, Result<Option<u64>, LogError>> {
         Box::pin(async move {
-            if self.session.load().is_none() {
+            // While the local log holds writes, new ones queue behind them: a replica's writes
+            // to one key reach the broker in the order it took them.
+            let spool = self
+                .spool
+                .as_ref()
+                .filter(|s| self.session.load().is_none() || Log::depth(s).0 > 0);
+            if self.session.load().is_none() && spool.is_none() {
                 return Err(LogError::Failed(self.not_connected()));
             }
             // The receipt first: the consumer's later updates must not be overtaken by it.
@@ -602,18 +810,20 @@ impl Queue for Rabbit {
             self.put_receipt(&write, queued, self.settings.pending_ttl)
                 .await
                 .map_err(|e| LogError::Failed(format!("cannot record the receipt: {e}")))?;
-            // A key's writes share a routing key, so the exchange puts them in one partition;
-            // keyless ones share their route's.
-            let routing = match &write.key {
-                Some(key) => format!("{:016x}", xxhash_rust::xxh3::xxh3_64(key)),
-                None => format!(
-                    "{:016x}",
-                    xxhash_rust::xxh3::xxh3_64(write.route.as_bytes())
-                ),
-            };
+            if let Some(spool) = spool {
+                spool.append(write).await?;
+                metrics::counter!(crate::metrics::BUFFER_SPOOLED, "queue" => self.settings.name.clone())
+                    .increment(1);
+                return Ok(None);
+            }
             let id = hex(&write.receipt);
             let published = self
-                .publish(&self.settings.name, &routing, &write.encode(), &id)
+                .publish(
+                    &self.settings.name,
+                    &routing_key(&write),
+                    &write.encode(),
+                    &id,
+                )
                 .await;
             if published.is_err() {
                 let _ = self.receipts.delete(&write.receipt).await;
@@ -656,17 +866,26 @@ impl Queue for Rabbit {
     }
 
     fn pending(&self, seq: u64) -> QueueFuture<'_, Result<Option<BufferedWrite>, String>> {
-        let mut held = lock(&self.held);
-        let write = match held.get(&seq) {
-            // Its connection is gone: the broker gives the message to the next consumer.
-            Some(entry) if !entry.alive() => {
-                held.remove(&seq);
-                None
+        Box::pin(async move {
+            let deadline = Instant::now() + REDELIVERY_WAIT;
+            loop {
+                {
+                    let mut held = lock(&self.held);
+                    match held.by_seq.get(&seq) {
+                        None => return Ok(None),
+                        Some(entry) if entry.alive() => return Ok(Some(entry.write.clone())),
+                        // Its connection is gone: wait for the broker to deliver it again.
+                        Some(_) if Instant::now() < deadline => {}
+                        Some(_) => {
+                            held.remove(seq);
+                            tracing::info!(store = %self.label, "a write held when the connection was lost did not come back; another replica has it");
+                            return Ok(None);
+                        }
+                    }
+                }
+                tokio::time::sleep(REDELIVERY_POLL).await;
             }
-            Some(entry) => Some(entry.write.clone()),
-            None => None,
-        };
-        Box::pin(std::future::ready(Ok(write)))
+        })
     }
 
     fn attempt(
@@ -677,7 +896,7 @@ impl Queue for Rabbit {
     ) -> QueueFuture<'_, Result<(), String>> {
         let attempts = {
             let mut held = lock(&self.held);
-            held.get_mut(&seq).map_or(1, |entry| {
+            held.by_seq.get_mut(&seq).map_or(1, |entry| {
                 entry.attempts += 1;
                 entry.attempts
             })
@@ -700,6 +919,7 @@ impl Queue for Rabbit {
         let write = write.clone();
         Box::pin(async move {
             let attempts = lock(&self.held)
+                .by_seq
                 .get(&seq)
                 .map_or(1, |entry| entry.attempts + 1);
             if let Outcome::Failed { .. } = outcome {
@@ -712,7 +932,7 @@ impl Queue for Rabbit {
             self.put_receipt(&write, receipt, ttl).await?;
             // With a lost connection the broker delivers the message again (the backend sees its
             // Idempotency-Key a second time).
-            if let Some(entry) = self.take_held(seq).filter(Held::alive) {
+            if let Some(entry) = self.take_held(seq) {
                 let ack = entry.acker.ack(BasicAckOptions::default());
                 match tokio::time::timeout(ACK_TIMEOUT, ack).await {
                     Ok(Ok(_)) => {}
@@ -763,7 +983,7 @@ impl Queue for Rabbit {
                 })
             })
             .collect();
-        let held = lock(&self.held).len();
+        let held = lock(&self.held).by_seq.len();
         Box::pin(std::future::ready(serde_json::json!({
             "store": "rabbitmq",
             "broker": self.label,
@@ -773,14 +993,21 @@ impl Queue for Rabbit {
             "unacknowledged_here": held,
             "partitions": partitions,
             "dead_letter_queue": { "queue": self.dead_queue(), "messages": self.dead.load(Ordering::Relaxed) },
+            "fallback": self.spool.as_ref().map(|spool| serde_json::json!({
+                "dir": spool.label(),
+                "waiting": Log::depth(spool).0,
+            })),
         })))
     }
 
     fn depth(&self) -> u64 {
-        self.partitions
+        let spooled = self.spool.as_ref().map_or(0, |spool| Log::depth(spool).0);
+        let queued: u64 = self
+            .partitions
             .iter()
             .map(|p| p.messages.load(Ordering::Relaxed))
-            .sum()
+            .sum();
+        queued + spooled
     }
 
     fn record_gauges(&self) {

@@ -1,6 +1,6 @@
 //! A route's `[routes.buffer]` section: durable write buffering, validated.
 
-use super::file::{BufferSection, BufferStoreKind, BufferWhenKind, SyncKind};
+use super::file::{BufferSection, BufferStoreKind, BufferWhenKind, FallbackKind, SyncKind};
 use super::idempotency::MAX_IDEMPOTENCY_TTL;
 use super::*;
 
@@ -49,6 +49,9 @@ pub struct RabbitSettings {
     pub max_bytes: u64,
     /// How long a receipt of a write not yet final is kept: `max_age` + `receipt_ttl`.
     pub pending_ttl: Duration,
+    /// `fallback = "local"`: the directory of the log that keeps writes while the broker
+    /// cannot be reached, forwarded to it when it can.
+    pub fallback_dir: Option<PathBuf>,
 }
 
 impl BufferStore {
@@ -202,6 +205,8 @@ impl Validator<'_, '_> {
                 s.publish_timeout.as_ref().map(|v| v.span()),
             ),
             ("receipts_url", s.receipts_url.as_ref().map(|v| v.span())),
+            ("fallback", s.fallback.as_ref().map(|v| v.span())),
+            ("fallback_dir", s.fallback_dir.as_ref().map(|v| v.span())),
         ];
         let (misplaced, other): (&[Setting], &str) = if rabbit {
             (&log_only, "log")
@@ -270,7 +275,7 @@ impl Validator<'_, '_> {
             }
             None => {
                 self.sink.at(
-                    kind_span,
+                    kind_span.clone(),
                     "store = \"rabbitmq\" needs receipts_url = \"redis://HOST:PORT\" (every replica reads receipts there)",
                 );
                 String::new()
@@ -298,6 +303,7 @@ impl Validator<'_, '_> {
             .and_then(|n| self.count("prefetch", n, 1, 65_535))
             .map_or(DEFAULT_PREFETCH, |n| n as u16);
         let publish_timeout = self.duration(s.publish_timeout.clone(), DEFAULT_PUBLISH_TIMEOUT);
+        let fallback_dir = self.fallback_dir(s, kind_span);
         BufferStore::RabbitMq(RabbitSettings {
             amqp_url,
             name,
@@ -307,7 +313,41 @@ impl Validator<'_, '_> {
             receipts_url,
             max_bytes,
             pending_ttl,
+            fallback_dir,
         })
+    }
+
+    /// The fallback log's directory when `fallback = "local"` (which needs `fallback_dir`).
+    fn fallback_dir(&mut self, s: &BufferSection, section: Range<usize>) -> Option<PathBuf> {
+        let local = s
+            .fallback
+            .as_ref()
+            .is_some_and(|f| *f.get_ref() == FallbackKind::Local);
+        match (&s.fallback_dir, local) {
+            (None, false) => None,
+            (Some(text), false) => {
+                self.sink
+                    .at(text.span(), "fallback_dir is for fallback = \"local\"");
+                None
+            }
+            (None, true) => {
+                let span = s.fallback.as_ref().map_or(section, |f| f.span());
+                self.sink.at(
+                    span,
+                    "fallback = \"local\" needs fallback_dir = \"DIRECTORY\"",
+                );
+                None
+            }
+            (Some(text), true) => {
+                let dir = self.path(text.get_ref());
+                if !dir.is_dir() {
+                    let message =
+                        format!("the fallback directory {} does not exist", dir.display());
+                    self.sink.at(text.span(), message);
+                }
+                Some(dir)
+            }
+        }
     }
 }
 

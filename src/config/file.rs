@@ -167,6 +167,13 @@ pub enum BufferWhenKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+pub enum FallbackKind {
+    None,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BufferStoreKind {
     Log,
     Rabbitmq,
@@ -191,6 +198,8 @@ pub struct BufferSection {
     pub prefetch: Option<Spanned<i64>>,
     pub publish_timeout: Option<Spanned<String>>,
     pub receipts_url: Option<Spanned<String>>,
+    pub fallback: Option<Spanned<FallbackKind>>,
+    pub fallback_dir: Option<Spanned<String>>,
     pub max_bytes: Option<Spanned<String>>,
     pub min_free: Option<Spanned<String>>,
     pub sync: Option<SyncKind>,

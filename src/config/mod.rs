@@ -29,7 +29,9 @@ use http::Method;
 use toml::Spanned;
 
 use crate::key::{KeyRule, KeySource, OnMissingKey};
-pub use buffer::{BufferConfig, BufferStore, BufferSync, BufferWhen, RabbitSettings};
+pub use buffer::{
+    BufferConfig, BufferStore, BufferSync, BufferWhen, RabbitSettings, DEFAULT_BUFFER_MIN_FREE,
+};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 use file::{

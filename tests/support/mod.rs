@@ -263,13 +263,19 @@ pub async fn gated_backend(gate: &Gate) -> TestBackend {
 
 /// Polls `condition` every 10 ms until it holds, failing with `what` after [`STEP`]. For state
 /// that has no event to await (counters inside the proxy).
-pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
-    bounded(what, async {
+pub async fn eventually(what: &str, condition: impl FnMut() -> bool) {
+    eventually_within(STEP, what, condition).await;
+}
+
+/// [`eventually`] with a bound of its own, for steps that wait on a server's restart.
+pub async fn eventually_within(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(limit, async {
         while !condition() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
-    .await
+    .await;
+    assert!(waited.is_ok(), "timed out after {limit:?}: {what}");
 }
 
 /// A backend on `addr` that answers 200 with `name` as the body.

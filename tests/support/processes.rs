@@ -178,6 +178,11 @@ const RABBITMQ_SERVER: &str = "/usr/sbin/rabbitmq-server";
 
 /// Starts a broker (at most 60 s), or `None` (skipped) where it is not installed.
 pub fn start_rabbitmq(test: &str) -> Option<RabbitMq> {
+    start_rabbitmq_with(test, "[rabbitmq_consistent_hash_exchange].\n")
+}
+
+/// [`start_rabbitmq`] with `plugins` as the node's enabled plugins file.
+pub fn start_rabbitmq_with(test: &str, plugins: &str) -> Option<RabbitMq> {
     external_binary(RABBITMQ_SERVER, test, "rabbitmq-server")?;
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(
@@ -185,11 +190,7 @@ pub fn start_rabbitmq(test: &str) -> Option<RabbitMq> {
         "loopback_users = none\nlog.console = false\n",
     )
     .expect("write rabbitmq.conf");
-    std::fs::write(
-        dir.path().join("enabled_plugins"),
-        "[rabbitmq_consistent_hash_exchange].\n",
-    )
-    .expect("write enabled_plugins");
+    std::fs::write(dir.path().join("enabled_plugins"), plugins).expect("write enabled_plugins");
     let owned = Command::new("chown")
         .args(["-R", "rabbitmq:rabbitmq"])
         .arg(dir.path())
