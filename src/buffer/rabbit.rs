@@ -59,6 +59,8 @@ const REDELIVERY_WAIT: Duration = Duration::from_secs(30);
 const REDELIVERY_POLL: Duration = Duration::from_millis(20);
 /// How long a tombstone waits for its copy (then that copy went to another replica).
 const TOMBSTONE_AGE: Duration = Duration::from_secs(600);
+/// How often a new connection looks whether delivery has started.
+const ATTACH_POLL: Duration = Duration::from_millis(50);
 /// How often the fallback log is looked at for writes to forward.
 const FORWARD_PAUSE: Duration = Duration::from_millis(200);
 /// How long the fallback log keeps its own receipt of a forwarded write (the one in Redis is the
@@ -167,7 +169,6 @@ pub struct Rabbit {
     link: watch::Sender<Link>,
     receipts: Receipts,
     dispatcher: OnceLock<Weak<Dispatcher>>,
-    attached: Notify,
     held: Mutex<HeldSet>,
     next_seq: AtomicU64,
     partitions: Vec<Partition>,
@@ -205,7 +206,6 @@ impl Rabbit {
             link: watch::channel(Link::Connecting).0,
             receipts: Receipts::new(&settings.receipts_url)?,
             dispatcher: OnceLock::new(),
-            attached: Notify::new(),
             held: Mutex::default(),
             next_seq: AtomicU64::new(1),
             partitions: (0..settings.partitions)
@@ -697,7 +697,15 @@ async fn supervisor(store: Weak<Rabbit>) {
                 this.link.send_replace(Link::Up);
                 lock(&this.held).prune(TOMBSTONE_AGE);
                 tracing::info!(store = %this.label, "connected to RabbitMQ");
-                let ended = run_session(&this, &session).await;
+                drop(this);
+                let ended = run_session(&store, &session).await;
+                let this = store.upgrade();
+                let Some(this) = this.filter(|_| ended.is_some()) else {
+                    // The store is gone (a reload removed its routes): so is its connection.
+                    let _ = session.connection.close(200, "store closed".into()).await;
+                    return;
+                };
+                let ended = ended.unwrap_or_default();
                 this.session.store(None);
                 for slot in &this.partitions {
                     slot.active_here.store(false, Ordering::Relaxed);
@@ -716,38 +724,38 @@ async fn supervisor(store: Weak<Rabbit>) {
                     tracing::warn!(store = %this.label, %reason, "cannot use RabbitMQ; trying again");
                 }
                 this.link.send_replace(link);
+                drop(this);
             }
         }
-        drop(this);
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(RECONNECT_MAX);
     }
 }
 
-/// Serves one connection until it breaks; why it ended.
-async fn run_session(this: &Arc<Rabbit>, session: &Arc<Session>) -> String {
-    let attached = async {
-        while this.dispatcher.get().is_none() {
-            this.attached.notified().await;
+/// Serves one connection until it breaks: why it ended, or `None` once the store is gone. Holds
+/// the store only while it works on it, so that a store a reload dropped ends.
+async fn run_session(store: &Weak<Rabbit>, session: &Arc<Session>) -> Option<String> {
+    let broke = || Some("the connection broke".to_string());
+    // Delivery attaches once the proxy runs, right after the first connection.
+    while store.upgrade()?.dispatcher.get().is_none() {
+        tokio::select! {
+            () = session.broken.notified() => return broke(),
+            () = tokio::time::sleep(ATTACH_POLL) => {}
         }
-    };
-    tokio::select! {
-        () = attached => {}
-        () = session.broken.notified() => return "the connection broke".into(),
     }
-    if let Err(error) = this.subscribe(session).await {
-        return error;
+    if let Err(error) = store.upgrade()?.subscribe(session).await {
+        return Some(error);
     }
     loop {
         if session.lost.load(Ordering::SeqCst) {
-            return "the connection broke".into();
+            return broke();
         }
-        if let Err(error) = this.refresh_depths(session).await {
-            return format!("reading the queues failed: {error}");
+        if let Err(error) = store.upgrade()?.refresh_depths(session).await {
+            return Some(format!("reading the queues failed: {error}"));
         }
         tokio::select! {
             () = tokio::time::sleep(DEPTH_REFRESH) => {}
-            () = session.broken.notified() => return "the connection broke".into(),
+            () = session.broken.notified() => return broke(),
         }
     }
 }
@@ -860,9 +868,7 @@ impl Queue for Rabbit {
     }
 
     fn attach(&self, dispatcher: &Arc<Dispatcher>) {
-        if self.dispatcher.set(Arc::downgrade(dispatcher)).is_ok() {
-            self.attached.notify_one();
-        }
+        let _ = self.dispatcher.set(Arc::downgrade(dispatcher));
     }
 
     fn pending(&self, seq: u64) -> QueueFuture<'_, Result<Option<BufferedWrite>, String>> {
