@@ -287,9 +287,20 @@ impl RabbitMq {
 impl Drop for RabbitMq {
     fn drop(&mut self) {
         self.stop();
-        let _ = self
-            .command("epmd")
-            .args(["-port", &self.epmd_port.to_string(), "-kill"])
-            .status();
+        // epmd refuses to stop while it still lists the node, which it does for a moment after
+        // the node stopped: ask again, for at most 10 s.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let killed = self
+                .command("epmd")
+                .args(["-port", &self.epmd_port.to_string(), "-kill"])
+                .stdout(Stdio::piped())
+                .output()
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("Killed"));
+            if killed {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
