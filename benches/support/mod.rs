@@ -64,6 +64,12 @@ impl Writegate {
     }
 }
 
+impl Writegate {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Writegate {
     fn drop(&mut self) {
         let _ = self.child.kill();

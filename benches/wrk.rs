@@ -1,0 +1,400 @@
+//! The load users compare proxies with: `wrk`, one thread, 64 keep-alive connections, a Lua
+//! script sending `POST /kv/{key}` with a 64-byte body and the key also in `x-write-key`, keys
+//! drawn from 1,000 with Zipf 0.99 out of a ring of pre-built requests. Three fast backends
+//! (an empty 204 per request). Every proxy runs one worker with its access log off: writegate
+//! (least_conn, and consistent_hash with `serialize` coalescing), nginx (`least_conn`,
+//! `proxy_http_version 1.1`, upstream `keepalive 64`) and HAProxy (`leastconn`,
+//! `http-keep-alive`). Rounds are interleaved; each prints requests/s, p99 (wrk's) and the proxy's
+//! CPU time per request from /proc, and the end prints medians and writegate's ratios per proxy
+//! core.
+//!
+//! Skipped, with a message, where `wrk` is missing (`apt-get install wrk`); nginx and HAProxy
+//! rows only where they are installed (`apt-get install nginx-light haproxy`).
+//!
+//! Run: `cargo bench --bench wrk` (env: WG_BENCH_SECONDS=10, WG_BENCH_ROUNDS=3,
+//! WG_BENCH_CONNECTIONS=64).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::{env_or, free_port, wait_listening, Writegate};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WRK: &str = "/usr/bin/wrk";
+
+/// The wrk script: a ring of 8,192 requests whose keys follow Zipf 0.99 over 1,000 keys.
+const SCRIPT: &str = r#"
+local keys, exponent, ring_size = 1000, 0.99, 8192
+local ring, n = {}, 0
+init = function(args)
+  local cdf, sum = {}, 0
+  for k = 1, keys do sum = sum + 1 / (k ^ exponent); cdf[k] = sum end
+  math.randomseed(42)
+  local body = string.rep("v", 64)
+  for i = 1, ring_size do
+    local u, lo, hi = math.random() * sum, 1, keys
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      if cdf[mid] < u then lo = mid + 1 else hi = mid end
+    end
+    local key = "k" .. lo
+    ring[i] = wrk.format("POST", "/kv/" .. key, { ["x-write-key"] = key }, body)
+  end
+end
+request = function()
+  n = n % ring_size + 1
+  return ring[n]
+end
+"#;
+
+/// One proxy under load.
+struct Target {
+    name: &'static str,
+    port: u16,
+    /// The process whose CPU time (with its children's) is counted.
+    pid: u32,
+    /// The `Host` that picks writegate's route.
+    host: &'static str,
+}
+
+/// What one wrk run measured.
+#[derive(Clone, Copy, Default)]
+struct Run {
+    rps: f64,
+    p99_ms: f64,
+    cpu_us_per_request: f64,
+}
+
+fn main() {
+    if !Path::new(WRK).exists() {
+        println!("wrk benchmark skipped: {WRK} is not installed (apt-get install wrk)");
+        return;
+    }
+    let seconds = env_or("WG_BENCH_SECONDS", 10);
+    let rounds = env_or("WG_BENCH_ROUNDS", 3);
+    let connections = env_or("WG_BENCH_CONNECTIONS", 64);
+    let backends: Vec<SocketAddr> = (0..3).map(|_| spawn_backend()).collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = dir.path().join("zipf.lua");
+    std::fs::write(&script, SCRIPT).expect("write the wrk script");
+
+    let port = free_port();
+    let writegate = Writegate::start(dir.path(), &writegate_config(port, &backends), port);
+    let mut targets = vec![
+        Target {
+            name: "writegate least_conn",
+            port,
+            pid: writegate.pid(),
+            host: "lc.bench",
+        },
+        Target {
+            name: "writegate hash+serialize",
+            port,
+            pid: writegate.pid(),
+            host: "hash.bench",
+        },
+    ];
+    let nginx = Peer::nginx(dir.path(), &backends);
+    let haproxy = Peer::haproxy(dir.path(), &backends);
+    for (name, peer) in [("nginx", &nginx), ("haproxy", &haproxy)] {
+        match peer {
+            Some(peer) => targets.push(Target {
+                name,
+                port: peer.port,
+                pid: peer.child.id(),
+                host: "bench",
+            }),
+            None => println!("{name} is not installed: its row is left out"),
+        }
+    }
+    println!(
+        "wrk benchmark: 1 thread, {connections} connections, {seconds}s x {rounds} rounds, POST /kv/{{key}} (64 bytes, Zipf 0.99 over 1,000 keys)"
+    );
+    let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (target, runs) in targets.iter().zip(&mut runs) {
+            let run = wrk(target, &script, connections, seconds);
+            println!(
+                "  round {round} {:<26} {:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {:>5.1} µs/req ({:>7.0} req/s per core)",
+                target.name,
+                run.rps,
+                run.p99_ms,
+                run.cpu_us_per_request,
+                1e6 / run.cpu_us_per_request
+            );
+            runs.push(run);
+        }
+    }
+    println!("\nmedians over {rounds} rounds:");
+    let medians: Vec<Run> = runs.iter().map(|r| median(r)).collect();
+    for (target, m) in targets.iter().zip(&medians) {
+        println!(
+            "  {:<26} {:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {:>5.1} µs/req ({:>7.0} req/s per core)",
+            target.name,
+            m.rps,
+            m.p99_ms,
+            m.cpu_us_per_request,
+            1e6 / m.cpu_us_per_request
+        );
+    }
+    for (i, target) in targets.iter().enumerate().skip(2) {
+        for (w, wg) in targets.iter().enumerate().take(2) {
+            println!(
+                "  {} / {}: {:.2}x per core, p99 {:.2} vs {:.2} ms",
+                wg.name,
+                target.name,
+                medians[i].cpu_us_per_request / medians[w].cpu_us_per_request,
+                medians[w].p99_ms,
+                medians[i].p99_ms
+            );
+        }
+    }
+}
+
+fn writegate_config(port: u16, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|b| format!("{{ address = \"{b}\" }}"))
+        .collect();
+    let list = list.join(", ");
+    format!(
+        "[runtime]\nworkers = 1\n\n[log]\naccess_log = false\n\n\
+         [[listeners]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [[upstreams]]\nname = \"lc\"\nbackends = [{list}]\n\n\
+         [[upstreams]]\nname = \"hash\"\nbalance = \"consistent_hash\"\nbackends = [{list}]\n\n\
+         [[routes]]\nname = \"lc\"\nhost = \"lc.bench\"\nupstream = \"lc\"\n\n\
+         [[routes]]\nname = \"hash\"\nhost = \"hash.bench\"\nupstream = \"hash\"\nkey = \"header:x-write-key\"\n\n\
+         [routes.coalesce]\nmode = \"serialize\"\n"
+    )
+}
+
+/// Runs wrk against `target`; its rate, p99 and the proxy's CPU per request.
+fn wrk(target: &Target, script: &Path, connections: u64, seconds: u64) -> Run {
+    let before = process_cpu(target.pid);
+    let output = Command::new(WRK)
+        .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
+        .args(["--latency", "-H", &format!("Host: {}", target.host), "-s"])
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{}/", target.port))
+        .output()
+        .expect("run wrk");
+    let cpu = process_cpu(target.pid) - before;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let rps = field(&text, "Requests/sec:").unwrap_or(0.0);
+    let p99_ms = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("99%"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(millis)
+        .unwrap_or(f64::NAN);
+    if text.contains("Non-2xx") || text.contains("Socket errors") {
+        println!("  wrk reported errors for {}:\n{text}", target.name);
+    }
+    let requests = rps * seconds as f64;
+    Run {
+        rps,
+        p99_ms,
+        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests.max(1.0),
+    }
+}
+
+fn field(text: &str, name: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.trim_start().starts_with(name))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// wrk's latency ("812.00us", "2.51ms", "1.02s") in milliseconds.
+fn millis(text: &str) -> Option<f64> {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 0.001)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else {
+        (text.strip_suffix('s')?, 1000.0)
+    };
+    Some(number.parse::<f64>().ok()? * scale)
+}
+
+fn median(runs: &[Run]) -> Run {
+    let pick = |f: fn(&Run) -> f64| {
+        let mut values: Vec<f64> = runs.iter().map(f).collect();
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Run {
+        rps: pick(|r| r.rps),
+        p99_ms: pick(|r| r.p99_ms),
+        cpu_us_per_request: pick(|r| r.cpu_us_per_request),
+    }
+}
+
+/// User and system time of `pid` and its children (nginx's worker), from /proc.
+fn process_cpu(pid: u32) -> Duration {
+    let mut pids = vec![pid];
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        let numbered = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok());
+        pids.extend(
+            numbered.filter(|&p| stat(p).and_then(|f| f.get(1)?.parse().ok()) == Some(pid)),
+        );
+    }
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|&p| {
+            let f = stat(p)?;
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+/// The fields of /proc/PID/stat after the command name.
+fn stat(pid: u32) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = text.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// nginx or HAProxy, stopped when dropped.
+struct Peer {
+    child: Child,
+    port: u16,
+}
+
+impl Peer {
+    fn nginx(dir: &Path, backends: &[SocketAddr]) -> Option<Peer> {
+        let binary = Path::new("/usr/sbin/nginx");
+        if !binary.exists() {
+            return None;
+        }
+        let port = free_port();
+        let d = dir.display();
+        let servers: String = backends.iter().map(|b| format!("server {b}; ")).collect();
+        let config = format!(
+            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n\
+               proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               upstream backend {{ least_conn; {servers}keepalive 64; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
+                     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).ok()?;
+        let child = Command::new(binary)
+            .args(["-c", path.to_str()?, "-p", dir.to_str()?])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        wait_listening(port, "nginx");
+        Some(Peer { child, port })
+    }
+
+    fn haproxy(dir: &Path, backends: &[SocketAddr]) -> Option<Peer> {
+        let binary = Path::new("/usr/sbin/haproxy");
+        if !binary.exists() {
+            return None;
+        }
+        let port = free_port();
+        let servers: String = backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| format!("  server s{i} {b}\n"))
+            .collect();
+        let config = format!(
+            "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  balance leastconn\n  http-reuse always\n{servers}"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).ok()?;
+        let child = Command::new(binary)
+            .args(["-db", "-f", path.to_str()?])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        wait_listening(port, "haproxy");
+        Some(Peer { child, port })
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SIGTERM lets nginx's master stop its worker; a kill would orphan it.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fast backend on its own thread: an empty 204 for each request, once its body has arrived.
+fn spawn_backend() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("backend runtime");
+        runtime.block_on(async move {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(answer_204(stream));
+            }
+        });
+    });
+    rx.recv().expect("backend address")
+}
+
+async fn answer_204(mut stream: TcpStream) {
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        // Frames one request (head and content-length body) at the front of `buf`.
+        let framed = {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut request = httparse::Request::new(&mut headers);
+            match request.parse(&buf) {
+                Ok(httparse::Status::Complete(head)) => {
+                    let length = request
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                        .unwrap_or(0usize);
+                    (buf.len() >= head + length).then_some(head + length)
+                }
+                Ok(httparse::Status::Partial) => None,
+                Err(_) => return,
+            }
+        };
+        match framed {
+            Some(used) => {
+                buf.drain(..used);
+                if stream
+                    .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            None => {
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+    }
+}
