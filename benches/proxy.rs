@@ -41,8 +41,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::{HAPROXY_FORWARDING, NGINX_FORWARDING};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod support;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -1244,18 +1247,6 @@ impl Drop for Writegate {
     }
 }
 
-/// nginx directives adding what writegate adds to every request and response by default (see
-/// README, "What the backend sees"), so that each proxy sends the backend the same request and the client the
-/// same response: X-Forwarded-For/-Proto/-Host, Via both ways, an X-Request-Id, the client's Host.
-const NGINX_FORWARDING: &str = "      proxy_set_header Host $http_host;
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto $scheme;
-      proxy_set_header X-Forwarded-Host $host;
-      proxy_set_header Via \"1.1 nginx\";
-      proxy_set_header X-Request-Id $request_id;
-      add_header Via \"1.1 nginx\";
-";
-
 struct Nginx {
     child: Child,
     addr: SocketAddr,
@@ -1398,16 +1389,6 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 fn parent_pid(pid: u32) -> Option<u32> {
     stat_fields(pid)?.get(1)?.parse().ok()
 }
-
-/// The same forwarding headers for HAProxy's frontend (see [`NGINX_FORWARDING`]).
-const HAPROXY_FORWARDING: &str = "  option forwardfor
-  http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  http-request add-header Via \"1.1 haproxy\"
-  unique-id-format %{+X}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
-  unique-id-header X-Request-Id
-  http-response add-header Via \"1.1 haproxy\"
-";
 
 struct Haproxy {
     child: Child,

@@ -11,8 +11,13 @@
 //! Skipped, with a message, where `wrk` is missing (`apt-get install wrk`); nginx and HAProxy
 //! rows only where they are installed (`apt-get install nginx-light haproxy`).
 //!
+//! writegate adds `X-Forwarded-For`/`-Proto`/`-Host`, `Via` both ways and an `X-Request-Id` to
+//! every request; nginx and HAProxy are configured to add the same (as in `benches/proxy.rs`),
+//! unless `WG_BENCH_PEER_HEADERS=0`, which runs them as the issue that asked for this benchmark
+//! did: without.
+//!
 //! Run: `cargo bench --bench wrk` (env: WG_BENCH_SECONDS=10, WG_BENCH_ROUNDS=3,
-//! WG_BENCH_CONNECTIONS=64).
+//! WG_BENCH_CONNECTIONS=64, WG_BENCH_PEER_HEADERS=1).
 
 mod support;
 
@@ -21,7 +26,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{env_or, free_port, wait_listening, Writegate};
+use support::{env_or, free_port, wait_listening, Writegate, HAPROXY_FORWARDING, NGINX_FORWARDING};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -99,8 +104,11 @@ fn main() {
             host: "hash.bench",
         },
     ];
-    let nginx = Peer::nginx(dir.path(), &backends);
-    let haproxy = Peer::haproxy(dir.path(), &backends);
+    // writegate adds forwarding headers to every request (X-Forwarded-*, Via, X-Request-Id);
+    // by default the peers add the same, so that every proxy does the same work.
+    let same_headers = env_or("WG_BENCH_PEER_HEADERS", 1) == 1;
+    let nginx = Peer::nginx(dir.path(), &backends, same_headers);
+    let haproxy = Peer::haproxy(dir.path(), &backends, same_headers);
     for (name, peer) in [("nginx", &nginx), ("haproxy", &haproxy)] {
         match peer {
             Some(peer) => targets.push(Target {
@@ -269,7 +277,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn nginx(dir: &Path, backends: &[SocketAddr]) -> Option<Peer> {
+    fn nginx(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
         let binary = Path::new("/usr/sbin/nginx");
         if !binary.exists() {
             return None;
@@ -277,6 +285,7 @@ impl Peer {
         let port = free_port();
         let d = dir.display();
         let servers: String = backends.iter().map(|b| format!("server {b}; ")).collect();
+        let headers = if same_headers { NGINX_FORWARDING } else { "" };
         let config = format!(
             "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
              events {{ worker_connections 4096; }}\n\
@@ -284,7 +293,7 @@ impl Peer {
                proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
                upstream backend {{ least_conn; {servers}keepalive 64; }}\n\
                server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
-                     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+                     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{headers}    }}\n  }}\n}}\n"
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, config).ok()?;
@@ -298,7 +307,7 @@ impl Peer {
         Some(Peer { child, port })
     }
 
-    fn haproxy(dir: &Path, backends: &[SocketAddr]) -> Option<Peer> {
+    fn haproxy(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
         let binary = Path::new("/usr/sbin/haproxy");
         if !binary.exists() {
             return None;
@@ -309,9 +318,10 @@ impl Peer {
             .enumerate()
             .map(|(i, b)| format!("  server s{i} {b}\n"))
             .collect();
+        let headers = if same_headers { HAPROXY_FORWARDING } else { "" };
         let config = format!(
             "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  balance leastconn\n  http-reuse always\n{servers}"
+             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n{headers}backend b\n  balance leastconn\n  http-reuse always\n{servers}"
         );
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, config).ok()?;

@@ -227,3 +227,25 @@ async fn connection(
     }
     latencies
 }
+
+/// nginx directives adding what writegate adds to every request and response by default (see
+/// README, "What the backend sees"), so that each proxy sends the backend the same request and the client the
+/// same response: X-Forwarded-For/-Proto/-Host, Via both ways, an X-Request-Id, the client's Host.
+pub const NGINX_FORWARDING: &str = "      proxy_set_header Host $http_host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Forwarded-Host $host;
+      proxy_set_header Via \"1.1 nginx\";
+      proxy_set_header X-Request-Id $request_id;
+      add_header Via \"1.1 nginx\";
+";
+
+/// The same forwarding headers for HAProxy's frontend (see [`NGINX_FORWARDING`]).
+pub const HAPROXY_FORWARDING: &str = "  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via \"1.1 haproxy\"
+  unique-id-format %{+X}o\\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  unique-id-header X-Request-Id
+  http-response add-header Via \"1.1 haproxy\"
+";
