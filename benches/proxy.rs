@@ -105,7 +105,7 @@ fn main() {
             name: "nginx",
             addr: n.addr,
             host: "bench",
-            pid: Some(n.child.id()),
+            pid: Some(n.peer.pid()),
         });
     }
     if let Some(h) = &haproxy {
@@ -113,7 +113,7 @@ fn main() {
             name: "haproxy",
             addr: h.addr,
             host: "bench",
-            pid: Some(h.child.id()),
+            pid: Some(h.peer.pid()),
         });
     }
     // Open-loop latency at 25% and 50% of nginx's maximum rate (writegate's without nginx).
@@ -1248,19 +1248,12 @@ impl Drop for Writegate {
 }
 
 struct Nginx {
-    child: Child,
+    peer: support::Peer,
     addr: SocketAddr,
 }
 
 impl Nginx {
     fn start(dir: &Path, backend: SocketAddr) -> Option<Nginx> {
-        let binary = [
-            "/usr/sbin/nginx",
-            "/usr/local/sbin/nginx",
-            "/usr/local/nginx/sbin/nginx",
-        ]
-        .into_iter()
-        .find(|p| Path::new(p).exists())?;
         let addr = free_port();
         let d = dir.display();
         let config = format!(
@@ -1272,26 +1265,8 @@ impl Nginx {
                server {{\n    listen {addr};\n    location / {{\n      proxy_pass http://backend;\n\
                      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{NGINX_FORWARDING}    }}\n  }}\n}}\n"
         );
-        let path = dir.join("nginx.conf");
-        std::fs::write(&path, config).ok()?;
-        let child = Command::new(binary)
-            .args(["-c", path.to_str()?, "-p", dir.to_str()?])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        wait_listening(addr, "nginx");
-        Some(Nginx { child, addr })
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM lets the master stop its worker; kill() would orphan it.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        let peer = support::Peer::nginx(dir, addr.port(), &config)?;
+        Some(Nginx { peer, addr })
     }
 }
 
@@ -1391,37 +1366,19 @@ fn parent_pid(pid: u32) -> Option<u32> {
 }
 
 struct Haproxy {
-    child: Child,
+    peer: support::Peer,
     addr: SocketAddr,
 }
 
 impl Haproxy {
     fn start(dir: &Path, backend: SocketAddr) -> Option<Haproxy> {
-        let binary = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
         let addr = free_port();
         let config = format!(
             "global\n  maxconn 1000\n  nbthread 1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
              frontend f\n  bind {addr}\n  default_backend b\n{HAPROXY_FORWARDING}backend b\n  http-reuse always\n  server s1 {backend}\n"
         );
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, config).ok()?;
-        let child = Command::new(binary)
-            .args(["-db", "-f", path.to_str()?])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        wait_listening(addr, "haproxy");
-        Some(Haproxy { child, addr })
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let peer = support::Peer::haproxy(dir, addr.port(), &config)?;
+        Some(Haproxy { peer, addr })
     }
 }
 

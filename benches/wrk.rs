@@ -23,10 +23,10 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use support::{env_or, free_port, wait_listening, Writegate, HAPROXY_FORWARDING, NGINX_FORWARDING};
+use support::{env_or, free_port, Peer, Writegate, HAPROXY_FORWARDING, NGINX_FORWARDING};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -107,14 +107,14 @@ fn main() {
     // writegate adds forwarding headers to every request (X-Forwarded-*, Via, X-Request-Id);
     // by default the peers add the same, so that every proxy does the same work.
     let same_headers = env_or("WG_BENCH_PEER_HEADERS", 1) == 1;
-    let nginx = Peer::nginx(dir.path(), &backends, same_headers);
-    let haproxy = Peer::haproxy(dir.path(), &backends, same_headers);
+    let nginx = nginx(dir.path(), &backends, same_headers);
+    let haproxy = haproxy(dir.path(), &backends, same_headers);
     for (name, peer) in [("nginx", &nginx), ("haproxy", &haproxy)] {
         match peer {
             Some(peer) => targets.push(Target {
                 name,
                 port: peer.port,
-                pid: peer.child.id(),
+                pid: peer.pid(),
                 host: "bench",
             }),
             None => println!("{name} is not installed: its row is left out"),
@@ -270,80 +270,36 @@ fn stat(pid: u32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
-/// nginx or HAProxy, stopped when dropped.
-struct Peer {
-    child: Child,
-    port: u16,
+fn nginx(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
+    let port = free_port();
+    let d = dir.display();
+    let servers: String = backends.iter().map(|b| format!("server {b}; ")).collect();
+    let headers = if same_headers { NGINX_FORWARDING } else { "" };
+    let config = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           upstream backend {{ least_conn; {servers}keepalive 64; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
+                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{headers}    }}\n  }}\n}}\n"
+    );
+    Peer::nginx(dir, port, &config)
 }
 
-impl Peer {
-    fn nginx(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
-        let binary = Path::new("/usr/sbin/nginx");
-        if !binary.exists() {
-            return None;
-        }
-        let port = free_port();
-        let d = dir.display();
-        let servers: String = backends.iter().map(|b| format!("server {b}; ")).collect();
-        let headers = if same_headers { NGINX_FORWARDING } else { "" };
-        let config = format!(
-            "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n\
-               proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               upstream backend {{ least_conn; {servers}keepalive 64; }}\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
-                     proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{headers}    }}\n  }}\n}}\n"
-        );
-        let path = dir.join("nginx.conf");
-        std::fs::write(&path, config).ok()?;
-        let child = Command::new(binary)
-            .args(["-c", path.to_str()?, "-p", dir.to_str()?])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        wait_listening(port, "nginx");
-        Some(Peer { child, port })
-    }
-
-    fn haproxy(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
-        let binary = Path::new("/usr/sbin/haproxy");
-        if !binary.exists() {
-            return None;
-        }
-        let port = free_port();
-        let servers: String = backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| format!("  server s{i} {b}\n"))
-            .collect();
-        let headers = if same_headers { HAPROXY_FORWARDING } else { "" };
-        let config = format!(
-            "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
-             frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n{headers}backend b\n  balance leastconn\n  http-reuse always\n{servers}"
-        );
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, config).ok()?;
-        let child = Command::new(binary)
-            .args(["-db", "-f", path.to_str()?])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        wait_listening(port, "haproxy");
-        Some(Peer { child, port })
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        // SIGTERM lets nginx's master stop its worker; a kill would orphan it.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
+fn haproxy(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
+    let port = free_port();
+    let servers: String = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| format!("  server s{i} {b}\n"))
+        .collect();
+    let headers = if same_headers { HAPROXY_FORWARDING } else { "" };
+    let config = format!(
+        "global\n  maxconn 4096\n  nbthread 1\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n{headers}backend b\n  balance leastconn\n  http-reuse always\n{servers}"
+    );
+    Peer::haproxy(dir, port, &config)
 }
 
 /// A fast backend on its own thread: an empty 204 for each request, once its body has arrived.

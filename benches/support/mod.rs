@@ -249,3 +249,65 @@ pub const HAPROXY_FORWARDING: &str = "  option forwardfor
   unique-id-header X-Request-Id
   http-response add-header Via \"1.1 haproxy\"
 ";
+
+/// nginx or HAProxy running on a config of the benchmark's, stopped with SIGTERM when dropped
+/// (nginx's master then stops its worker; a kill would orphan it).
+pub struct Peer {
+    child: Child,
+    pub port: u16,
+}
+
+impl Peer {
+    /// nginx (`worker_processes`, paths and `listen` are the config's) on `dir/nginx.conf`.
+    pub fn nginx(dir: &Path, port: u16, config: &str) -> Option<Peer> {
+        let binary = [
+            "/usr/sbin/nginx",
+            "/usr/local/sbin/nginx",
+            "/usr/local/nginx/sbin/nginx",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).ok()?;
+        Peer::spawn(
+            binary,
+            &["-c", path.to_str()?, "-p", dir.to_str()?],
+            port,
+            "nginx",
+        )
+    }
+
+    /// HAProxy in the foreground on `dir/haproxy.cfg`.
+    pub fn haproxy(dir: &Path, port: u16, config: &str) -> Option<Peer> {
+        let binary = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())?;
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).ok()?;
+        Peer::spawn(binary, &["-db", "-f", path.to_str()?], port, "haproxy")
+    }
+
+    fn spawn(binary: &str, args: &[&str], port: u16, what: &str) -> Option<Peer> {
+        let child = Command::new(binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        wait_listening(port, what);
+        Some(Peer { child, port })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
