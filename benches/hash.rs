@@ -47,6 +47,8 @@ fn upstream(n: usize, algorithm: HashAlgorithm, factor: Option<f64>) -> (Balance
             balance_min_inflight: 0,
         }),
         backends,
+        discovery: None,
+        max_inflight_per_backend: None,
         admission: None,
         outlier: Default::default(),
         health_check: None,

@@ -29,6 +29,7 @@ use crate::admission::Limiter;
 use crate::buffer::{parse_receipt, RECEIPTS_PREFIX};
 use crate::byte_form::hex;
 use crate::config::{HashAlgorithm, UpstreamConfig};
+use crate::discovery::Discovered;
 use crate::proxy::buffered::receipt_response;
 use crate::proxy::ResponseBody;
 use crate::reload::{ReloadState, ReloadStatus};
@@ -211,12 +212,14 @@ fn upstream_readiness(snapshot: &Snapshot, name: &str) -> Response<ResponseBody>
     }
 }
 
+/// Seconds since the epoch, as JSON numbers are.
+fn time(t: Option<SystemTime>) -> Option<f64> {
+    t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
+}
+
 /// The `/status` document: the running config and what reloads did.
 fn status(snapshot: &Snapshot, reloads: &ReloadStatus) -> serde_json::Value {
-    let time = |t: Option<SystemTime>| {
-        t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map(|d| d.as_secs_f64())
-    };
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": uptime_seconds(),
@@ -245,8 +248,8 @@ fn upstreams_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
         .iter()
         .zip(snapshot.upstreams.iter())
         .map(|(config, upstream)| {
-            let backends: Vec<serde_json::Value> = config
-                .backends
+            let backends: Vec<serde_json::Value> = snapshot
+                .backend_configs(config)
                 .iter()
                 .map(|b| {
                     let member = upstream.members.iter().find(|m| m.backend.label() == b.label);
@@ -275,10 +278,26 @@ fn upstreams_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
                 "ready": upstream.has_usable_backend(),
                 "inflight": upstream.inflight.load(std::sync::atomic::Ordering::Relaxed),
                 "admission": upstream.admission.as_deref().map(limiter_status),
+                "discovery": snapshot.discovered.get(config.name.as_str()).map(discovery_status),
                 "backends": backends,
             })
         })
         .collect()
+}
+
+fn discovery_status(discovered: &Discovered) -> serde_json::Value {
+    let status = discovered.status.get();
+    serde_json::json!({
+        "name": discovered.config.describe(),
+        "backends": discovered.found.len(),
+        "last_lookup": time(status.last_lookup),
+        "last_result": status.last_result,
+        "ttl_seconds": status.ttl.map(|t| t.as_secs_f64()),
+        "error": status.error,
+        "empty_in_a_row": status.empty_in_a_row,
+        "failed_in_a_row": status.failed_in_a_row,
+        "changes": status.changes,
+    })
 }
 
 fn balance_name(config: &UpstreamConfig) -> String {

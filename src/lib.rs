@@ -22,7 +22,7 @@
 //! 5. [`admission`]: limits, queues and shedding. [`balance`]: choosing a backend (least
 //!    connections, consistent hashing, bounded loads). [`coalesce`]: per-key write queues.
 //!    [`idempotency`]: idempotency keys, their records and stores. [`buffer`]: durable write
-//!    buffering, receipts and delivery.
+//!    buffering, receipts and delivery. [`discovery`]: backends from DNS, watched for changes.
 //! 4. [`config`]: the TOML schema and its validation into a typed [`config::Config`].
 //! 3. [`http1`]: HTTP/1.1 for client connections (serving a [`http1::server::Handler`]) and
 //!    backend connections. [`key`]: the request key a route balances and coalesces on.
@@ -38,6 +38,7 @@ pub mod byte_form;
 pub mod coalesce;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod group_commit;
 pub mod http1;
 pub mod idempotency;

@@ -150,6 +150,13 @@ pub const BUFFER_REDELIVERED: &str = "writegate_buffer_redelivered_total";
 /// Counter, label `queue`: writes a RabbitMQ buffer kept in its local fallback log while the
 /// broker could not be reached (forwarded to it later).
 pub const BUFFER_SPOOLED: &str = "writegate_buffer_spooled_total";
+/// Counter, labels `upstream`, `result` (`records`, `empty`, `failed`): DNS lookups of an
+/// upstream's discovery name.
+pub const DISCOVERY_LOOKUPS: &str = "writegate_discovery_lookups_total";
+/// Counter, label `upstream`: answers that changed an upstream's discovered backends.
+pub const DISCOVERY_CHANGES: &str = "writegate_discovery_changes_total";
+/// Gauge, label `upstream`: backends an upstream's discovery has in service.
+pub const DISCOVERY_BACKENDS: &str = "writegate_discovery_backends";
 /// Buckets of [`BUFFER_BATCH`].
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0];
 
@@ -331,6 +338,21 @@ fn describe() {
         BUFFER_REDELIVERED,
         Unit::Count,
         "Messages of a buffer RabbitMQ delivered again after a consumer ended."
+    );
+    describe_counter!(
+        DISCOVERY_LOOKUPS,
+        Unit::Count,
+        "DNS lookups of an upstream's discovery name, by result (records, empty, failed)."
+    );
+    describe_counter!(
+        DISCOVERY_CHANGES,
+        Unit::Count,
+        "DNS answers that changed an upstream's discovered backends."
+    );
+    describe_gauge!(
+        DISCOVERY_BACKENDS,
+        Unit::Count,
+        "Backends an upstream's DNS discovery has in service."
     );
     describe_counter!(
         UPSTREAM_CONNECTIONS,

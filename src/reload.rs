@@ -1,5 +1,7 @@
 //! Hot reload: watch the config file, and on a change (or SIGHUP) load it, validate it, build the
-//! next snapshot and swap it in, all off the request path.
+//! next snapshot and swap it in, all off the request path. The [`Reloader`] is the one writer of
+//! the snapshot cell: it also applies DNS discovery's changed answers (see [`crate::discovery`]),
+//! one at a time with reloads, so that neither undoes the other.
 //!
 //! The watch is on the file's directory, not the file: editors that write a new file and rename
 //! it over the old one, and Kubernetes ConfigMaps that swap a symlink, both replace the file, and
@@ -26,6 +28,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use crate::discovery::{self, Update, Watcher};
 use crate::snapshot::Snapshot;
 use crate::upstream::checks::HealthChecks;
 
@@ -119,56 +122,134 @@ impl Triggers {
     }
 }
 
-/// Reloads one config file into one snapshot cell.
+/// Reloads one config file into one snapshot cell, and applies discovery's answers to it.
 pub struct Reloader {
     pub path: PathBuf,
     pub snapshots: Arc<ArcSwap<Snapshot>>,
     pub state: Arc<ReloadState>,
     pub checks: HealthChecks,
-    pub triggers: Triggers,
+    /// `None` when reloading is off: the reloader then only applies discovery answers.
+    pub triggers: Option<Triggers>,
+    pub discovery: DiscoveryWatch,
+}
+
+/// The watchers of the discovered upstreams of the snapshot in service, and their answers.
+pub struct DiscoveryWatch {
+    updates: mpsc::Receiver<Update>,
+    sender: mpsc::Sender<Update>,
+    /// By upstream name, each with the discovery config it watches.
+    watchers: Vec<(Box<str>, crate::config::DiscoveryConfig, Watcher)>,
+}
+
+impl Default for DiscoveryWatch {
+    fn default() -> DiscoveryWatch {
+        let (sender, updates) = mpsc::channel(16);
+        DiscoveryWatch {
+            updates,
+            sender,
+            watchers: Vec::new(),
+        }
+    }
+}
+
+impl DiscoveryWatch {
+    /// Starts a watcher for each discovered upstream of `snapshot` that has none, and stops those
+    /// whose upstream or discovery config is gone.
+    fn sync(&mut self, snapshot: &Snapshot) {
+        self.watchers.retain(|(name, config, _)| {
+            snapshot
+                .discovered
+                .get(name)
+                .is_some_and(|d| d.config == *config)
+        });
+        for (name, discovered) in &snapshot.discovered {
+            if !self.watchers.iter().any(|(n, _, _)| n == name) {
+                let watcher = discovery::watch(name, discovered, self.sender.clone());
+                self.watchers
+                    .push((name.clone(), discovered.config.clone(), watcher));
+            }
+        }
+    }
+}
+
+/// What woke the reloader.
+enum Event {
+    FileChanged,
+    Hangup,
+    Discovered(Update),
 }
 
 impl Reloader {
-    /// Watches for changes and SIGHUP until `stop` flips.
+    /// Watches for changes, SIGHUP and discovery answers until `stop` flips.
     ///
     /// Each version of the files is judged once: `judged` holds the bytes of the last version
     /// tried, refused or not, so that events that change none of them (a log file written in the
     /// same directory) try nothing again. `running` holds the bytes of the config in service: a
     /// file edited back to them clears the error that a refused version left in `/status`.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
-        let mut running = self.triggers.last_inputs.take();
+        let mut running = self.triggers.as_mut().and_then(|t| t.last_inputs.take());
         let mut judged = running.clone();
+        self.discovery.sync(&self.snapshots.load());
         loop {
-            let events = &mut self.triggers.events;
-            let hangup = &mut self.triggers.hangup;
-            let forced = tokio::select! {
-                _ = stop.changed() => return,
-                Some(()) = events.recv() => false,
-                Some(()) = recv_signal(hangup) => true,
+            let (events, hangup) = match &mut self.triggers {
+                Some(t) => (Some(&mut t.events), t.hangup.as_mut()),
+                None => (None, None),
             };
-            if !forced {
-                settle(events).await;
-                let files = input_files(&self.snapshots.load().config);
-                let now = tokio::task::spawn_blocking(move || read_inputs(&files))
-                    .await
-                    .ok()
-                    .flatten();
-                if now.is_some() && now == judged {
-                    continue; // an event in a watched directory that changed none of our files
-                }
-                judged = now.clone();
-                if now.is_some() && now == running {
-                    self.back_to_running();
+            let event = tokio::select! {
+                _ = stop.changed() => return,
+                Some(()) = recv_event(events) => Event::FileChanged,
+                Some(()) = recv_signal(hangup) => Event::Hangup,
+                Some(update) = self.discovery.updates.recv() => Event::Discovered(update),
+            };
+            match event {
+                Event::Discovered(update) => {
+                    self.rediscover(update).await;
                     continue;
                 }
-            } else {
-                tracing::info!("SIGHUP received: reloading the config");
+                Event::Hangup => tracing::info!("SIGHUP received: reloading the config"),
+                Event::FileChanged => {
+                    let Some(triggers) = &mut self.triggers else {
+                        continue;
+                    };
+                    settle(&mut triggers.events).await;
+                    let files = input_files(&self.snapshots.load().config);
+                    let now = tokio::task::spawn_blocking(move || read_inputs(&files))
+                        .await
+                        .ok()
+                        .flatten();
+                    if now.is_some() && now == judged {
+                        continue; // an event in a watched directory that changed none of our files
+                    }
+                    judged = now.clone();
+                    if now.is_some() && now == running {
+                        self.back_to_running();
+                        continue;
+                    }
+                }
             }
             if let Some(inputs) = self.reload().await {
                 running = Some(inputs);
                 judged = running.clone();
             }
         }
+    }
+
+    /// Builds and swaps in the snapshot with one upstream's new discovered set.
+    async fn rediscover(&mut self, update: Update) {
+        let current = self.snapshots.load_full();
+        let built = tokio::task::spawn_blocking(move || current.rediscovered(update)).await;
+        if let Ok(Some(next)) = built {
+            self.publish(Arc::new(next));
+        }
+    }
+
+    /// Swaps `snapshot` in and starts what follows it: buffer delivery, the health checks of its
+    /// backends, the watchers of its discovery names.
+    fn publish(&mut self, snapshot: Arc<Snapshot>) {
+        self.snapshots.store(Arc::clone(&snapshot));
+        crate::proxy::buffered::ensure_delivery(&self.snapshots);
+        self.checks = HealthChecks::start(&snapshot.config.upstreams, &snapshot.upstreams);
+        self.discovery.sync(&snapshot);
     }
 
     /// The files hold the running config again, after a refused edit: nothing to reload, and
@@ -201,9 +282,7 @@ impl Reloader {
                 changes,
                 inputs,
             }) => {
-                self.snapshots.store(Arc::clone(&snapshot));
-                crate::proxy::buffered::ensure_delivery(&self.snapshots);
-                self.checks = HealthChecks::start(&snapshot.config.upstreams, &snapshot.upstreams);
+                self.publish(snapshot);
                 tracing::info!(file = %self.path.display(), changes = %changes, "config reloaded");
                 metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "success")
                     .increment(1);
@@ -237,9 +316,16 @@ impl Reloader {
     }
 }
 
-async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+async fn recv_signal(signal: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
     match signal {
         Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_event(events: Option<&mut mpsc::Receiver<()>>) -> Option<()> {
+    match events {
+        Some(e) => e.recv().await,
         None => std::future::pending().await,
     }
 }

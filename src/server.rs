@@ -8,6 +8,7 @@
 //! included); HTTP/2 ones (ALPN `h2`, or the prior-knowledge preface) by hyper's HTTP/2 server with
 //! an idle timeout of our own, so a silent client cannot hold a connection.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -30,10 +31,11 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admin::AdminService;
 use crate::config::{Config, ListenerConfig};
+use crate::discovery::{self, Discovered};
 use crate::http1;
 use crate::http1::server::{ClientIo, Served, StopSignal, Timeouts};
 use crate::proxy::{ClientConn, ConnActivity, ProxyService};
-use crate::reload::{ReloadState, Reloader, Triggers};
+use crate::reload::{DiscoveryWatch, ReloadState, Reloader, Triggers};
 use crate::snapshot::Snapshot;
 use crate::upstream::checks::HealthChecks;
 
@@ -93,7 +95,8 @@ impl Proxy {
             })?),
             None => None,
         };
-        let snapshot = Snapshot::build(config, None);
+        let snapshot =
+            Snapshot::build_with(Arc::clone(&config), None, first_discovery(&config).await);
         for buffer in snapshot.buffers() {
             buffer
                 .queue
@@ -148,20 +151,16 @@ impl Proxy {
         crate::proxy::buffered::ensure_delivery(&self.snapshots);
         let snapshot = self.snapshots.load();
         let checks = HealthChecks::start(&snapshot.config.upstreams, &snapshot.upstreams);
-        // Without reloads the first set of health checks runs until shutdown.
-        let _checks = if let Some(triggers) = self.reload {
-            let reloader = Reloader {
-                path: self.snapshots.load().config.path.clone(),
-                snapshots: Arc::clone(&self.snapshots),
-                state: Arc::clone(&self.reload_state),
-                checks,
-                triggers,
-            };
-            tokio::spawn(reloader.run(stop_rx.clone()));
-            None
-        } else {
-            Some(checks)
+        // The reloader runs also without reloads: it applies DNS discovery's answers.
+        let reloader = Reloader {
+            path: snapshot.config.path.clone(),
+            snapshots: Arc::clone(&self.snapshots),
+            state: Arc::clone(&self.reload_state),
+            checks,
+            triggers: self.reload,
+            discovery: DiscoveryWatch::default(),
         };
+        tokio::spawn(reloader.run(stop_rx.clone()));
         // Every task holds a clone of `alive`; `drained` sees `None` once all have ended.
         let (alive, mut drained) = mpsc::channel::<()>(1);
         for (index, bound) in self.listeners.into_iter().enumerate() {
@@ -245,7 +244,24 @@ impl Proxy {
     }
 }
 
-/// What one client connection of a listener needs.
+/// Resolves every discovery name once, at the same time, so that the proxy starts with the
+/// backends DNS has (a name that does not resolve starts empty and is asked again soon).
+async fn first_discovery(config: &Config) -> HashMap<Box<str>, Discovered> {
+    let lookups = config.upstreams.iter().filter_map(|u| {
+        let d = u.discovery.as_ref()?;
+        Some(async move {
+            (
+                Box::<str>::from(u.name.as_str()),
+                discovery::first(&u.name, d).await,
+            )
+        })
+    });
+    futures_util::future::join_all(lookups)
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// What every connection of one listener shares.
 struct ListenerShared {
     index: usize,

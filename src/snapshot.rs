@@ -3,7 +3,9 @@
 //! A request loads the current [`Snapshot`] once, at its start, and uses it to the end, so a reload
 //! never changes the rules under a request in flight. Building a snapshot reuses the live
 //! [`Backend`] state of the previous one for every unchanged address: in-flight counts and pooled
-//! connections survive a reload.
+//! connections survive a reload. An upstream's discovered backends ([`Discovered`]) are part of
+//! the snapshot too: a reload keeps them while the upstream's `discovery` stays the same, and a
+//! changed DNS answer builds the next snapshot from the same config (see [`Snapshot::rediscovered`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +14,8 @@ use crate::admission::Limiter;
 use crate::balance::Balancer;
 use crate::buffer::Buffer;
 use crate::coalesce::Coalescer;
-use crate::config::{BufferConfig, CoalesceMode, Config, IdempotencyStore};
+use crate::config::{BufferConfig, CoalesceMode, Config, IdempotencyStore, UpstreamConfig};
+use crate::discovery::{Discovered, Update};
 use crate::idempotency::{store, Store};
 use crate::metrics::RouteMetrics;
 use crate::route::{Route, Router};
@@ -26,11 +29,53 @@ pub struct Snapshot {
     pub upstreams: Box<[Upstream]>,
     /// Counters for requests that matched no route (labelled `route="-"`).
     pub unrouted: RouteMetrics,
+    /// The discovered backends of each upstream with `discovery`, by upstream name.
+    pub discovered: HashMap<Box<str>, Discovered>,
 }
 
 impl Snapshot {
-    /// Builds the snapshot for `config`, taking over live backend state from `previous`.
+    /// Builds the snapshot for `config`, taking over live backend state from `previous`, and
+    /// the discovered backends of upstreams whose `discovery` did not change.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
+        let mut discovered = HashMap::new();
+        for u in &config.upstreams {
+            let Some(wanted) = &u.discovery else { continue };
+            let kept = previous
+                .and_then(|p| p.discovered.get(u.name.as_str()))
+                .filter(|d| d.config == *wanted)
+                .cloned();
+            let fresh = || Discovered::unresolved(wanted);
+            discovered.insert(u.name.as_str().into(), kept.unwrap_or_else(fresh));
+        }
+        Snapshot::build_with(config, previous, discovered)
+    }
+
+    /// The next snapshot after a discovery `update`: same config, one upstream's set changed.
+    /// `None` when the update is stale (a reload changed or removed that upstream's discovery).
+    pub fn rediscovered(&self, update: Update) -> Option<Snapshot> {
+        let current = self.discovered.get(&update.upstream)?;
+        if current.config != update.config {
+            return None;
+        }
+        let mut discovered = self.discovered.clone();
+        let changed = Discovered {
+            found: update.found,
+            ..current.clone()
+        };
+        discovered.insert(update.upstream, changed);
+        Some(Snapshot::build_with(
+            Arc::clone(&self.config),
+            Some(self),
+            discovered,
+        ))
+    }
+
+    /// Builds the snapshot for `config` with these discovered sets.
+    pub fn build_with(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        discovered: HashMap<Box<str>, Discovered>,
+    ) -> Snapshot {
         // Live state is kept per address as written: "https://a:443" and "a:443" are different.
         let mut live: HashMap<String, Arc<Backend>> = previous
             .map(|p| {
@@ -47,18 +92,25 @@ impl Snapshot {
             .iter()
             .zip(&config.upstream_tls)
             .map(|(u, tls)| {
-                let members: Box<[Member]> = u
-                    .backends
-                    .iter()
-                    .filter(|b| !b.down)
-                    .map(|b| {
+                let found = discovered
+                    .get(u.name.as_str())
+                    .map(|d| d.backends(u))
+                    .unwrap_or_default();
+                // A backend DNS adds to a running proxy waits for its health checks to pass.
+                let probation = previous.is_some() && u.health_check.is_some();
+                let statics = u.backends.iter().filter(|b| !b.down).map(|b| (b, false));
+                let members: Box<[Member]> = statics
+                    .chain(found.iter().map(|b| (b, probation)))
+                    .map(|(b, probation)| {
                         let backend = live.entry(b.label.clone()).or_insert_with(|| {
                             let tls = tls.clone().zip(
                                 b.tls_name
                                     .clone()
                                     .and_then(|n| rustls_pki_types::ServerName::try_from(n).ok()),
                             );
-                            Arc::new(Backend::with_tls(b.address, &b.label, tls))
+                            let backend = Backend::with_tls(b.address, &b.label, tls);
+                            backend.health.set_actively_down(probation);
+                            Arc::new(backend)
                         });
                         let mut member = Member::new(Arc::clone(backend), b.weight.get(), &u.name);
                         member.max_inflight = b.max_inflight;
@@ -112,6 +164,7 @@ impl Snapshot {
             router,
             upstreams,
             unrouted: RouteMetrics::new("-"),
+            discovered,
         }
     }
 
@@ -139,6 +192,15 @@ impl Snapshot {
             }
         }
         open
+    }
+
+    /// The backends of `upstream` as this snapshot has them: static ones first, then discovered.
+    pub fn backend_configs(&self, upstream: &UpstreamConfig) -> Vec<crate::config::BackendConfig> {
+        let mut all = upstream.backends.clone();
+        if let Some(d) = self.discovered.get(upstream.name.as_str()) {
+            all.extend(d.backends(upstream));
+        }
+        all
     }
 
     /// Every backend of every upstream (an address listed in two upstreams appears twice).

@@ -762,3 +762,45 @@ fn rabbitmq_buffer_sections_are_checked_with_positions() {
         other => panic!("not rabbitmq: {other:?}"),
     }
 }
+
+#[test]
+fn discovery_alone_is_enough_and_its_mistakes_have_positions() {
+    let discovered = BASE.replace(
+        "backends = [{ address = \"127.0.0.1:9001\" }]",
+        "discovery = { dns = \"writers.internal:8080\", resolvers = [\"10.0.0.2\", \"10.0.0.3:5353\"] }",
+    );
+    let config = Config::parse(Path::new("w.toml"), &discovered).unwrap();
+    let d = config.upstreams[0].discovery.as_ref().unwrap();
+    assert!(config.upstreams[0].backends.is_empty());
+    assert_eq!(d.describe(), "writers.internal:8080");
+    assert_eq!(d.resolvers[0].to_string(), "10.0.0.2:53");
+    assert_eq!(d.resolvers[1].to_string(), "10.0.0.3:5353");
+    assert_eq!(d.empty_after, 3);
+    let srv = discovered.replace("writers.internal:8080", "_http._tcp.writers.service.consul");
+    Config::parse(Path::new("w.toml"), &srv).unwrap();
+
+    let neither = BASE.replace("backends = [{ address = \"127.0.0.1:9001\" }]", "");
+    assert_one(&neither, 6, 8, "list `backends` or set `discovery`");
+    let cases = [
+        ("_http._tcp.x.consul:80", "takes its ports from its records"),
+        ("writers.internal", "expected HOST:PORT"),
+        ("10.0.0.1:8080", "list it under `backends`"),
+        ("bad name:80", "not a DNS name"),
+    ];
+    for (name, needle) in cases {
+        let text = discovered.replace("writers.internal:8080", name);
+        assert_one(&text, 7, 21, needle);
+    }
+    let text = discovered.replace("\"10.0.0.2\"", "\"resolver\"");
+    assert_one(&text, 7, 59, "bad resolver \"resolver\"");
+    let text = discovered.replace(
+        "resolvers = [\"10.0.0.2\", \"10.0.0.3:5353\"]",
+        "min_refresh = \"10s\", max_refresh = \"5s\"",
+    );
+    assert_one(&text, 7, 60, "min_refresh is longer than max_refresh");
+    let text = discovered.replace(
+        "resolvers = [\"10.0.0.2\", \"10.0.0.3:5353\"]",
+        "empty_after = 0",
+    );
+    assert_one(&text, 7, 60, "empty_after 0 is out of range");
+}

@@ -9,7 +9,7 @@
 //!  3  http1  key                    the HTTP/1 protocol driver; request keys
 //!  4  config                        the file schema and the validated config
 //!  5  admission  balance  coalesce  features, each with its own state and errors
-//!     idempotency  buffer
+//!     idempotency  buffer  discovery
 //!  6  route  upstream               routing; backends, pools and health
 //!  7  snapshot                      one config's runtime state
 //!  8  proxy                         the request pipeline; the one mapping of errors to responses
@@ -28,7 +28,14 @@ const LAYERS: &[&[&str]] = &[
     &["wire"],
     &["http1", "key"],
     &["config"],
-    &["admission", "balance", "coalesce", "idempotency", "buffer"],
+    &[
+        "admission",
+        "balance",
+        "coalesce",
+        "idempotency",
+        "buffer",
+        "discovery",
+    ],
     &["route", "upstream"],
     &["snapshot"],
     &["proxy"],

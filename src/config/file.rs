@@ -87,12 +87,26 @@ pub struct UpstreamSection {
     pub hash_algorithm: Option<Spanned<HashAlgorithmKind>>,
     pub hash_balance_factor: Option<Spanned<f64>>,
     pub hash_balance_min_inflight: Option<Spanned<i64>>,
-    pub backends: Spanned<Vec<BackendEntry>>,
+    pub backends: Option<Spanned<Vec<BackendEntry>>>,
+    pub discovery: Option<Spanned<DiscoverySection>>,
     pub max_inflight_per_backend: Option<Spanned<i64>>,
     pub tls_ca: Option<Spanned<String>>,
     pub admission: Option<Spanned<AdmissionSection>>,
     pub outlier_detection: Option<OutlierSection>,
     pub health_check: Option<HealthCheckSection>,
+}
+
+/// `discovery = { dns = "...", ... }`: backends from DNS.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySection {
+    pub dns: Spanned<String>,
+    pub resolvers: Option<Vec<Spanned<String>>>,
+    pub min_refresh: Option<Spanned<String>>,
+    pub max_refresh: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub empty_after: Option<Spanned<i64>>,
+    pub weight: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@
 //! because a bad hot reload must leave the running proxy untouched.
 
 mod buffer;
+mod discovery;
 mod error;
 pub mod file;
 mod idempotency;
@@ -31,6 +32,10 @@ use toml::Spanned;
 use crate::key::{KeyRule, KeySource, OnMissingKey};
 pub use buffer::{
     BufferConfig, BufferStore, BufferSync, BufferWhen, RabbitSettings, DEFAULT_BUFFER_MIN_FREE,
+};
+pub use discovery::{
+    DiscoveryConfig, DnsName, DEFAULT_DISCOVERY_TIMEOUT, DEFAULT_EMPTY_AFTER, DEFAULT_MAX_REFRESH,
+    DEFAULT_MIN_REFRESH,
 };
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
@@ -228,7 +233,12 @@ pub struct UpstreamConfig {
     pub name: String,
     /// `None` is least connections.
     pub consistent_hash: Option<HashConfig>,
+    /// The static `backends`.
     pub backends: Vec<BackendConfig>,
+    /// Backends from DNS, added to the static ones.
+    pub discovery: Option<DiscoveryConfig>,
+    /// `max_inflight_per_backend`, for discovered backends.
+    pub max_inflight_per_backend: Option<usize>,
     pub admission: Option<AdmissionConfig>,
     pub outlier: OutlierConfig,
     pub health_check: Option<HealthCheckConfig>,
@@ -413,6 +423,25 @@ impl Config {
                 Some(h) => format!("consistent_hash ({:?})", h.algorithm).to_lowercase(),
             };
             let _ = write!(out, "\n  {:<12} {balance}", u.name);
+            if let Some(d) = &u.discovery {
+                let resolvers = if d.resolvers.is_empty() {
+                    "the system resolver".to_string()
+                } else {
+                    d.resolvers
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let _ = write!(
+                    out,
+                    "\n    discovery {} via {resolvers}, refresh {:?}..{:?}, empty after {}",
+                    d.describe(),
+                    d.min_refresh,
+                    d.max_refresh,
+                    d.empty_after
+                );
+            }
             for b in &u.backends {
                 let mut line = format!("\n    {:<28} weight {}", b.label, b.weight);
                 if let Some(max) = b.max_inflight {

@@ -122,6 +122,7 @@ impl Validator<'_, '_> {
             .map(|u| {
                 let tls_ca_span = u.tls_ca.as_ref().map(Spanned::span);
                 let tls_ca = u.tls_ca.as_ref().map(|c| self.path(c.get_ref()));
+                let name_span = u.name.span();
                 let consistent_hash = self.hash_config(&u);
                 let default_backend_limit = u
                     .max_inflight_per_backend
@@ -130,14 +131,19 @@ impl Validator<'_, '_> {
                 let outlier = self.outlier(u.outlier_detection);
                 let health_check = u.health_check.map(|h| self.health_check(h));
                 let name = u.name.into_inner();
-                let backends_span = u.backends.span();
-                let entries = u.backends.into_inner();
-                if entries.is_empty() {
+                let has_discovery = u.discovery.is_some();
+                let discovery = u.discovery.and_then(|d| self.discovery(d));
+                let backends_span = u.backends.as_ref().map_or(name_span.clone(), Spanned::span);
+                let entries = u.backends.map(Spanned::into_inner);
+                if entries.as_ref().is_none_or(Vec::is_empty) && !has_discovery {
                     self.sink.at(
                         backends_span.clone(),
-                        format!("upstream {name:?} has no backends"),
+                        format!(
+                            "upstream {name:?} has no backends: list `backends` or set `discovery`"
+                        ),
                     );
                 }
+                let entries = entries.unwrap_or_default();
                 let mut seen = HashSet::new();
                 let mut backends = Vec::new();
                 for entry in entries {
@@ -174,7 +180,8 @@ impl Validator<'_, '_> {
                         format!("upstream {name:?} lists more than {MAX_HASH_BACKENDS} backends"),
                     );
                 }
-                let uses_tls = backends.iter().any(|b| b.tls_name.is_some());
+                let uses_tls = backends.iter().any(|b| b.tls_name.is_some())
+                    || discovery.as_ref().is_some_and(|d| d.https);
                 let tls = if uses_tls {
                     match crate::tls::client_config(tls_ca.as_deref()) {
                         Ok(config) => Some(config),
@@ -192,6 +199,8 @@ impl Validator<'_, '_> {
                     name,
                     consistent_hash,
                     backends,
+                    discovery,
+                    max_inflight_per_backend: default_backend_limit,
                     admission,
                     outlier,
                     health_check,

@@ -3,8 +3,9 @@
 //! A check passes when the backend answers within `timeout` with a status in `expected_status`.
 //! `unhealthy_threshold` failures in a row take the backend out of rotation; `healthy_threshold`
 //! passes in a row bring it back. Each check uses a fresh connection, so a check also proves that
-//! the backend accepts connections. Backends start healthy: a new backend serves at once and is
-//! taken out only by evidence.
+//! the backend accepts connections. Backends from the config start healthy: a new one serves at
+//! once and is taken out only by evidence. Backends that DNS discovery adds to a running proxy
+//! start out of rotation (on probation) and come in after `healthy_threshold` passes.
 
 use std::sync::Arc;
 
@@ -65,11 +66,19 @@ async fn check_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let (mut passes, mut failures) = (0u32, 0u32);
+    // A backend that is out of rotation (on probation, or failing) is checked at once: it may be
+    // ready by now, and a reload must not hold it out for another interval.
+    let mut wait = if backend.health.actively_down() {
+        std::time::Duration::ZERO
+    } else {
+        config.interval
+    };
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(config.interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
+        wait = config.interval;
         let result = check(&backend, &config).await;
         let down = backend.health.actively_down();
         match result {

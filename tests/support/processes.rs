@@ -304,3 +304,96 @@ impl Drop for RabbitMq {
         }
     }
 }
+
+/// A `dnsmasq` of this test's own on a free loopback port. It answers for names under `.test`
+/// only, from two files of the test's: `hosts` (A/AAAA records, re-read on SIGHUP) and
+/// `records.conf` (`srv-host=` lines, which dnsmasq reads only at start: changing them restarts
+/// it on the same port). Names it does not know get NXDOMAIN.
+pub struct Dnsmasq {
+    pub port: u16,
+    binary: &'static str,
+    process: Option<Killed>,
+    dir: tempfile::TempDir,
+}
+
+/// Starts `dnsmasq` with these hosts lines and SRV lines; `None` (skipped) where it is not
+/// installed.
+pub fn start_dnsmasq(test: &str, hosts: &str, records: &str) -> Option<Dnsmasq> {
+    let binary = external_binary("/usr/sbin/dnsmasq", test, "dnsmasq")?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("hosts"), hosts).expect("write hosts");
+    std::fs::write(dir.path().join("records.conf"), records).expect("write records");
+    let mut dnsmasq = Dnsmasq {
+        port: free_port(),
+        binary,
+        process: None,
+        dir,
+    };
+    dnsmasq.start();
+    Some(dnsmasq)
+}
+
+impl Dnsmasq {
+    /// `127.0.0.1:PORT`, as `resolvers` takes it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (or starts again) on the same port, and waits until it takes connections.
+    pub fn start(&mut self) {
+        let file = |name: &str| self.dir.path().join(name).display().to_string();
+        let child = Command::new(self.binary)
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+            ])
+            .args([
+                "--listen-address=127.0.0.1",
+                "--local=/test/",
+                "--user=root",
+            ])
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--addn-hosts={}", file("hosts")))
+            .arg(format!("--conf-file={}", file("records.conf")))
+            .arg(format!("--pid-file={}", file("dnsmasq.pid")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        self.process = Some(Killed(child));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "dnsmasq did not listen on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops it (SIGKILL): lookups time out or are refused until [`start`](Dnsmasq::start).
+    pub fn stop(&mut self) {
+        self.process = None;
+    }
+
+    /// Replaces the A/AAAA records and has dnsmasq re-read them (SIGHUP).
+    pub fn set_hosts(&self, hosts: &str) {
+        std::fs::write(self.dir.path().join("hosts"), hosts).expect("write hosts");
+        let pid = self.process.as_ref().expect("dnsmasq runs").0.id();
+        let status = Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {pid} failed");
+    }
+
+    /// Replaces the SRV lines: dnsmasq is restarted on the same port to read them.
+    pub fn set_records(&mut self, records: &str) {
+        std::fs::write(self.dir.path().join("records.conf"), records).expect("write records");
+        self.stop();
+        self.start();
+    }
+}
