@@ -28,8 +28,10 @@ use std::time::{Instant, SystemTime};
 use crate::admission::Limiter;
 use crate::buffer::{parse_receipt, RECEIPTS_PREFIX};
 use crate::byte_form::hex;
+use crate::cluster::Cluster;
+use crate::config::OnPeerDown;
 use crate::config::{HashAlgorithm, UpstreamConfig};
-use crate::discovery::Discovered;
+use crate::discovery::{Discovered, CLUSTER_PEERS};
 use crate::proxy::buffered::receipt_response;
 use crate::proxy::ResponseBody;
 use crate::reload::{ReloadState, ReloadStatus};
@@ -227,6 +229,7 @@ fn status(snapshot: &Snapshot, reloads: &ReloadStatus) -> serde_json::Value {
         // The process serves; each upstream says whether it has a usable backend.
         "ready": true,
         "upstreams": upstreams_status(snapshot),
+        "cluster": snapshot.cluster.as_ref().map(|c| cluster_status(snapshot, c)),
         "routes": routes_status(snapshot),
         "reload": {
             "ok": reloads.error.is_none(),
@@ -283,6 +286,37 @@ fn upstreams_status(snapshot: &Snapshot) -> Vec<serde_json::Value> {
             })
         })
         .collect()
+}
+
+fn cluster_status(snapshot: &Snapshot, cluster: &Cluster) -> serde_json::Value {
+    let now = clock_ms();
+    let peers: Vec<serde_json::Value> = cluster
+        .peers
+        .members
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let (requests, errors) = m.backend.exchange_counts();
+            serde_json::json!({
+                "address": m.backend.label(),
+                "self": cluster.self_index() == Some(i),
+                "usable": m.usable(now),
+                "ejected": m.backend.health.is_ejected(now),
+                "inflight": m.backend.inflight(),
+                "forwarded": requests,
+                "errors": errors,
+            })
+        })
+        .collect();
+    let on_peer_down = match cluster.on_peer_down {
+        OnPeerDown::Local => "local",
+        OnPeerDown::Reject => "reject",
+    };
+    serde_json::json!({
+        "on_peer_down": on_peer_down,
+        "discovery": snapshot.discovered.get(CLUSTER_PEERS).map(discovery_status),
+        "peers": peers,
+    })
 }
 
 fn discovery_status(discovered: &Discovered) -> serde_json::Value {

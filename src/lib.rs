@@ -18,7 +18,8 @@
 //!    to responses.
 //! 7. [`snapshot`]: the immutable runtime state built from a config, swapped atomically.
 //! 6. [`route`]: matching requests to routes. [`upstream`]: backends' live state, carried across
-//!    reloads, their connection pools and health checks.
+//!    reloads, their connection pools and health checks. Above them, [`cluster`]: which writegate
+//!    replica owns a key, and the signed marker of a write forwarded to it.
 //! 5. [`admission`]: limits, queues and shedding. [`balance`]: choosing a backend (least
 //!    connections, consistent hashing, bounded loads). [`coalesce`]: per-key write queues.
 //!    [`idempotency`]: idempotency keys, their records and stores. [`buffer`]: durable write
@@ -35,6 +36,7 @@ pub mod admission;
 pub mod balance;
 pub mod buffer;
 pub mod byte_form;
+pub mod cluster;
 pub mod coalesce;
 pub mod config;
 pub mod demo;

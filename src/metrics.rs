@@ -157,6 +157,16 @@ pub const DISCOVERY_LOOKUPS: &str = "writegate_discovery_lookups_total";
 pub const DISCOVERY_CHANGES: &str = "writegate_discovery_changes_total";
 /// Gauge, label `upstream`: backends an upstream's discovery has in service.
 pub const DISCOVERY_BACKENDS: &str = "writegate_discovery_backends";
+/// Counter, label `peer`: writes forwarded to the replica that owns their key.
+pub const CLUSTER_FORWARDED: &str = "writegate_cluster_forwarded_total";
+/// Counter: writes received from a peer with a valid marker, ordered here.
+pub const CLUSTER_RECEIVED: &str = "writegate_cluster_received_total";
+/// Counter, labels `peer`, `reason` (`unreachable`, `failed`): forwards that got no response.
+pub const CLUSTER_PEER_ERRORS: &str = "writegate_cluster_peer_errors_total";
+/// Counter: requests refused for a `writegate-hop` marker no peer signed.
+pub const CLUSTER_FORGED: &str = "writegate_cluster_forged_total";
+/// Counter: writes ordered here because their owner was unreachable (`on_peer_down = "local"`).
+pub const CLUSTER_LOCAL_FALLBACKS: &str = "writegate_cluster_local_fallbacks_total";
 /// Buckets of [`BUFFER_BATCH`].
 pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 512.0];
 
@@ -338,6 +348,31 @@ fn describe() {
         BUFFER_REDELIVERED,
         Unit::Count,
         "Messages of a buffer RabbitMQ delivered again after a consumer ended."
+    );
+    describe_counter!(
+        CLUSTER_FORWARDED,
+        Unit::Count,
+        "Writes forwarded to the replica that owns their key."
+    );
+    describe_counter!(
+        CLUSTER_RECEIVED,
+        Unit::Count,
+        "Writes received from a peer replica and ordered here."
+    );
+    describe_counter!(
+        CLUSTER_PEER_ERRORS,
+        Unit::Count,
+        "Forwards to a peer replica that got no response, by reason."
+    );
+    describe_counter!(
+        CLUSTER_FORGED,
+        Unit::Count,
+        "Requests refused for a writegate-hop marker no peer signed."
+    );
+    describe_counter!(
+        CLUSTER_LOCAL_FALLBACKS,
+        Unit::Count,
+        "Writes ordered here because the replica owning their key was unreachable."
     );
     describe_counter!(
         DISCOVERY_LOOKUPS,

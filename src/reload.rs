@@ -495,6 +495,9 @@ pub fn describe_changes(old: &Config, new: &Config) -> String {
             changes.push(format!("route {}: removed", o.name));
         }
     }
+    if old.cluster != new.cluster {
+        changes.push("cluster changed".to_string());
+    }
     if old.log != new.log || old.runtime.shutdown_timeout != new.runtime.shutdown_timeout {
         changes.push("global settings changed".to_string());
     }

@@ -247,15 +247,14 @@ impl Proxy {
 /// Resolves every discovery name once, at the same time, so that the proxy starts with the
 /// backends DNS has (a name that does not resolve starts empty and is asked again soon).
 async fn first_discovery(config: &Config) -> HashMap<Box<str>, Discovered> {
-    let lookups = config.upstreams.iter().filter_map(|u| {
-        let d = u.discovery.as_ref()?;
-        Some(async move {
-            (
-                Box::<str>::from(u.name.as_str()),
-                discovery::first(&u.name, d).await,
-            )
-        })
-    });
+    let upstreams = config
+        .upstreams
+        .iter()
+        .filter_map(|u| Some((u.name.as_str(), u.discovery.as_ref()?)));
+    let peers = config.cluster.as_ref().and_then(|c| c.discovery.as_ref());
+    let names = upstreams.chain(peers.map(|d| (discovery::CLUSTER_PEERS, d)));
+    let lookups = names
+        .map(|(name, d)| async move { (Box::<str>::from(name), discovery::first(name, d).await) });
     futures_util::future::join_all(lookups)
         .await
         .into_iter()

@@ -13,9 +13,10 @@ use std::sync::Arc;
 use crate::admission::Limiter;
 use crate::balance::Balancer;
 use crate::buffer::Buffer;
+use crate::cluster::Cluster;
 use crate::coalesce::Coalescer;
 use crate::config::{BufferConfig, CoalesceMode, Config, IdempotencyStore, UpstreamConfig};
-use crate::discovery::{Discovered, Update};
+use crate::discovery::{Discovered, Update, CLUSTER_PEERS};
 use crate::idempotency::{store, Store};
 use crate::metrics::RouteMetrics;
 use crate::route::{Route, Router};
@@ -29,8 +30,11 @@ pub struct Snapshot {
     pub upstreams: Box<[Upstream]>,
     /// Counters for requests that matched no route (labelled `route="-"`).
     pub unrouted: RouteMetrics,
-    /// The discovered backends of each upstream with `discovery`, by upstream name.
+    /// The discovered backends of each upstream with `discovery`, by upstream name (and the
+    /// cluster's peers under [`CLUSTER_PEERS`]).
     pub discovered: HashMap<Box<str>, Discovered>,
+    /// `[cluster]`: who owns which key among the replicas.
+    pub cluster: Option<Cluster>,
 }
 
 impl Snapshot {
@@ -38,14 +42,18 @@ impl Snapshot {
     /// the discovered backends of upstreams whose `discovery` did not change.
     pub fn build(config: Arc<Config>, previous: Option<&Snapshot>) -> Snapshot {
         let mut discovered = HashMap::new();
-        for u in &config.upstreams {
-            let Some(wanted) = &u.discovery else { continue };
+        let upstreams = config
+            .upstreams
+            .iter()
+            .filter_map(|u| Some((u.name.as_str(), u.discovery.as_ref()?)));
+        let peers = config.cluster.as_ref().and_then(|c| c.discovery.as_ref());
+        for (name, wanted) in upstreams.chain(peers.map(|d| (CLUSTER_PEERS, d))) {
             let kept = previous
-                .and_then(|p| p.discovered.get(u.name.as_str()))
+                .and_then(|p| p.discovered.get(name))
                 .filter(|d| d.config == *wanted)
                 .cloned();
             let fresh = || Discovered::unresolved(wanted);
-            discovered.insert(u.name.as_str().into(), kept.unwrap_or_else(fresh));
+            discovered.insert(name.into(), kept.unwrap_or_else(fresh));
         }
         Snapshot::build_with(config, previous, discovered)
     }
@@ -159,12 +167,22 @@ impl Snapshot {
             })
             .collect();
         let router = Router::new(routes);
+        let cluster = config.cluster.as_ref().map(|c| {
+            let found = discovered
+                .get(CLUSTER_PEERS)
+                .map(|d| d.beside(&c.peers, None))
+                .unwrap_or_default();
+            let listeners: Vec<_> = config.listeners.iter().map(|l| l.listen).collect();
+            let before = previous.and_then(|p| p.cluster.as_ref());
+            Cluster::build(c, config.cluster_tls.clone(), found, &listeners, before)
+        });
         Snapshot {
             config,
             router,
             upstreams,
             unrouted: RouteMetrics::new("-"),
             discovered,
+            cluster,
         }
     }
 

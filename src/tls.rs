@@ -84,6 +84,15 @@ pub fn server_config(
 
 /// The TLS config for `https://` backends: roots from `ca`, or the system's.
 pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    client_config_with(ca, None)
+}
+
+/// [`client_config`], presenting the certificate and key of `identity` when the server asks for
+/// one (mutual TLS).
+pub fn client_config_with(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, String> {
     let roots = match ca {
         Some(path) => roots_from(path)?,
         None => {
@@ -93,11 +102,22 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
             roots
         }
     };
-    let mut config = ClientConfig::builder_with_provider(provider())
+    let config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => config.with_no_client_auth(),
+        Some((cert, key)) => config
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| {
+                format!(
+                    "client certificate {} and key {} do not make a usable pair: {e}",
+                    cert.display(),
+                    key.display()
+                )
+            })?,
+    };
     // Backends are spoken to in HTTP/1.1.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -804,3 +804,38 @@ fn discovery_alone_is_enough_and_its_mistakes_have_positions() {
     );
     assert_one(&text, 7, 60, "empty_after 0 is out of range");
 }
+
+#[test]
+fn a_cluster_needs_a_secret_and_peers() {
+    let secret = "secret = \"0123456789abcdef0123456789abcdef\"";
+    let good = with(&format!(
+        "\n[cluster]\npeers = [\"10.0.0.1:8080\", \"10.0.0.2:8080\"]\nself = \"10.0.0.1:8080\"\n{secret}\n"
+    ));
+    let config = Config::parse(Path::new("w.toml"), &good).unwrap();
+    let cluster = config.cluster.as_ref().unwrap();
+    assert_eq!(cluster.peers.len(), 2);
+    assert!(
+        !format!("{cluster:?}").contains("0123456789"),
+        "Debug shows the secret"
+    );
+
+    let no_secret = with("\n[cluster]\npeers = [\"10.0.0.1:8080\"]\n");
+    assert_one(&no_secret, 13, 1, "[cluster] needs `secret`");
+    let short = with("\n[cluster]\npeers = [\"10.0.0.1:8080\"]\nsecret = \"short\"\n");
+    assert_one(&short, 15, 10, "`secret` is too short");
+    let no_peers = with(&format!("\n[cluster]\n{secret}\n"));
+    assert_one(&no_peers, 13, 1, "list `peers` or set `discovery`");
+    let stranger = good.replace("self = \"10.0.0.1:8080\"", "self = \"10.0.0.9:8080\"");
+    assert_one(
+        &stranger,
+        15,
+        8,
+        "self 10.0.0.9:8080 is not among the peers",
+    );
+    let half_tls = with(&format!(
+        "\n[cluster]\npeers = [\"https://peer.internal:8443\"]\n{secret}\ntls_cert = \"c.pem\"\n"
+    ));
+    assert!(errors(&half_tls)
+        .to_string()
+        .contains("tls_cert and tls_key go together"));
+}

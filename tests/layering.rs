@@ -11,6 +11,7 @@
 //!  5  admission  balance  coalesce  features, each with its own state and errors
 //!     idempotency  buffer  discovery
 //!  6  route  upstream               routing; backends, pools and health
+//!  6b cluster                       per-key owners across replicas, signed hop markers
 //!  7  snapshot                      one config's runtime state
 //!  8  proxy                         the request pipeline; the one mapping of errors to responses
 //!  9  reload
@@ -37,6 +38,7 @@ const LAYERS: &[&[&str]] = &[
         "discovery",
     ],
     &["route", "upstream"],
+    &["cluster"],
     &["snapshot"],
     &["proxy"],
     &["reload"],

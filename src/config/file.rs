@@ -19,6 +19,29 @@ pub struct FileConfig {
     pub upstreams: Vec<UpstreamSection>,
     #[serde(default)]
     pub routes: Vec<RouteSection>,
+    pub cluster: Option<Spanned<ClusterSection>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPeerDownKind {
+    Local,
+    Reject,
+}
+
+/// `[cluster]`: the writegate replicas that share per-key order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    #[serde(rename = "self")]
+    pub self_addr: Option<Spanned<String>>,
+    pub peers: Option<Vec<Spanned<String>>>,
+    pub discovery: Option<Spanned<DiscoverySection>>,
+    pub secret: Option<Spanned<String>>,
+    pub tls_ca: Option<Spanned<String>>,
+    pub tls_cert: Option<Spanned<String>>,
+    pub tls_key: Option<Spanned<String>>,
+    pub on_peer_down: Option<Spanned<OnPeerDownKind>>,
 }
 
 #[derive(Debug, Deserialize)]

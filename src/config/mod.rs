@@ -7,6 +7,7 @@
 //! because a bad hot reload must leave the running proxy untouched.
 
 mod buffer;
+mod cluster;
 mod discovery;
 mod error;
 pub mod file;
@@ -33,6 +34,7 @@ use crate::key::{KeyRule, KeySource, OnMissingKey};
 pub use buffer::{
     BufferConfig, BufferStore, BufferSync, BufferWhen, RabbitSettings, DEFAULT_BUFFER_MIN_FREE,
 };
+pub use cluster::{ClusterConfig, OnPeerDown, Secret, MIN_SECRET_LEN};
 pub use discovery::{
     DiscoveryConfig, DnsName, DEFAULT_DISCOVERY_TIMEOUT, DEFAULT_EMPTY_AFTER, DEFAULT_MAX_REFRESH,
     DEFAULT_MIN_REFRESH,
@@ -129,6 +131,10 @@ pub struct Config {
     pub listener_tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     /// TLS config for each upstream's `https://` backends (same order as `upstreams`).
     pub upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
+    /// `[cluster]`: the replicas that share per-key order.
+    pub cluster: Option<ClusterConfig>,
+    /// TLS config for `https://` peers.
+    pub cluster_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -451,6 +457,21 @@ impl Config {
                     line.push_str(", down");
                 }
                 out.push_str(&line);
+            }
+        }
+        if let Some(c) = &self.cluster {
+            let peers: Vec<&str> = c.peers.iter().map(|p| p.label.as_str()).collect();
+            let me = c
+                .self_addr
+                .map_or("found by listener".to_string(), |a| a.to_string());
+            let _ = write!(
+                out,
+                "\ncluster: peers [{}], self {me}, on_peer_down {:?}",
+                peers.join(", "),
+                c.on_peer_down
+            );
+            if let Some(d) = &c.discovery {
+                let _ = write!(out, ", discovery {}", d.describe());
             }
         }
         out

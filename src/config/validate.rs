@@ -32,6 +32,10 @@ impl Validator<'_, '_> {
         let (listeners, listener_tls) = self.listeners(file.listeners);
         let (upstreams, upstream_tls) = self.upstreams(file.upstreams);
         let routes = self.routes(file.routes, &upstreams);
+        let (cluster, cluster_tls) = match file.cluster {
+            Some(section) => self.cluster(section),
+            None => (None, None),
+        };
         Config {
             path: path.to_path_buf(),
             runtime,
@@ -42,6 +46,8 @@ impl Validator<'_, '_> {
             routes,
             listener_tls,
             upstream_tls,
+            cluster,
+            cluster_tls,
         }
     }
 
@@ -116,6 +122,12 @@ impl Validator<'_, '_> {
         sections: Vec<file::UpstreamSection>,
     ) -> (Vec<UpstreamConfig>, Vec<Option<Arc<rustls::ClientConfig>>>) {
         self.unique_names("upstream", sections.iter().map(|u| &u.name));
+        for name in sections.iter().map(|u| &u.name) {
+            if name.get_ref().starts_with('[') {
+                let message = "an upstream name cannot start with `[` (kept for [cluster])";
+                self.sink.at(name.span(), message);
+            }
+        }
         let mut tls_configs = Vec::new();
         let upstreams = sections
             .into_iter()

@@ -43,21 +43,34 @@ impl Discovered {
 
     /// The discovered set as backends of `upstream`.
     pub fn backends(&self, upstream: &UpstreamConfig) -> Vec<BackendConfig> {
+        self.beside(&upstream.backends, upstream.max_inflight_per_backend)
+    }
+
+    /// The discovered set as backends, less those already in `statics`.
+    pub fn beside(
+        &self,
+        statics: &[BackendConfig],
+        max_inflight: Option<usize>,
+    ) -> Vec<BackendConfig> {
         self.found
             .iter()
-            .filter(|f| !upstream.backends.iter().any(|b| b.address == f.address))
-            .take(MAX_HASH_BACKENDS.saturating_sub(upstream.backends.len()))
+            .filter(|f| !statics.iter().any(|b| b.address == f.address))
+            .take(MAX_HASH_BACKENDS.saturating_sub(statics.len()))
             .map(|f| BackendConfig {
                 label: label(&self.config, f.address),
                 address: f.address,
                 weight: f.weight,
                 down: false,
-                max_inflight: upstream.max_inflight_per_backend,
+                max_inflight,
                 tls_name: f.tls_name.clone(),
             })
             .collect()
     }
 }
+
+/// The key of the `[cluster]` peers' discovery among the upstreams' (brackets: no upstream
+/// can be named so, see config validation).
+pub const CLUSTER_PEERS: &str = "[cluster]";
 
 /// A discovered backend's name in logs, metrics and `/status`: its address, with `https://` for
 /// TLS ones (as a static backend would be written).

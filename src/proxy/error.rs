@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 
 use bytes::Bytes;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
@@ -73,6 +74,12 @@ pub enum ProxyError {
     Idempotency(#[from] IdempotencyError),
     #[error("the write buffer is full")]
     BufferFull,
+    /// A `writegate-hop` header that no peer signed: the reason.
+    #[error("a forged or stale peer hop marker: {0}")]
+    ForgedHop(&'static str),
+    /// The replica that owns the key cannot be reached and `on_peer_down = "reject"`.
+    #[error("the peer {peer} that orders this key is unreachable")]
+    PeerDown { peer: Arc<str> },
     /// The buffer's log cannot take the write (a full disk, say); the reason.
     #[error("the write buffer failed: {0}")]
     BufferUnavailable(String),
@@ -106,9 +113,10 @@ impl ProxyError {
             }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Idempotency(e) => e.status(),
-            ProxyError::BufferFull | ProxyError::BufferUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::BufferFull
+            | ProxyError::BufferUnavailable(_)
+            | ProxyError::PeerDown { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::ForgedHop(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -131,14 +139,16 @@ impl ProxyError {
             | ProxyError::ClientBody(_)
             | ProxyError::ClientBodyTimeout { .. }
             | ProxyError::MissingKey(_)
-            | ProxyError::KeyTooLong { .. } => Fault::Client,
+            | ProxyError::KeyTooLong { .. }
+            | ProxyError::ForgedHop(_) => Fault::Client,
             ProxyError::Idempotency(IdempotencyError::Store(_)) => Fault::Proxy,
             ProxyError::Idempotency(IdempotencyError::Unknown) => Fault::Upstream,
             ProxyError::Idempotency(_) => Fault::Client,
             ProxyError::NoBackend
             | ProxyError::Upstream(_)
             | ProxyError::ResponseNotShareable
-            | ProxyError::BrokenResponse(_) => Fault::Upstream,
+            | ProxyError::BrokenResponse(_)
+            | ProxyError::PeerDown { .. } => Fault::Upstream,
             ProxyError::KeyQueueFull { .. }
             | ProxyError::KeyWaitTimeout { .. }
             | ProxyError::Shed { .. }
@@ -171,6 +181,8 @@ impl ProxyError {
             ProxyError::Idempotency(e) => e.label(),
             ProxyError::BufferFull => "buffer_full",
             ProxyError::BufferUnavailable(_) => "buffer_unavailable",
+            ProxyError::ForgedHop(_) => "forged_hop",
+            ProxyError::PeerDown { .. } => "peer_down",
         }
     }
 
@@ -272,6 +284,17 @@ impl ProxyError {
             ProxyError::BufferUnavailable(_) => {
                 "the write buffer cannot take writes now; the write was not taken"
             }
+            ProxyError::ForgedHop(reason) => {
+                let _ = write!(out, "the writegate-hop header is not a peer's: {reason}");
+                return;
+            }
+            ProxyError::PeerDown { peer } => {
+                let _ = write!(
+                    out,
+                    "the writegate replica that orders writes to this key ({peer}) is unreachable; the write was not taken"
+                );
+                return;
+            }
         };
         out.push_str(text);
     }
@@ -343,9 +366,9 @@ impl ProxyError {
             | ProxyError::KeyWaitTimeout { retry_after } => Some(*retry_after),
             ProxyError::Shed { shed, .. } => Some(shed.retry_after),
             ProxyError::Idempotency(e) => e.retry_after(),
-            ProxyError::BufferFull | ProxyError::BufferUnavailable(_) => {
-                Some(Duration::from_secs(1))
-            }
+            ProxyError::BufferFull
+            | ProxyError::BufferUnavailable(_)
+            | ProxyError::PeerDown { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -9,6 +9,7 @@
 mod access;
 mod body;
 pub mod buffered;
+mod clustered;
 mod coalesced;
 mod dispatch;
 pub mod error;
@@ -32,6 +33,7 @@ pub use body::{complete_headers, ResponseBody, UpstreamLease};
 pub use coalesced::{MAX_SHARED_RESPONSE, X_WRITEGATE_COALESCE};
 use error::{Fault, ProxyError};
 
+use crate::cluster::Hop;
 use crate::coalesce::Origin;
 use crate::http1::server::Handler;
 use crate::http1::Http1Error;
@@ -299,6 +301,19 @@ impl ProxyService {
     ) -> impl Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send + use<'a, 's> {
         async move {
             let upstream = &snapshot.upstreams[route.upstream];
+            let mut hop = None;
+            if let Some(cluster) = &snapshot.cluster {
+                match Box::pin(clustered::place(self, cluster, route, request, exchange)).await? {
+                    clustered::Placed::Answered(response) => return Ok(*response),
+                    clustered::Placed::Here {
+                        request: back,
+                        hop: peer,
+                    } => {
+                        request = back;
+                        hop = peer;
+                    }
+                }
+            }
             let key = match &route.key {
                 Some(rule) => request_key(rule, &request.head)?,
                 None => None,
@@ -309,7 +324,8 @@ impl ProxyService {
                 let method = &request.head.method;
                 if settings.methods.contains(method) {
                     let key = Bytes::copy_from_slice(key);
-                    exchange.request_number = Some(self.rewrite_request(&mut request.head)?);
+                    exchange.request_number =
+                        Some(self.rewrite_request(&mut request.head, hop.as_ref())?);
                     // The rarer paths are boxed so that the common one's future stays small.
                     return Box::pin(coalesced::write(
                         snapshot, route, coalescer, key, request, exchange,
@@ -323,7 +339,7 @@ impl ProxyService {
                 }
             }
             let key = key.and_then(|k| upstream.balancer.hash_key(k));
-            exchange.request_number = Some(self.rewrite_request(&mut request.head)?);
+            exchange.request_number = Some(self.rewrite_request(&mut request.head, hop.as_ref())?);
             if dispatch::replayable(route, &request.head.method)
                 && !http_body::Body::is_end_stream(&request.body)
             {
@@ -379,7 +395,12 @@ impl ProxyService {
 
     /// Decides what the backend receives besides the client's head: see [`Forwarding`].
     /// Returns the number of the `X-Request-Id` generated when the client sent none.
-    fn rewrite_request(&self, head: &mut RequestHead) -> Result<u64, ProxyError> {
+    /// A request a peer forwarded (`hop`) is forwarded for the client the peer served.
+    fn rewrite_request(
+        &self,
+        head: &mut RequestHead,
+        hop: Option<&Hop>,
+    ) -> Result<u64, ProxyError> {
         let uri = &head.uri;
         let mut authority = None;
         if uri.scheme().is_some() || uri.authority().is_some() {
@@ -404,10 +425,14 @@ impl ProxyService {
             ));
         }
         let request_number = Forwarding::next_request_number();
+        let (client_ip, scheme) = match hop {
+            Some(hop) => (hop.client_ip.clone(), hop.scheme.clone()),
+            None => (self.conn.peer_ip.clone(), self.conn.scheme.clone()),
+        };
         head.forwarding = Some(Forwarding {
             authority,
-            client_ip: self.conn.peer_ip.clone(),
-            scheme: self.conn.scheme.clone(),
+            client_ip,
+            scheme,
             via: headers::via_token(head.version),
             request_number,
         });

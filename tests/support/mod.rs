@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use writegate::config::Config;
 use writegate::server::Proxy;
 
+pub mod ledger;
 pub mod processes;
 pub mod writes;
 
