@@ -404,3 +404,104 @@ async fn an_https_backend_is_reached_with_sni_and_verified() {
     assert_eq!(get(proxy.addr, "/").await.status, 502);
     proxy.shutdown().await;
 }
+
+/// Writes a peer's files: its listener certificate (for 127.0.0.1), the CA of the peers'
+/// listeners, and, when given, its client certificate.
+fn write_peer_files(dir: &Path, ca: &Ca, clients: &Ca, client: Option<&Leaf>) -> String {
+    let tls = write_tls(dir, &ca.leaf("peer", &["127.0.0.1"]), Some(clients));
+    std::fs::write(dir.join("peers-ca.pem"), ca.pem()).unwrap();
+    let mut cluster = format!("tls_ca = \"{}\"\n", dir.join("peers-ca.pem").display());
+    if let Some(client) = client {
+        std::fs::write(dir.join("client.pem"), &client.cert_pem).unwrap();
+        std::fs::write(dir.join("client.key"), &client.key_pem).unwrap();
+        cluster.push_str(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            dir.join("client.pem").display(),
+            dir.join("client.key").display()
+        ));
+    }
+    format!("{tls}\n__CLUSTER__{cluster}")
+}
+
+/// A replica with a plain listener for clients and a TLS one (client certificates required)
+/// for its peers, which it reaches over mutual TLS.
+fn peer_config(backend: SocketAddr, plain: u16, own: u16, peers: &[u16], files: &str) -> String {
+    let (tls_table, cluster_tls) = files.split_once("__CLUSTER__").unwrap();
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("\"https://127.0.0.1:{p}\""))
+        .collect();
+    format!(
+        "[log]\naccess_log = false\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[listeners]]\nname = \"clients\"\nlisten = \"127.0.0.1:{plain}\"\n\n\
+         [[listeners]]\nname = \"peers\"\nlisten = \"127.0.0.1:{own}\"\n{tls_table}\n\
+         [[upstreams]]\nname = \"up\"\nbackends = [{{ address = \"{backend}\" }}]\n\n\
+         [[routes]]\nname = \"kv\"\nupstream = \"up\"\nkey = \"path_segment:2\"\n\n[routes.coalesce]\nmode = \"serialize\"\n\n\
+         [cluster]\npeers = [{}]\nself = \"127.0.0.1:{own}\"\nsecret = \"0123456789abcdef0123456789abcdef\"\non_peer_down = \"reject\"\n{cluster_tls}",
+        peers.join(", ")
+    )
+}
+
+#[tokio::test]
+async fn cluster_peers_forward_over_mutual_tls_and_need_a_client_certificate() {
+    use support::processes::free_port;
+    let (ca, clients) = (Ca::new("peers ca"), Ca::new("peer clients ca"));
+    let b = named_backend("b", Duration::ZERO).await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a_plain, a_tls, b_plain, b_tls) = (free_port(), free_port(), free_port(), free_port());
+    let peers = [a_tls, b_tls];
+    let a_files = write_peer_files(
+        dir_a.path(),
+        &ca,
+        &clients,
+        Some(&clients.leaf("a", &["a"])),
+    );
+    let b_files = write_peer_files(
+        dir_b.path(),
+        &ca,
+        &clients,
+        Some(&clients.leaf("b", &["b"])),
+    );
+    let a = start_proxy(&peer_config(b.addr, a_plain, a_tls, &peers, &a_files)).await;
+    let replica_b = start_proxy(&peer_config(b.addr, b_plain, b_tls, &peers, &b_files)).await;
+    let put = |key: String| {
+        Request::put(format!("/kv/{key}"))
+            .header("host", "kv")
+            .body(Full::new(Bytes::from_static(b"v")))
+            .unwrap()
+    };
+    for i in 0..20 {
+        let reply = send(a.addr, put(format!("k{i}"))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(b.count(), 20);
+    let status: serde_json::Value =
+        serde_json::from_str(&get(a.admin.unwrap(), "/status").await.text()).unwrap();
+    let to_b = &status["cluster"]["peers"][1];
+    assert_eq!(to_b["address"], format!("https://127.0.0.1:{b_tls}"));
+    let forwarded = to_b["forwarded"].as_u64().unwrap();
+    assert!(forwarded > 0, "nothing was forwarded to B: {status:#}");
+    a.shutdown().await;
+
+    // A replica without a client certificate cannot reach B: its writes for B's keys are not
+    // taken, and none reaches the backend.
+    let bare = write_peer_files(dir_a.path(), &ca, &clients, None);
+    let a = start_proxy(&peer_config(b.addr, a_plain, a_tls, &peers, &bare)).await;
+    let mut refused = 0;
+    for i in 0..20 {
+        let reply = send(a.addr, put(format!("k{i}"))).await;
+        assert!(
+            [200, 502, 503].contains(&reply.status.as_u16()),
+            "{}",
+            reply.text()
+        );
+        refused += usize::from(reply.status != 200);
+    }
+    assert_eq!(
+        refused as u64, forwarded,
+        "B's keys were taken without mutual TLS"
+    );
+    assert_eq!(b.count(), 40 - refused);
+    a.shutdown().await;
+    replica_b.shutdown().await;
+}
