@@ -5,7 +5,9 @@
 //! takes 2 ms per write. For each coalescing mode (`off`, `serialize`, `dedupe` with repeated
 //! bodies, `latest`) it reports client writes/s, p50/p99 latency and backend writes per client
 //! write. The same proxy serves four routes, one per mode (`/{mode}/{key}`); modes run one after
-//! another, each after a warm-up.
+//! another, each after a warm-up. Where nginx is installed, the same load through nginx (one
+//! worker, keep-alive to the backend) comes first, as the bar: it forwards each write as it
+//! comes, like `off`.
 //!
 //! Run: `cargo bench --bench coalesce` (env: WG_BENCH_SECONDS=5, WG_BENCH_WRITERS=256,
 //! WG_BENCH_KEYS=1000, WG_BENCH_SERVICE_MS=2).
@@ -24,6 +26,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+mod support;
+
 use writegate::config::Config;
 use writegate::server::Proxy;
 
@@ -253,10 +257,22 @@ fn main() {
         println!(
             "hot rows: {writers} writers, Zipf(0.99) over {keys} keys, backend {service:?} per write with a per-key row lock, {seconds}s per mode\n"
         );
-        println!("| mode | client writes/s | p50 | p99 | backend writes per client write | errors |");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nginx = support::nginx_least_conn(dir.path(), &[backend], "");
+        if nginx.is_none() {
+            println!("nginx not found: the ratios are to writegate's `off` (apt-get install nginx-light)\n");
+        }
+        let mut targets: Vec<(&str, SocketAddr, &'static str)> = Vec::new();
+        if let Some(nginx) = &nginx {
+            targets.push(("nginx", SocketAddr::from(([127, 0, 0, 1], nginx.port)), "off"));
+        }
+        for mode in ["off", "serialize", "dedupe", "latest"] {
+            targets.push((mode, addr, mode));
+        }
+        println!("| through | client writes/s | p50 | p99 | backend writes per client write | errors |");
         println!("|---|---|---|---|---|---|");
         let mut off_rate = None;
-        for mode in ["off", "serialize", "dedupe", "latest"] {
+        for (name, addr, mode) in targets {
             run_mode(addr, &rows, mode, writers, &zipf, Duration::from_secs(1)).await;
             let mut r = run_mode(addr, &rows, mode, writers, &zipf, Duration::from_secs(seconds)).await;
             r.latencies_us.sort_unstable();
@@ -266,8 +282,9 @@ fn main() {
             };
             let rate = r.writes as f64 / r.elapsed.as_secs_f64();
             let off = *off_rate.get_or_insert(rate);
+            let bar = if nginx.is_some() { "nginx" } else { "off" };
             println!(
-                "| {mode} | {rate:.0} ({:.1}× off) | {:.1} ms | {:.1} ms | {:.2} | {} |",
+                "| {name} | {rate:.0} ({:.1}× {bar}) | {:.1} ms | {:.1} ms | {:.2} | {} |",
                 rate / off,
                 pick(0.5) as f64 / 1000.0,
                 pick(0.99) as f64 / 1000.0,

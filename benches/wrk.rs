@@ -271,20 +271,8 @@ fn stat(pid: u32) -> Option<Vec<String>> {
 }
 
 fn nginx(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
-    let port = free_port();
-    let d = dir.display();
-    let servers: String = backends.iter().map(|b| format!("server {b}; ")).collect();
     let headers = if same_headers { NGINX_FORWARDING } else { "" };
-    let config = format!(
-        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n\
-           proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-           upstream backend {{ least_conn; {servers}keepalive 64; }}\n\
-           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
-                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{headers}    }}\n  }}\n}}\n"
-    );
-    Peer::nginx(dir, port, &config)
+    support::nginx_least_conn(dir, backends, headers)
 }
 
 fn haproxy(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {

@@ -311,3 +311,21 @@ impl Drop for Peer {
         let _ = self.child.wait();
     }
 }
+
+/// nginx with one worker and its access log off, spreading over `backends` by least_conn with
+/// 64 keep-alive connections, adding `headers` (directives such as [`NGINX_FORWARDING`]).
+pub fn nginx_least_conn(dir: &Path, backends: &[SocketAddr], headers: &str) -> Option<Peer> {
+    let port = free_port();
+    let d = dir.display();
+    let servers: String = backends.iter().map(|b| format!("server {b}; ")).collect();
+    let config = format!(
+        "worker_processes 1;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {d}/body;\n\
+           proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           upstream backend {{ least_conn; {servers}keepalive 64; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://backend;\n\
+                 proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n{headers}    }}\n  }}\n}}\n"
+    );
+    Peer::nginx(dir, port, &config)
+}
