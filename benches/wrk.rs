@@ -17,7 +17,8 @@
 //! did: without.
 //!
 //! Run: `cargo bench --bench wrk` (env: WG_BENCH_SECONDS=10, WG_BENCH_ROUNDS=3,
-//! WG_BENCH_CONNECTIONS=64, WG_BENCH_PEER_HEADERS=1).
+//! WG_BENCH_CONNECTIONS=64, WG_BENCH_PEER_HEADERS=1, WG_BENCH_ACCESS_LOG=0; with 1, writegate
+//! and nginx log every request to a file, nginx with `buffer=64k`).
 
 mod support;
 
@@ -88,8 +89,17 @@ fn main() {
     let script = dir.path().join("zipf.lua");
     std::fs::write(&script, SCRIPT).expect("write the wrk script");
 
+    // WG_BENCH_ACCESS_LOG=1: writegate logs every request (its default) to a file, and nginx
+    // too, buffered (`buffer=64k`); HAProxy logs only through syslog and stays without.
+    let access_log = env_or("WG_BENCH_ACCESS_LOG", 0) == 1;
     let port = free_port();
-    let writegate = Writegate::start(dir.path(), &writegate_config(port, &backends), port);
+    let config = writegate_config(port, &backends, access_log);
+    let writegate = if access_log {
+        let log = dir.path().join("writegate-access.log");
+        Writegate::start_logging(dir.path(), &config, port, &log)
+    } else {
+        Writegate::start(dir.path(), &config, port)
+    };
     let mut targets = vec![
         Target {
             name: "writegate least_conn",
@@ -107,7 +117,7 @@ fn main() {
     // writegate adds forwarding headers to every request (X-Forwarded-*, Via, X-Request-Id);
     // by default the peers add the same, so that every proxy does the same work.
     let same_headers = env_or("WG_BENCH_PEER_HEADERS", 1) == 1;
-    let nginx = nginx(dir.path(), &backends, same_headers);
+    let nginx = nginx(dir.path(), &backends, same_headers, access_log);
     let haproxy = haproxy(dir.path(), &backends, same_headers);
     for (name, peer) in [("nginx", &nginx), ("haproxy", &haproxy)] {
         match peer {
@@ -164,14 +174,14 @@ fn main() {
     }
 }
 
-fn writegate_config(port: u16, backends: &[SocketAddr]) -> String {
+fn writegate_config(port: u16, backends: &[SocketAddr], access_log: bool) -> String {
     let list: Vec<String> = backends
         .iter()
         .map(|b| format!("{{ address = \"{b}\" }}"))
         .collect();
     let list = list.join(", ");
     format!(
-        "[runtime]\nworkers = 1\n\n[log]\naccess_log = false\n\n\
+        "[runtime]\nworkers = 1\n\n[log]\naccess_log = {access_log}\n\n\
          [[listeners]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\n\
          [[upstreams]]\nname = \"lc\"\nbackends = [{list}]\n\n\
          [[upstreams]]\nname = \"hash\"\nbalance = \"consistent_hash\"\nbackends = [{list}]\n\n\
@@ -270,9 +280,16 @@ fn stat(pid: u32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_string).collect())
 }
 
-fn nginx(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {
-    let headers = if same_headers { NGINX_FORWARDING } else { "" };
-    support::nginx_least_conn(dir, backends, headers)
+fn nginx(dir: &Path, backends: &[SocketAddr], same_headers: bool, log: bool) -> Option<Peer> {
+    let mut directives = if same_headers { NGINX_FORWARDING } else { "" }.to_string();
+    if log {
+        let path = dir.join("nginx-access.log");
+        directives.push_str(&format!(
+            "      access_log {} combined buffer=64k;\n",
+            path.display()
+        ));
+    }
+    support::nginx_least_conn(dir, backends, &directives)
 }
 
 fn haproxy(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Peer> {

@@ -145,7 +145,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let _flush_logs_at_exit = init_tracing(cli.log_format);
     writegate::metrics::install();
     match cli.command {
         Some(Command::Demo { listen, admin }) => {
@@ -156,15 +156,29 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs go to stderr through a writer thread: a request formats its access line and queues it,
+/// and the thread writes what has queued in 64 KiB blocks, flushing whenever the queue runs dry
+/// (as nginx's `access_log ... buffer=` does, without its delay). A queue of
+/// [`writegate::metrics::LOG_BUFFERED_LINES`] lines never blocks a request: past it lines are
+/// dropped and counted. The returned guard flushes what is queued when `main` ends.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(writegate::metrics::LOG_BUFFERED_LINES)
+        .lossy(true)
+        .thread_name("writegate-log")
+        .finish(stderr);
+    let dropped = writer.error_counter();
+    writegate::metrics::count_dropped_log_lines(move || dropped.dropped_lines() as u64);
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
+    guard
 }
 
 fn with_config(path: Option<PathBuf>, command: fn(Config) -> ExitCode) -> ExitCode {

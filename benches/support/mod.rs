@@ -65,6 +65,25 @@ impl Writegate {
 }
 
 impl Writegate {
+    /// [`Writegate::start`] with its log (the access log among it) written to `log`.
+    pub fn start_logging(dir: &Path, config: &str, port: u16, log: &Path) -> Writegate {
+        let path = dir.join("writegate.toml");
+        std::fs::write(&path, config).expect("write config");
+        let file = std::fs::File::create(log).expect("create the log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_writegate"))
+            .args(["run", "--config", path.to_str().expect("utf-8 path")])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start writegate");
+        wait_listening(port, "writegate");
+        Writegate {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
