@@ -29,7 +29,7 @@
 //!    backend connections. [`key`]: the request key a route balances and coalesces on.
 //! 2. [`wire`]: HTTP messages as they pass through: framing, header lines, requests, bodies.
 //! 1. [`metrics`]: every metric name, described once. [`notify`]: systemd notifications.
-//!    [`tls`]: rustls configs. [`group_commit`]: one writer thread per embedded database. [`byte_form`]: stored records' bytes.
+//!    [`tls`]: rustls configs. [`log_writer`]: log lines gathered per thread, written in blocks. [`group_commit`]: one writer thread per embedded database. [`byte_form`]: stored records' bytes.
 
 pub mod admin;
 pub mod admission;
@@ -45,6 +45,7 @@ pub mod group_commit;
 pub mod http1;
 pub mod idempotency;
 pub mod key;
+pub mod log_writer;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;

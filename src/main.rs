@@ -145,7 +145,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _flush_logs_at_exit = init_tracing(cli.log_format);
+    init_tracing(cli.log_format);
     writegate::metrics::install();
     match cli.command {
         Some(Command::Demo { listen, admin }) => {
@@ -156,29 +156,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr through a writer thread: a request formats its access line and queues it,
-/// and the thread writes what has queued in 64 KiB blocks, flushing whenever the queue runs dry
-/// (as nginx's `access_log ... buffer=` does, without its delay). A queue of
-/// [`writegate::metrics::LOG_BUFFERED_LINES`] lines never blocks a request: past it lines are
-/// dropped and counted. The returned guard flushes what is queued when `main` ends.
-fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr through [`writegate::log_writer`]: runtime threads gather their lines and
+/// write them in blocks (when 64 KiB gathered, and whenever the thread runs out of work).
+fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(writegate::metrics::LOG_BUFFERED_LINES)
-        .lossy(true)
-        .thread_name("writegate-log")
-        .finish(stderr);
-    let dropped = writer.error_counter();
-    writegate::metrics::count_dropped_log_lines(move || dropped.dropped_lines() as u64);
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writegate::log_writer::BufferedStderr);
     match format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().flatten_event(true).init(),
     }
-    guard
 }
 
 fn with_config(path: Option<PathBuf>, command: fn(Config) -> ExitCode) -> ExitCode {
@@ -225,7 +213,11 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     };
     let runtime = builder
         .enable_all()
-        .on_thread_park(release_memory_when_idle)
+        .on_thread_park(|| {
+            writegate::log_writer::flush_this_thread();
+            release_memory_when_idle();
+        })
+        .on_thread_stop(writegate::log_writer::flush_this_thread)
         .build()?;
     runtime.spawn(release_tick());
     Ok(runtime)
@@ -239,7 +231,7 @@ fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let status = runtime.block_on(async {
         let shutdown = shutdown_signal();
         match Proxy::bind(config).await {
             Ok(mut proxy) => {
@@ -252,7 +244,10 @@ fn run(config: Config) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // With one worker the runtime ran on this thread, which gathered log lines like a worker.
+    writegate::log_writer::flush_this_thread();
+    status
 }
 
 fn demo(options: writegate::demo::DemoOptions) -> ExitCode {

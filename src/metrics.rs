@@ -55,18 +55,6 @@ pub const HASH_SPILLS: &str = "writegate_hash_spills_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Counter: log lines (access lines among them) dropped because the log writer thread fell
-/// [`LOG_BUFFERED_LINES`] lines behind; read at scrape time from the writer's own count.
-pub const LOG_LINES_DROPPED: &str = "writegate_log_lines_dropped_total";
-/// Log lines the writer thread may fall behind before lines are dropped rather than waited for.
-pub const LOG_BUFFERED_LINES: usize = 65_536;
-static DROPPED_LOG_LINES: OnceLock<Box<dyn Fn() -> u64 + Send + Sync>> = OnceLock::new();
-
-/// Where `writegate_log_lines_dropped_total` reads its count (the log writer's).
-pub fn count_dropped_log_lines(source: impl Fn() -> u64 + Send + Sync + 'static) {
-    let _ = DROPPED_LOG_LINES.set(Box::new(source));
-}
-
 /// Installs the Prometheus recorder for this process (once; later calls return the same handle).
 /// Call it before building a proxy so that its counters record.
 pub fn install() -> &'static PrometheusHandle {
@@ -481,12 +469,6 @@ pub fn process_metrics() -> String {
             );
         }
     };
-    family(
-        LOG_LINES_DROPPED,
-        "counter",
-        "Log lines dropped because the log writer fell behind.",
-        DROPPED_LOG_LINES.get().map(|count| count() as f64),
-    );
     let cpu = field(14).zip(field(15)).map(|(u, s)| (u + s) / ticks);
     family(
         "process_cpu_seconds_total",

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  1  metrics  notify  tls          leaves
-//!     group_commit  byte_form
+//!     group_commit  byte_form  log_writer
 //!  2  wire                          HTTP messages: framing, header lines, request and bodies
 //!  3  http1  key                    the HTTP/1 protocol driver; request keys
 //!  4  config                        the file schema and the validated config
@@ -25,7 +25,14 @@
 use std::path::Path;
 
 const LAYERS: &[&[&str]] = &[
-    &["metrics", "notify", "tls", "group_commit", "byte_form"],
+    &[
+        "metrics",
+        "notify",
+        "tls",
+        "group_commit",
+        "byte_form",
+        "log_writer",
+    ],
     &["wire"],
     &["http1", "key"],
     &["config"],
