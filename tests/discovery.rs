@@ -363,3 +363,43 @@ async fn backends_dns_adds_wait_for_their_health_checks() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dns_removes_finishes_its_requests_in_flight() {
+    let test = "a_backend_dns_removes_finishes_its_requests_in_flight";
+    with_dnsmasq(test, &hosts(&[2]), "", |dns| async move {
+        let port = shared_port();
+        let gate = Gate::default();
+        let held = gate.clone();
+        let _slow = backend_at(SocketAddr::from(([127, 0, 0, 2], port)), move |_| {
+            let held = held.clone();
+            async move {
+                held.hold().await;
+                http::Response::new(Full::new(Bytes::from_static(b"finished")))
+            }
+        })
+        .await;
+        let _b3 = backend_on_host(3, port, "b3").await;
+        let toml = config(&dns, &format!("dns = \"writers.test:{port}\""), "");
+        let proxy = start_proxy(&toml).await;
+        let addr = proxy.addr;
+        let in_flight = tokio::spawn(async move { send(addr, keyed("k")).await });
+        gate.entered().await;
+        dns.set_hosts(&hosts(&[3]));
+        until_status(&proxy, "the slow backend is replaced", |s| {
+            s["backends"][0]["address"] == format!("127.0.0.3:{port}").as_str()
+        })
+        .await;
+        assert_eq!(send(proxy.addr, keyed("k")).await.text(), "b3");
+        gate.release(1);
+        let reply = bounded("the request in flight", in_flight)
+            .await
+            .expect("task");
+        assert_eq!(
+            (reply.status.as_u16(), reply.text()),
+            (200, "finished".to_string())
+        );
+        proxy.shutdown().await;
+    })
+    .await;
+}
