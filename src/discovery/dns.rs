@@ -141,15 +141,19 @@ impl Lookup {
         let Some((_, targets)) = by_priority.into_iter().next() else {
             return Answer::Empty { ttl };
         };
-        let mut found = Vec::new();
-        for (target, port, weight) in targets {
+        // The targets are asked at once: the whole answer stays within two lookup timeouts.
+        let lookups = targets.into_iter().map(|(target, port, weight)| {
             // SRV weight 0 means "rarely": the smallest weight a backend can have.
             let weight = NonZeroU32::new(u32::from(weight)).unwrap_or(NonZeroU32::MIN);
             let tls_name = self
                 .config
                 .https
                 .then(|| target.trim_end_matches('.').to_string());
-            match self.addresses(&target, port, weight, tls_name).await {
+            async move { self.addresses(&target, port, weight, tls_name).await }
+        });
+        let mut found = Vec::new();
+        for answer in futures_util::future::join_all(lookups).await {
+            match answer {
                 Answer::Records {
                     found: addresses,
                     ttl: target_ttl,
