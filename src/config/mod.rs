@@ -466,9 +466,9 @@ impl Config {
                 .map_or("found by listener".to_string(), |a| a.to_string());
             let _ = write!(
                 out,
-                "\ncluster: peers [{}], self {me}, on_peer_down {:?}",
+                "\ncluster: peers [{}], self {me}, on_peer_down {}",
                 peers.join(", "),
-                c.on_peer_down
+                format!("{:?}", c.on_peer_down).to_lowercase()
             );
             if let Some(d) = &c.discovery {
                 let _ = write!(out, ", discovery {}", d.describe());
