@@ -36,16 +36,15 @@ pub(super) async fn place<'s>(
     mut request: OutgoingRequest,
     exchange: &mut Exchange<'s>,
 ) -> Result<Placed, ProxyError> {
+    let head = &request.head;
     let key = match &route.key {
-        Some(rule) => request_key(rule, &request.head)?.map(<[u8]>::to_vec),
+        Some(rule) => request_key(rule, head)?,
         None => None,
     };
-    let marker = request.head.headers.get(HOP_HEADER).map(<[u8]>::to_vec);
-    if let Some(marker) = marker {
-        let target = target(&request.head.uri);
-        let key = key.as_deref().unwrap_or_default();
+    if let Some(marker) = head.headers.get(HOP_HEADER) {
+        let key = key.unwrap_or_default();
         let hop = cluster
-            .verify(&marker, &request.head.method, &target, key)
+            .verify(marker, &head.method, &target(&head.uri), key)
             .inspect_err(|_| cluster.metrics.forged.increment(1))
             .map_err(ProxyError::ForgedHop)?;
         cluster.metrics.received.increment(1);
@@ -55,12 +54,14 @@ pub(super) async fn place<'s>(
             hop: Some(hop),
         });
     }
-    let Some(key) = key.filter(|_| ordered(route, &request.head.method)) else {
+    // Borrowed until the owner is known; copied only for a write that leaves this replica.
+    let owner = key
+        .filter(|_| ordered(route, &head.method))
+        .map(|key| cluster.owner(key));
+    let Some(Owner::Peer(index, peer)) = owner else {
         return Ok(Placed::Here { request, hop: None });
     };
-    let Owner::Peer(index, peer) = cluster.owner(&key) else {
-        return Ok(Placed::Here { request, hop: None });
-    };
+    let key = key.unwrap_or_default().to_vec();
     let label = peer.backend.shared_label();
     let now = Instant::now();
     let request = if peer.usable(ms_at(now)) {
