@@ -4,8 +4,9 @@
 //!
 //! ```text
 //! server (listener) → http1 (connection) → proxy (the pipeline) → route (which route)
-//!     → key (what the write is about) → idempotency (a retry replays) → coalesce (the key's queue) → admission → balance
-//!     (which backend) → upstream (pooled connection) → response
+//!     → key (what the write is about) → idempotency (a retry replays) → cluster (the replica that
+//!     owns the key) → coalesce (the key's queue) → admission → balance (which backend)
+//!     → upstream (pooled connection) → response
 //! ```
 //!
 //! The modules are layered; each uses only those on lower lines (`tests/layering.rs` keeps it so):
