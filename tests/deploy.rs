@@ -110,6 +110,12 @@ interval = "50ms"
 name = "dslow"
 backends = [{{ address = "{slow}" }}]
 
+# Backends from a name no server answers for, beside a static one: lookups fail.
+[[upstreams]]
+name = "ddns"
+backends = [{{ address = "{kv}" }}]
+discovery = {{ dns = "writers.invalid:80", resolvers = ["127.0.0.1:9"], timeout = "200ms" }}
+
 [[routes]]
 name = "dwrites"
 upstream = "dkv"
@@ -123,6 +129,11 @@ name = "dshed"
 upstream = "dslow"
 path_prefix = "/slow/"
 admission = {{ max_inflight = 1, max_queue = 0 }}
+
+# A cluster whose only other peer is gone: coalesced writes are ordered here, and counted.
+[cluster]
+peers = ["127.0.0.1:9"]
+secret = "deploy-test-secret-0123456789abcdef"
 "#,
             kv = kv.addr,
             slow = slow.addr
