@@ -305,6 +305,11 @@ impl Drop for RabbitMq {
     }
 }
 
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// A `dnsmasq` of this test's own on a free loopback port. It answers for names under `.test`
 /// only, from two files of the test's: `hosts` (A/AAAA records, re-read on SIGHUP) and
 /// `records.conf` (`srv-host=` lines, which dnsmasq reads only at start: changing them restarts
@@ -349,11 +354,9 @@ impl Dnsmasq {
                 "--no-hosts",
                 "--bind-interfaces",
             ])
-            .args([
-                "--listen-address=127.0.0.1",
-                "--local=/test/",
-                "--user=root",
-            ])
+            .args(["--listen-address=127.0.0.1", "--local=/test/"])
+            // Started as root, dnsmasq would drop to `nobody`, who cannot read the test's files.
+            .args(running_as_root().then_some("--user=root"))
             .arg(format!("--port={}", self.port))
             .arg(format!("--addn-hosts={}", file("hosts")))
             .arg(format!("--conf-file={}", file("records.conf")))
