@@ -263,7 +263,15 @@ impl Tracker {
             }
         };
         if let Some(found) = &next {
-            tracing::info!(upstream, name = %name, before = self.current.len(), after = found.len(), "discovered backends changed");
+            let missing_from = |set: &[Found], other: &[Found]| -> Vec<String> {
+                set.iter()
+                    .filter(|f| !other.contains(f))
+                    .map(|f| f.address.to_string())
+                    .collect()
+            };
+            let added = missing_from(found, &self.current).join(" ");
+            let removed = missing_from(&self.current, found).join(" ");
+            tracing::info!(upstream, name = %name, added, removed, "discovered backends changed");
             metrics::counter!(crate::metrics::DISCOVERY_CHANGES, "upstream" => upstream.to_string()).increment(1);
             self.current = Arc::clone(found);
         }
