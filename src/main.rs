@@ -156,8 +156,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr through [`writegate::log_writer`]: runtime threads gather their lines and
-/// write them in blocks (when 64 KiB gathered, and whenever the thread runs out of work).
+/// Logs go to stderr through [`writegate::log_writer`]: runtime threads gather their lines, written
+/// in blocks when 64 KiB gather and at most 100 ms after a line came.
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -214,10 +214,10 @@ fn runtime(workers: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
     let runtime = builder
         .enable_all()
         .on_thread_park(|| {
-            writegate::log_writer::flush_this_thread();
+            writegate::log_writer::register_this_thread();
             release_memory_when_idle();
         })
-        .on_thread_stop(writegate::log_writer::flush_this_thread)
+        .on_thread_stop(writegate::log_writer::unregister_this_thread)
         .build()?;
     runtime.spawn(release_tick());
     Ok(runtime)
@@ -245,8 +245,8 @@ fn run(config: Config) -> ExitCode {
             }
         }
     });
-    // With one worker the runtime ran on this thread, which gathered log lines like a worker.
-    writegate::log_writer::flush_this_thread();
+    // Lines the runtime's threads gathered (with one worker, this thread among them).
+    writegate::log_writer::flush_all();
     status
 }
 
@@ -254,6 +254,7 @@ fn demo(options: writegate::demo::DemoOptions) -> ExitCode {
     let result = runtime(None).map_err(Into::into).and_then(|rt| {
         rt.block_on(async { writegate::demo::run(options, shutdown_signal()).await })
     });
+    writegate::log_writer::flush_all();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
