@@ -14,7 +14,8 @@
 //!
 //! (9,000 rather than 10,000: HAProxy sizes its file descriptors from maxconn, and this machine
 //! allows 20,000 per process.) Run: `cargo bench --bench memory` (env: WG_BENCH_IDLE=9000,
-//! WG_BENCH_ACTIVE=4000, WG_BENCH_ROUNDS=3, WG_BENCH_BINARY=path to another writegate build).
+//! WG_BENCH_ACTIVE=4000, WG_BENCH_ROUNDS=3, WG_BENCH_ARRIVING=256 idle connections at most in
+//! their first request at once, WG_BENCH_BINARY=path to another writegate build).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -226,7 +227,7 @@ async fn open(
     // their first request at once. (All at once would measure a burst of thousands of concurrent
     // requests, and what the allocator keeps after it, not idle connections.)
     let arriving = Arc::new(tokio::sync::Semaphore::new(if wait {
-        256
+        env_or("WG_BENCH_ARRIVING", 256)
     } else {
         n.max(1)
     }));

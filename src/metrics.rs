@@ -33,6 +33,10 @@ pub const CLIENT_BODY_TIMEOUTS: &str = "writegate_client_body_timeouts_total";
 /// Gauge, labels `upstream`, `backend`: requests in flight to the backend.
 pub const BACKEND_INFLIGHT: &str = "writegate_backend_inflight";
 
+/// Gauge, label `listener`: keep-alive client connections waiting for a quiet client without a
+/// task of their own (see [`crate::http1::idle`]).
+pub const PARKED_CONNECTIONS: &str = "writegate_client_connections_parked";
+
 /// Counter, label `backend`: connections opened to a backend (the pool reuses them).
 pub const UPSTREAM_CONNECTIONS: &str = "writegate_upstream_connections_total";
 
@@ -388,6 +392,11 @@ fn describe() {
         DISCOVERY_BACKENDS,
         Unit::Count,
         "Backends an upstream's DNS discovery has in service."
+    );
+    describe_gauge!(
+        PARKED_CONNECTIONS,
+        Unit::Count,
+        "Keep-alive client connections quiet for 100 ms or more, waiting without a task of their own."
     );
     describe_counter!(
         UPSTREAM_CONNECTIONS,

@@ -33,6 +33,7 @@ use crate::admin::AdminService;
 use crate::config::{Config, ListenerConfig};
 use crate::discovery::{self, Discovered};
 use crate::http1;
+use crate::http1::idle::{IdleSet, PARK_AFTER};
 use crate::http1::server::{ClientIo, Served, StopSignal, Timeouts};
 use crate::proxy::{ClientConn, ConnActivity, ProxyService};
 use crate::reload::{DiscoveryWatch, ReloadState, Reloader, Triggers};
@@ -184,7 +185,12 @@ impl Proxy {
                 settings,
                 handshake_failures: metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => bound.config.name.clone()),
                 stop_http1: Arc::clone(&stop_http1),
+                idle: IdleSet::new(
+                    metrics::gauge!(crate::metrics::PARKED_CONNECTIONS, "listener" => bound.config.name.clone()),
+                ),
             });
+            let resume = |io, parked: Parked| parked.resume(io);
+            tokio::spawn(shared.idle.clone().watch(Arc::clone(&stop_http1), resume));
             tokio::spawn(accept_loop(
                 bound.listener,
                 stop_rx.clone(),
@@ -270,6 +276,24 @@ struct ListenerShared {
     handshake_failures: metrics::Counter,
     /// Stops HTTP/1.1 connections (HTTP/2 ones and the accept loops watch `stop`).
     stop_http1: Arc<StopSignal>,
+    /// Plain HTTP/1.1 connections waiting for a quiet client without a task.
+    idle: IdleSet<Parked>,
+}
+
+/// What a parked connection keeps to be served again: its client's address rather than its
+/// [`ClientConn`], which is made again when the client writes (a parked connection has nothing
+/// in progress for it to track).
+struct Parked {
+    serve: Serve,
+    peer: SocketAddr,
+    first: bool,
+}
+
+impl Parked {
+    fn resume(self, io: TcpStream) {
+        let conn = Arc::new(ClientConn::new(self.peer, false));
+        tokio::spawn(self.serve.http1(io, conn, self.first));
+    }
 }
 
 /// One client connection's hold on its listener, for the connection's whole life.
@@ -328,18 +352,39 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         if this.http2.is_none() {
-            let Served::Http2 { io, preface } = ready!(this.serving.as_mut().poll(cx)) else {
-                return Poll::Ready(());
-            };
+            let served = ready!(this.serving.as_mut().poll(cx));
             let Some((serve, conn)) = this.upgrade.take() else {
                 return Poll::Ready(());
             };
-            *this.http2 = Some(Box::pin(serve.http2(Prefixed { preface, io }, conn)));
+            match served {
+                Served::Closed => return Poll::Ready(()),
+                Served::Idle { io, first, until } => {
+                    let peer = conn.peer;
+                    drop(conn);
+                    park(io, Parked { serve, peer, first }, until);
+                    return Poll::Ready(());
+                }
+                Served::Http2 { io, preface } => {
+                    *this.http2 = Some(Box::pin(serve.http2(Prefixed { preface, io }, conn)));
+                }
+            }
         }
         match this.http2.as_mut() {
             Some(http2) => http2.as_mut().poll(cx),
             None => Poll::Ready(()),
         }
+    }
+}
+
+/// Hands a quiet connection's socket to its listener's idle set; one whose client wrote in the
+/// meantime is served again on a new task.
+fn park<I: ClientIo>(io: I, parked: Parked, until: tokio::time::Instant) {
+    let Ok(socket) = io.into_parkable() else {
+        return;
+    };
+    let idle = parked.serve.listener.idle.clone();
+    if let Some((socket, parked)) = idle.park(socket, parked, until) {
+        parked.resume(socket);
     }
 }
 
@@ -358,7 +403,7 @@ impl Serve {
             }
         } else {
             EitherFuture::Right {
-                future: self.http1(stream, conn),
+                future: self.http1(stream, conn, true),
             }
         }
     }
@@ -397,20 +442,27 @@ impl Serve {
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             Box::pin(self.http2(stream, conn)).await;
         } else {
-            self.http1(stream, conn).await;
+            self.http1(stream, conn, true).await;
         }
     }
 
-    fn http1<I: ClientIo>(self, io: I, conn: Arc<ClientConn>) -> impl Future<Output = ()> + Send {
+    /// Serves HTTP/1.1 on `io`; `first`: no request has come on it yet.
+    fn http1<I: ClientIo>(
+        self,
+        io: I,
+        conn: Arc<ClientConn>,
+        first: bool,
+    ) -> impl Future<Output = ()> + Send {
         let settings = &self.listener.settings;
         let timeouts = Timeouts {
             header_read: settings.header_read_timeout,
             idle: settings.idle_timeout,
+            park_after: I::PARKS.then_some(PARK_AFTER),
         };
         let service = ProxyService::new(Arc::clone(&self.listener.snapshots), Arc::clone(&conn));
         let stop = Arc::clone(&self.listener.stop_http1);
         Http1Task {
-            serving: http1::server::serve(io, service, timeouts, stop),
+            serving: http1::server::serve(io, service, timeouts, stop, first),
             upgrade: Some((self, conn)),
             http2: None,
         }

@@ -104,12 +104,14 @@ async fn exchange(input: &[u8]) -> String {
     let timeouts = Timeouts {
         header_read: Duration::from_secs(5),
         idle: Duration::from_secs(5),
+        park_after: None,
     };
     let serving = tokio::spawn(serve(
         Pipe(server),
         Echo,
         timeouts,
         Arc::new(StopSignal::default()),
+        true,
     ));
     let (mut reader, mut writer) = tokio::io::split(client);
     writer.write_all(input).await.unwrap();

@@ -11,9 +11,11 @@
 //!
 //! - [`client`]: one keep-alive connection to a backend.
 //! - [`server`]: one client connection, from accept to close, holding no buffer while idle.
+//! - [`idle`]: client connections that went quiet, waiting without a task of their own.
 
 pub mod client;
 mod encode;
+pub mod idle;
 pub mod server;
 pub mod stop;
 

@@ -1,10 +1,11 @@
-//! Client connections speaking HTTP/1.1, each served by one task from accept to close.
+//! Client connections speaking HTTP/1.1, each served by one task while it is busy.
 //!
-//! The loop is: wait until the socket is readable (holding no buffer, so an idle keep-alive
-//! connection costs a few hundred bytes), read and parse a request head within
-//! `header_read_timeout`, run the proxy service on it, write the response, repeat. The request body
-//! is read by whoever polls it (the backend send) straight from this connection's buffer; a client
-//! that goes away while its request is in progress cancels it, as with nginx's default, and one
+//! The loop is: wait until the socket is readable (holding no buffer), read and parse a request
+//! head within `header_read_timeout`, run the proxy service on it, write the response, repeat. A
+//! client quiet for `park_after` ends the loop with [`Served::Idle`]: the caller parks the socket
+//! (see [`super::idle`]) and serves it again when the client writes. The request body is read by
+//! whoever polls it (the backend send) straight from this connection's buffer; a client that goes
+//! away while its request is in progress cancels it, as with nginx's default, and one
 //! that goes away while its request still waits (admission, its key's turn) is seen leaving too.
 //!
 //! Malformed requests get a 4xx with a one-line reason and the connection closes. A request with
@@ -81,9 +82,28 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Acknowledges what has arrived at once (see [`super::ack_now`]): called when part of a
     /// request has come and the rest is awaited.
     fn ack_now(&self) {}
+
+    /// Whether the connection can end its task to wait parked while idle (a plain socket; a TLS
+    /// session's state would have to be parked with it). Such a transport must tell readiness in
+    /// `poll_idle_ready`.
+    const PARKS: bool = false;
+
+    /// The socket, for a transport that can wait parked in an [`super::idle::IdleSet`].
+    fn into_parkable(self) -> Result<TcpStream, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
 }
 
 impl ClientIo for TcpStream {
+    const PARKS: bool = true;
+
+    fn into_parkable(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
+
     fn poll_idle_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
@@ -106,6 +126,9 @@ pub struct Timeouts {
     pub header_read: Duration,
     /// Longest silence between requests.
     pub idle: Duration,
+    /// Silence after which the connection ends its task to wait parked ([`Served::Idle`]);
+    /// `None` keeps it in its task until `idle` passes.
+    pub park_after: Option<Duration>,
 }
 
 /// How a connection ended.
@@ -115,6 +138,13 @@ pub enum Served<I> {
     Http2 {
         io: I,
         preface: Bytes,
+    },
+    /// The client went quiet for `park_after`: the connection waits for its next request
+    /// without a task, to be served again with `first` until `until`, when it closes.
+    Idle {
+        io: I,
+        first: bool,
+        until: Instant,
     },
 }
 
@@ -166,10 +196,13 @@ enum NextRequest {
     Close,
     Reject(StatusCode, &'static str),
     Http2,
+    /// Quiet for `park_after`; the connection closes at the instant given.
+    Park(Instant),
 }
 
 /// Serves HTTP/1.1 requests on `io` until the client leaves, a timeout passes, the request says
-/// close, or `stop` flips.
+/// close, or `stop` flips. `first`: no request has come on the connection yet (an HTTP/2 preface
+/// is still possible).
 ///
 /// Not an `async fn`: those keep a second copy of their arguments for the whole call, and this
 /// future is most of an idle connection's memory. The shared wire is built before the first poll.
@@ -178,6 +211,7 @@ pub fn serve<I: ClientIo, H: Handler>(
     service: H,
     timeouts: Timeouts,
     stop: Arc<StopSignal>,
+    mut first: bool,
 ) -> impl Future<Output = Served<I>> + Send {
     let wire: SharedWire<I> = Arc::new(Mutex::new(Wire {
         io,
@@ -195,7 +229,6 @@ pub fn serve<I: ClientIo, H: Handler>(
             signal: stop,
             registered: None,
         };
-        let mut first = true;
         // One timer for the connection's idle and header deadlines, moved on for each request:
         // moving a registered timer later is one atomic operation, while a fresh one takes the
         // timer wheel's lock to be inserted and again to be removed.
@@ -211,6 +244,7 @@ pub fn serve<I: ClientIo, H: Handler>(
                 NextRequest::Close => return Served::Closed,
                 NextRequest::Reject(status, reason) => break rejection(status, reason),
                 NextRequest::Http2 => return into_http2(wire),
+                NextRequest::Park(until) => return into_idle(wire, first, until),
             };
             first = false;
             // One allocation per request holds all of its state, so that an idle connection's
@@ -283,8 +317,19 @@ fn into_http2<I>(wire: SharedWire<I>) -> Served<I> {
     }
 }
 
+/// The connection's socket, to wait parked; nothing is buffered when it parks.
+fn into_idle<I>(wire: SharedWire<I>, first: bool, until: Instant) -> Served<I> {
+    match Arc::try_unwrap(wire) {
+        Ok(wire) => {
+            let io = wire.into_inner().unwrap_or_else(|e| e.into_inner()).io;
+            Served::Idle { io, first, until }
+        }
+        Err(_) => Served::Closed,
+    }
+}
+
 /// Waits for the next request head: bufferless while idle, then within `header_read`, both
-/// timed by the connection's `timer`.
+/// timed by the connection's `timer`. Quiet for `park_after`, it asks to park instead.
 fn next_request<'w, I: ClientIo>(
     wire: &'w SharedWire<I>,
     timeouts: Timeouts,
@@ -295,22 +340,48 @@ fn next_request<'w, I: ClientIo>(
     let started = Instant::now();
     let head_deadline = started + timeouts.header_read;
     let idle_deadline = started + timeouts.idle.min(timeouts.header_read);
+    let park_at = timeouts
+        .park_after
+        .map(|after| started + after)
+        .filter(|&at| at < idle_deadline);
     async move {
-        if lock(wire).buf.is_empty() {
+        while lock(wire).buf.is_empty() {
             // Nothing pipelined: give the buffer back while the client thinks.
             lock(wire).buf = BytesMut::new();
-            timer.as_mut().reset(idle_deadline);
+            timer.as_mut().reset(park_at.unwrap_or(idle_deadline));
             let woken = poll_fn(|cx| {
                 if stop.poll_stopped(cx).is_ready() {
-                    return Poll::Ready(false);
+                    return Poll::Ready(Some(false));
                 }
                 match lock(wire).io.poll_idle_ready(cx) {
-                    Poll::Ready(ready) => Poll::Ready(ready.is_ok()),
-                    Poll::Pending => timer.as_mut().poll(cx).map(|()| false),
+                    Poll::Ready(ready) => Poll::Ready(Some(ready.is_ok())),
+                    Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
                 }
             });
-            if !woken.await {
-                return NextRequest::Close;
+            match woken.await {
+                Some(true) => {}
+                Some(false) => return NextRequest::Close,
+                None if park_at.is_some() => return NextRequest::Park(idle_deadline),
+                None => return NextRequest::Close,
+            }
+            if !I::PARKS {
+                // A transport that cannot tell readiness waits in the read itself.
+                break;
+            }
+            // Readiness can be stale (a new socket is reported readable before its client
+            // writes): one read says, and finding nothing, the connection goes back to waiting.
+            let read = poll_fn(|cx| {
+                let mut guard = lock(wire);
+                let w = &mut *guard;
+                Poll::Ready(match codec::poll_read_buf(&mut w.io, cx, &mut w.buf) {
+                    Poll::Pending => None,
+                    Poll::Ready(read) => Some(read),
+                })
+            });
+            match read.await {
+                None => {}
+                Some(Ok(0) | Err(_)) => return NextRequest::Close,
+                Some(Ok(_)) => break,
             }
         }
         timer.as_mut().reset(head_deadline);

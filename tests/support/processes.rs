@@ -2,10 +2,12 @@
 //! servers such as `redis-server`, each on a free loopback port with its own directory, stopped
 //! by PID when dropped.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Whether a missing external server fails the test (`WRITEGATE_EXTERNAL_TESTS=require`, as in
@@ -28,8 +30,26 @@ pub fn external_binary(path: &'static str, test: &str, package: &str) -> Option<
     None
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, for a process started next that must know it in advance.
+/// Taken below Linux's ephemeral range (32768–60999), which the kernel hands to every `bind` to
+/// port 0 and every outgoing connection: one of this suite's many connections could otherwise
+/// take the port between this check and the process binding it.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id()) << 32;
+    for _ in 0..200 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        // A multiplicative hash of (seed, n): spread over the range, different per process.
+        let mixed = (seed.wrapping_add(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+        let port = 20_000 + (mixed % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").port()
 }
@@ -121,6 +141,9 @@ impl Writegate {
             .expect("start writegate");
         let stderr = child.stderr.take().expect("stderr");
         let (found, listening) = std::sync::mpsc::channel();
+        // The last lines, for the failure message of a process that never listens.
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let kept = Arc::clone(&tail);
         // Keeps reading the log so that the child never blocks on a full pipe.
         let echo = std::env::var_os("WRITEGATE_TEST_LOG").is_some();
         std::thread::spawn(move || {
@@ -133,12 +156,27 @@ impl Writegate {
                     if let Some(found) = found.take() {
                         let _ = found.send(line);
                     }
+                } else if found.is_some() {
+                    let mut tail = kept.lock().unwrap_or_else(|e| e.into_inner());
+                    if tail.len() == 20 {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line);
                 }
             }
         });
-        let line = listening
-            .recv_timeout(Duration::from_secs(20))
-            .expect("writegate logs that it is listening within 20 s");
+        let line = match listening.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait();
+                let tail = tail.lock().unwrap_or_else(|e| e.into_inner());
+                panic!(
+                    "writegate did not log that it is listening within 20 s ({status:?}); its last lines:\n{}",
+                    Vec::from(tail.clone()).join("\n")
+                )
+            }
+        };
         let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
         let addr = json["addr"]
             .as_str()
