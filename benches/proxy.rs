@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use support::{HAPROXY_FORWARDING, NGINX_FORWARDING};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 mod support;
 
@@ -62,7 +62,7 @@ fn main() {
     let latency_rounds = env_or("WG_BENCH_LATENCY_ROUNDS", 9);
     let connections = env_or("WG_BENCH_CONNECTIONS", 64) as usize;
     let body_len = env_or("WG_BENCH_BODY", 128) as usize;
-    let backend = spawn_backend();
+    let backend = support::spawn_fast_backend(STORED);
     let dir = tempfile::tempdir().expect("temp dir");
     let writegate = Writegate::start(dir.path(), backend);
     let nginx = Nginx::start(dir.path(), backend);
@@ -1100,15 +1100,6 @@ fn frame_response(buf: &[u8]) -> Result<Option<Message>, ()> {
     }
 }
 
-fn frame_request(buf: &[u8]) -> Result<Option<Message>, ()> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(buf).map_err(drop)? {
-        httparse::Status::Partial => Ok(None),
-        httparse::Status::Complete(head) => framed(buf.len(), head, request.headers, 0),
-    }
-}
-
 fn framed(
     available: usize,
     head: usize,
@@ -1148,48 +1139,6 @@ async fn read_message(stream: &mut TcpStream, buf: &mut Vec<u8>, frame: Framer) 
 /// What the backend answers to every request: hyper's answer to the same, byte for byte but the date.
 const STORED: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\ndate: Sat, 21 Nov 2026 18:00:00 GMT\r\n\r\nstored\n";
-
-/// A fast backend on its own thread: answers each request with 200 and a small body once the
-/// request's body has arrived. Like the load generator, a few lines over httparse: hyper's server
-/// cost about as much CPU per request as the proxies under test.
-fn spawn_backend() -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("backend runtime");
-        runtime.block_on(async move {
-            let listener = TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("backend bind");
-            tx.send(listener.local_addr().expect("addr"))
-                .expect("send addr");
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_backend_connection(stream));
-            }
-        });
-    });
-    rx.recv().expect("backend address")
-}
-
-/// Answers requests until the peer closes or sends what cannot be framed (then closes: the proxy
-/// reports it, and the load generator counts an error).
-async fn serve_backend_connection(mut stream: TcpStream) {
-    let mut buf = Vec::with_capacity(4096);
-    while read_message(&mut stream, &mut buf, frame_request)
-        .await
-        .is_some()
-    {
-        if stream.write_all(STORED).await.is_err() {
-            return;
-        }
-    }
-}
 
 fn free_port() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe bind");

@@ -28,8 +28,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::{env_or, free_port, Peer, Writegate, HAPROXY_FORWARDING, NGINX_FORWARDING};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const WRK: &str = "/usr/bin/wrk";
 
@@ -84,7 +82,9 @@ fn main() {
     let seconds = env_or("WG_BENCH_SECONDS", 10);
     let rounds = env_or("WG_BENCH_ROUNDS", 3);
     let connections = env_or("WG_BENCH_CONNECTIONS", 64);
-    let backends: Vec<SocketAddr> = (0..3).map(|_| spawn_backend()).collect();
+    let backends: Vec<SocketAddr> = (0..3)
+        .map(|_| support::spawn_fast_backend(b"HTTP/1.1 204 No Content\r\n\r\n"))
+        .collect();
     let dir = tempfile::tempdir().expect("temp dir");
     let script = dir.path().join("zipf.lua");
     std::fs::write(&script, SCRIPT).expect("write the wrk script");
@@ -305,67 +305,4 @@ fn haproxy(dir: &Path, backends: &[SocketAddr], same_headers: bool) -> Option<Pe
          frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n{headers}backend b\n  balance leastconn\n  http-reuse always\n{servers}"
     );
     Peer::haproxy(dir, port, &config)
-}
-
-/// A fast backend on its own thread: an empty 204 for each request, once its body has arrived.
-fn spawn_backend() -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("backend runtime");
-        runtime.block_on(async move {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            tx.send(listener.local_addr().expect("addr")).expect("send");
-            while let Ok((stream, _)) = listener.accept().await {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(answer_204(stream));
-            }
-        });
-    });
-    rx.recv().expect("backend address")
-}
-
-async fn answer_204(mut stream: TcpStream) {
-    let mut buf = Vec::with_capacity(4096);
-    loop {
-        // Frames one request (head and content-length body) at the front of `buf`.
-        let framed = {
-            let mut headers = [httparse::EMPTY_HEADER; 32];
-            let mut request = httparse::Request::new(&mut headers);
-            match request.parse(&buf) {
-                Ok(httparse::Status::Complete(head)) => {
-                    let length = request
-                        .headers
-                        .iter()
-                        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                        .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
-                        .unwrap_or(0usize);
-                    (buf.len() >= head + length).then_some(head + length)
-                }
-                Ok(httparse::Status::Partial) => None,
-                Err(_) => return,
-            }
-        };
-        match framed {
-            Some(used) => {
-                buf.drain(..used);
-                if stream
-                    .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            None => {
-                let mut chunk = [0u8; 4096];
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        }
-    }
 }
