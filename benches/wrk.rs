@@ -5,8 +5,8 @@
 //! (least_conn, and consistent_hash with `serialize` coalescing), nginx (`least_conn`,
 //! `proxy_http_version 1.1`, upstream `keepalive 64`) and HAProxy (`leastconn`,
 //! `http-keep-alive`). Rounds are interleaved; each prints requests/s, p99 (wrk's) and the proxy's
-//! CPU time per request from /proc, and the end prints medians and writegate's ratios per proxy
-//! core.
+//! CPU time per request from /proc (with its system time, the kernel's part), and the end prints
+//! medians and writegate's ratios per proxy core.
 //!
 //! Skipped, with a message, where `wrk` is missing (`apt-get install wrk`); nginx and HAProxy
 //! rows only where they are installed (`apt-get install nginx-light haproxy`).
@@ -72,6 +72,8 @@ struct Run {
     rps: f64,
     p99_ms: f64,
     cpu_us_per_request: f64,
+    /// The part of it spent in the kernel (system time).
+    kernel_us_per_request: f64,
 }
 
 fn main() {
@@ -138,11 +140,12 @@ fn main() {
         for (target, runs) in targets.iter().zip(&mut runs) {
             let run = wrk(target, &script, connections, seconds);
             println!(
-                "  round {round} {:<26} {:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {:>5.1} µs/req ({:>7.0} req/s per core)",
+                "  round {round} {:<26} {:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {:>5.1} µs/req, kernel {:>5.1} ({:>7.0} req/s per core)",
                 target.name,
                 run.rps,
                 run.p99_ms,
                 run.cpu_us_per_request,
+                run.kernel_us_per_request,
                 1e6 / run.cpu_us_per_request
             );
             runs.push(run);
@@ -152,11 +155,12 @@ fn main() {
     let medians: Vec<Run> = runs.iter().map(|r| median(r)).collect();
     for (target, m) in targets.iter().zip(&medians) {
         println!(
-            "  {:<26} {:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {:>5.1} µs/req ({:>7.0} req/s per core)",
+            "  {:<26} {:>9.0} req/s  p99 {:>6.2} ms  proxy CPU {:>5.1} µs/req, kernel {:>5.1} ({:>7.0} req/s per core)",
             target.name,
             m.rps,
             m.p99_ms,
             m.cpu_us_per_request,
+            m.kernel_us_per_request,
             1e6 / m.cpu_us_per_request
         );
     }
@@ -201,7 +205,9 @@ fn wrk(target: &Target, script: &Path, connections: u64, seconds: u64) -> Run {
         .arg(format!("http://127.0.0.1:{}/", target.port))
         .output()
         .expect("run wrk");
-    let cpu = process_cpu(target.pid) - before;
+    let after = process_cpu(target.pid);
+    let cpu = after.total() - before.total();
+    let kernel = after.kernel - before.kernel;
     let text = String::from_utf8_lossy(&output.stdout);
     let rps = field(&text, "Requests/sec:").unwrap_or(0.0);
     let p99_ms = text
@@ -218,6 +224,7 @@ fn wrk(target: &Target, script: &Path, connections: u64, seconds: u64) -> Run {
         rps,
         p99_ms,
         cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests.max(1.0),
+        kernel_us_per_request: kernel.as_secs_f64() * 1e6 / requests.max(1.0),
     }
 }
 
@@ -248,11 +255,25 @@ fn median(runs: &[Run]) -> Run {
         rps: pick(|r| r.rps),
         p99_ms: pick(|r| r.p99_ms),
         cpu_us_per_request: pick(|r| r.cpu_us_per_request),
+        kernel_us_per_request: pick(|r| r.kernel_us_per_request),
+    }
+}
+
+/// CPU time of a process and its children, split as /proc reports it.
+#[derive(Clone, Copy)]
+struct CpuTime {
+    user: Duration,
+    kernel: Duration,
+}
+
+impl CpuTime {
+    fn total(self) -> Duration {
+        self.user + self.kernel
     }
 }
 
 /// User and system time of `pid` and its children (nginx's worker), from /proc.
-fn process_cpu(pid: u32) -> Duration {
+fn process_cpu(pid: u32) -> CpuTime {
     let mut pids = vec![pid];
     if let Ok(entries) = std::fs::read_dir("/proc") {
         let numbered = entries
@@ -262,15 +283,16 @@ fn process_cpu(pid: u32) -> Duration {
             numbered.filter(|&p| stat(p).and_then(|f| f.get(1)?.parse().ok()) == Some(pid)),
         );
     }
-    let ticks: u64 = pids
-        .iter()
-        .filter_map(|&p| {
-            let f = stat(p)?;
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum();
+    let ticks = |field: usize| -> u64 {
+        pids.iter()
+            .filter_map(|&p| stat(p)?.get(field)?.parse::<u64>().ok())
+            .sum()
+    };
     // USER_HZ is 100 on Linux.
-    Duration::from_millis(ticks * 10)
+    CpuTime {
+        user: Duration::from_millis(ticks(11) * 10),
+        kernel: Duration::from_millis(ticks(12) * 10),
+    }
 }
 
 /// The fields of /proc/PID/stat after the command name.
