@@ -283,15 +283,21 @@ fn process_cpu(pid: u32) -> CpuTime {
             numbered.filter(|&p| stat(p).and_then(|f| f.get(1)?.parse().ok()) == Some(pid)),
         );
     }
-    let ticks = |field: usize| -> u64 {
-        pids.iter()
-            .filter_map(|&p| stat(p)?.get(field)?.parse::<u64>().ok())
-            .sum()
-    };
+    let (mut user, mut kernel) = (0u64, 0u64);
+    for fields in pids.iter().filter_map(|&p| stat(p)) {
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        user += ticks(11);
+        kernel += ticks(12);
+    }
     // USER_HZ is 100 on Linux.
     CpuTime {
-        user: Duration::from_millis(ticks(11) * 10),
-        kernel: Duration::from_millis(ticks(12) * 10),
+        user: Duration::from_millis(user * 10),
+        kernel: Duration::from_millis(kernel * 10),
     }
 }
 
