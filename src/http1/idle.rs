@@ -353,6 +353,18 @@ mod tests {
             .expect("no panic");
     }
 
+    /// Waits for the proxy's side of `client` to close: end of file or a reset.
+    async fn closed_within_10s(client: &mut TcpStream, when: &str) {
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(client, &mut buf),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("not closed {when} within 10 s"));
+        assert!(matches!(read, Ok(0) | Err(_)));
+    }
+
     #[tokio::test]
     async fn a_socket_past_its_deadline_is_closed_and_stop_closes_the_rest() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -371,24 +383,11 @@ mod tests {
         assert!(idle
             .park(soon, (), parked_at + Duration::from_millis(200))
             .is_none());
-        let mut buf = [0u8; 8];
-        let eof = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::io::AsyncReadExt::read(&mut soon_client, &mut buf),
-        )
-        .await
-        .expect("closed within 10 s");
-        assert!(matches!(eof, Ok(0) | Err(_)));
+        closed_within_10s(&mut soon_client, "at its deadline").await;
         assert!(parked_at.elapsed() >= Duration::from_millis(190));
         assert_eq!(lock(&idle.shared.table).parked, 1, "the later one waits on");
         stop.stop();
-        let eof = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::io::AsyncReadExt::read(&mut late_client, &mut buf),
-        )
-        .await
-        .expect("closed on stop within 10 s");
-        assert!(matches!(eof, Ok(0) | Err(_)));
+        closed_within_10s(&mut late_client, "on stop").await;
         tokio::time::timeout(Duration::from_secs(10), watcher)
             .await
             .expect("the watcher ends on stop")
